@@ -1,0 +1,242 @@
+"""Feature taps: read intermediate outputs of an unmodified backbone through forward hooks.
+
+A :class:`TapSpec` is data (module paths grouped the way SelfReg aggregates them); :class:`FeatureTaps` turns it
+into forward hooks that capture outputs only inside :meth:`FeatureTaps.capture`, so evaluation and inference
+never hold on to activations. :func:`list_tap_candidates` lists what a model offers, for writing a spec.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["FeatureTaps", "TapSpec", "list_tap_candidates"]
+
+
+def _as_groups(groups: Mapping[str, Sequence[str]], name: str) -> dict[str, tuple[str, ...]]:
+    if not isinstance(groups, Mapping):
+        raise TypeError(f"`{name}` must map group names to lists of module paths, found {type(groups).__name__}.")
+    out = {}
+    for group, paths in groups.items():
+        if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise TypeError(f"`{name}[{group!r}]` must be a list of module paths, found {paths!r}.")
+        out[str(group)] = tuple(paths)
+    return out
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """Where SelfReg reads features in a network: module paths, grouped as the losses aggregate them.
+
+    Args:
+        final: Path of the module whose output is ``F_final``, the last decoder map before the head.
+        ifd_groups: Group name -> module paths; IFD is averaged within a group and summed over groups.
+        scr_groups: Group name -> module paths; SCR (against ``final``) is averaged within a group and summed over
+            groups.
+
+    Example:
+        >>> spec = TapSpec.unet(encoder=["down1", "down2"], decoder=["up1"], final="up2")
+        >>> spec.ifd_groups
+        {'encoder': ('down1', 'down2'), 'decoder': ('up1',)}
+        >>> spec.scr_groups
+        {'all': ('up1', 'down1', 'down2')}
+    """
+
+    final: str
+    ifd_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    scr_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.final, str) or not self.final:
+            raise TypeError(f"`final` must be a module path, found {self.final!r}.")
+        object.__setattr__(self, "ifd_groups", _as_groups(self.ifd_groups, "ifd_groups"))
+        object.__setattr__(self, "scr_groups", _as_groups(self.scr_groups, "scr_groups"))
+        if not self.ifd_groups and not self.scr_groups:
+            raise ValueError("A TapSpec needs at least one IFD or SCR group.")
+        if self.final in self.paths[:-1]:
+            raise ValueError(f"`final` ({self.final!r}) must not also be a student tap.")
+
+    @classmethod
+    def unet(cls, encoder: Sequence[str], decoder: Sequence[str], final: str) -> TapSpec:
+        """The authors' UNet aggregation: IFD over the encoder and the decoder group, SCR over all taps.
+
+        Args:
+            encoder: Encoder block paths (shallow to deep).
+            decoder: Decoder block paths, without the last one (deep to shallow).
+            final: The last decoder block.
+        """
+        return cls(
+            final=final,
+            ifd_groups={"encoder": tuple(encoder), "decoder": tuple(decoder)},
+            scr_groups={"all": (*decoder, *encoder)},
+        )
+
+    @classmethod
+    def from_config(cls, config: TapSpec | Mapping) -> TapSpec:
+        """Build from a spec or a plain mapping (as written in YAML).
+
+        Accepted mappings: ``{"encoder": [...], "decoder": [...], "final": str}`` (see :meth:`unet`) or
+        ``{"final": str, "ifd_groups": {...}, "scr_groups": {...}}``.
+
+        Raises:
+            ValueError: If the mapping has neither form.
+        """
+        if isinstance(config, TapSpec):
+            return config
+        if not isinstance(config, Mapping) or "final" not in config:
+            raise ValueError(
+                "A tap spec must be a TapSpec or a mapping with `final` and either `encoder`/`decoder` lists or "
+                f"`ifd_groups`/`scr_groups`; found {config!r}."
+            )
+        keys = set(config)
+        if keys <= {"final", "encoder", "decoder"}:
+            return cls.unet(config.get("encoder", ()), config.get("decoder", ()), config["final"])
+        if keys <= {"final", "ifd_groups", "scr_groups"}:
+            return cls(config["final"], config.get("ifd_groups", {}), config.get("scr_groups", {}))
+        raise ValueError(
+            f"Unknown tap spec keys {sorted(keys - {'final', 'encoder', 'decoder', 'ifd_groups', 'scr_groups'})}; "
+            "use `final` with `encoder`/`decoder` or with `ifd_groups`/`scr_groups`."
+        )
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every tapped module path, student taps first (in first-use order), then ``final``."""
+        students = [p for groups in (self.ifd_groups, self.scr_groups) for ps in groups.values() for p in ps]
+        return (*dict.fromkeys(students), self.final)
+
+
+def _unknown_paths_error(missing: Sequence[str], available: Sequence[str]) -> ValueError:
+    hints = []
+    for path in missing:
+        close = difflib.get_close_matches(path, available, n=3)
+        hints.append(f"{path!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    return ValueError(
+        f"Tap module(s) not found in the model: {'; '.join(hints)}. Available module paths: {', '.join(available)}. "
+        "Hint: `lightning_selfreg.list_tap_candidates(model, input_shape)` lists them with their output shapes."
+    )
+
+
+class FeatureTaps:
+    """Forward hooks on named submodules that capture their outputs while :meth:`capture` is active.
+
+    The backbone is not modified. Outputs are stored as they are (not detached: the losses decide what gets
+    gradient) and released by :meth:`pop`. Call :meth:`remove` (or use as a context manager) to take the hooks off.
+
+    Args:
+        model: The network to tap.
+        paths: Module paths as in ``dict(model.named_modules())``.
+
+    Raises:
+        ValueError: If a path is not a submodule of ``model``; the message lists the available paths.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+        >>> with FeatureTaps(net, ["0", "1"]) as taps:
+        ...     with taps.capture() as feats:
+        ...         _ = net(torch.randn(1, 1, 8, 8))
+        ...     sorted(feats)
+        ['0', '1']
+    """
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        missing = [p for p in paths if p not in modules or p == ""]
+        if missing:
+            raise _unknown_paths_error(missing, [n for n in modules if n])
+        self.paths = tuple(dict.fromkeys(paths))
+        self._active = False
+        self._features: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = [
+            modules[p].register_forward_hook(self._make_hook(p)) for p in self.paths
+        ]
+
+    def _make_hook(self, path: str):
+        def hook(module: nn.Module, args, output) -> None:
+            if not self._active:
+                return
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"Tapped module {path!r} ({type(module).__name__}) returned {type(output).__name__}; taps need "
+                    "a module whose output is one (B, C, H, W) tensor. Tap a submodule that returns a tensor."
+                )
+            self._features[path] = output
+
+        return hook
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, Tensor]]:
+        """Capture outputs of the tapped modules during the forward passes run inside this block.
+
+        Yields:
+            The dict that is filled with ``path -> output`` (it stays filled after the block until :meth:`pop`).
+        """
+        self._features = {}
+        self._active = True
+        try:
+            yield self._features
+        finally:
+            self._active = False
+
+    def pop(self) -> dict[str, Tensor]:
+        """Return the captured features and release them from the taps."""
+        features, self._features = self._features, {}
+        return features
+
+    def remove(self) -> None:
+        """Remove every hook and drop captured tensors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._features = {}
+
+    def __enter__(self) -> FeatureTaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@torch.no_grad()
+def list_tap_candidates(
+    model: nn.Module, input_shape: Sequence[int], leaf_only: bool = False
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """List every submodule that outputs a 4-D tensor, with its output shape, from one dry-run forward pass.
+
+    Args:
+        model: The network (left in the train/eval mode it was in).
+        input_shape: Input shape ``(B, C, H, W)`` for the dry run (zeros).
+        leaf_only: Only list modules without children.
+
+    Returns:
+        ``[(path, class name, output shape), ...]`` in execution order.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2))
+        >>> list_tap_candidates(net, (1, 1, 8, 8))
+        [('0', 'Conv2d', (1, 4, 8, 8)), ('1', 'MaxPool2d', (1, 4, 4, 4))]
+    """
+    found: list[tuple[str, str, tuple[int, ...]]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or (leaf_only and next(module.children(), None) is not None):
+            continue
+
+        def hook(mod, args, output, name=name):
+            if isinstance(output, Tensor) and output.ndim == 4:
+                found.append((name, type(mod).__name__, tuple(output.shape)))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model(torch.zeros(*input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found

@@ -1,0 +1,211 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_selfreg.losses import DiceCELoss, SelfRegLoss, ifd_loss, pool_teacher, scr_loss
+
+
+def authors_intra_fd(f_s):
+    """IFD exactly as the authors' code computes it (paper.md §2.2), for even C."""
+    score = F.normalize(f_s, p=2, dim=(2, 3)).mean([0, 2, 3])
+    _, idx = torch.sort(score, descending=True)
+    f_s = torch.index_select(f_s, 1, idx)
+    c = f_s.shape[1]
+    return F.mse_loss(f_s[:, : c // 2], f_s[:, c // 2 : c])
+
+
+# ---------------------------------------------------------------- IFD
+
+
+def test_ifd_hand_computed():
+    # channel 0 = [1, 1] (score 2/sqrt(2) = 1.41), channel 1 = [2, 0] (score 1): pair (0, 1)
+    f = torch.tensor([[[[1.0, 1.0]], [[2.0, 0.0]]]])
+    assert ifd_loss(f).item() == pytest.approx(((1 - 2) ** 2 + (1 - 0) ** 2) / 2)
+    # swapping the channels does not change the ranking-based pairing
+    assert ifd_loss(f.flip(1)).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("c", [2, 6, 16])
+def test_ifd_equals_authors_code_for_even_channels(c):
+    g = torch.Generator().manual_seed(c)
+    f = torch.randn(3, c, 5, 7, generator=g)
+    assert torch.allclose(ifd_loss(f), authors_intra_fd(f), atol=1e-6)
+
+
+def test_ifd_odd_channels_leaves_out_the_median_channel():
+    # scores: ch0 = 1 (dense), ch1 ~ 0.71, ch2 = 0.5: ranks 0, 1, 2 -> pair ch0 with ch2, ch1 left out
+    f = torch.tensor([[[[1.0, 1.0, 1.0, 1.0]], [[1.0, 1.0, 0.0, 0.0]], [[4.0, 0.0, 0.0, 0.0]]]])
+    expected = F.mse_loss(f[:, 0], f[:, 2])
+    assert torch.allclose(ifd_loss(f), expected)
+    assert torch.isfinite(ifd_loss(torch.randn(2, 5, 3, 3)))
+
+
+def test_ifd_gradient_flows_to_both_halves_by_default_and_detach_shallow_stops_the_top():
+    f = torch.tensor([[[[1.0, 1.0]], [[2.0, 0.0]]]], requires_grad=True)
+    ifd_loss(f).backward()
+    assert (f.grad[0, 0] != 0).all() and (f.grad[0, 1] != 0).all()
+    f.grad = None
+    ifd_loss(f, detach_shallow=True).backward()
+    assert (f.grad[0, 0] == 0).all() and (f.grad[0, 1] != 0).all()
+
+
+def test_ifd_errors():
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        ifd_loss(torch.randn(2, 4, 4))
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        ifd_loss(torch.randn(2, 1, 4, 4))
+
+
+# ---------------------------------------------------------------- SCR
+
+
+def test_scr_hand_computed():
+    feature = torch.tensor([[[[3.0]]]])
+    final = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    assert scr_loss(feature, final, pairing="ordered").item() == pytest.approx((3 - 2.5) ** 2)
+
+
+def test_scr_ordered_equals_direct_formula_non_square():
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(2, 12, 6, 9, generator=g)
+    final = torch.randn(2, 5, 12, 18, generator=g)
+    expected = F.mse_loss(feature[:, :5], F.avg_pool2d(final, 2))
+    assert torch.allclose(scr_loss(feature, final, pairing="ordered"), expected, atol=1e-6)
+    # student with fewer channels than the teacher: the first 3 channels of both
+    small = torch.randn(2, 3, 6, 9, generator=g)
+    expected = F.mse_loss(small, F.avg_pool2d(final, 2)[:, :3])
+    assert torch.allclose(scr_loss(small, final, pairing="ordered"), expected, atol=1e-6)
+
+
+def test_scr_final_gets_no_gradient():
+    feature = torch.randn(2, 8, 4, 4, requires_grad=True)
+    final = torch.randn(2, 4, 8, 8, requires_grad=True)
+    for pairing in ("random", "ordered"):
+        scr_loss(feature, final, pairing=pairing).backward()
+    assert final.grad is None
+    assert feature.grad is not None and feature.grad.abs().sum() > 0
+
+
+def test_scr_random_pairing_is_seeded_and_is_a_random_matching():
+    feature = torch.randn(2, 8, 4, 4)
+    final = torch.randn(2, 8, 8, 8)
+    a = scr_loss(feature, final, generator=torch.Generator().manual_seed(3))
+    b = scr_loss(feature, final, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    draws = {scr_loss(feature, final, generator=torch.Generator().manual_seed(s)).item() for s in range(8)}
+    assert len(draws) > 1
+    # equal channel counts: the loss is MSE of a random permutation of the student against the teacher
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+    expected = F.mse_loss(feature[:, perm], F.avg_pool2d(final, 2))
+    assert torch.allclose(scr_loss(feature, final, generator=torch.Generator().manual_seed(5)), expected)
+
+
+def test_scr_random_pairing_uses_each_student_channel_at_most_once():
+    # teacher = channel index everywhere; student channel k = k; loss is the mean squared index difference
+    feature = torch.arange(16.0).view(1, 16, 1, 1)
+    final = torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    seen = set()
+    for seed in range(20):
+        loss = scr_loss(feature, final, generator=torch.Generator().manual_seed(seed))
+        seen.add(round(loss.item(), 4))
+    assert len(seen) > 5
+
+
+def test_scr_errors():
+    with pytest.raises(ValueError, match="larger than `final`"):
+        scr_loss(torch.randn(1, 4, 16, 16), torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="larger than `final`"):
+        scr_loss(torch.randn(1, 4, 4, 16), torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="Batch sizes differ"):
+        scr_loss(torch.randn(2, 4, 4, 4), torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="pairing"):
+        scr_loss(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 8, 8), pairing="sorted")
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        scr_loss(torch.randn(4, 4, 4), torch.randn(1, 4, 8, 8))
+
+
+def test_pool_teacher_matches_direct_pooling():
+    final = torch.randn(2, 3, 224, 224)
+    sizes = [(112, 112), (56, 56), (28, 28), (14, 14), (7, 7), (30, 30)]
+    pooled = pool_teacher(final, sizes)
+    for size in sizes:
+        assert torch.allclose(pooled[size], F.adaptive_avg_pool2d(final, size), atol=1e-5), size
+    non_square = torch.randn(1, 2, 12, 18)
+    assert torch.allclose(pool_teacher(non_square, [(6, 9)])[(6, 9)], F.avg_pool2d(non_square, 2))
+
+
+# ---------------------------------------------------------------- SelfRegLoss
+
+
+def _unet_like_features(g):
+    return {
+        "e1": torch.randn(2, 16, 8, 8, generator=g),
+        "e2": torch.randn(2, 32, 4, 4, generator=g),
+        "d1": torch.randn(2, 8, 8, 8, generator=g),
+        "final": torch.randn(2, 8, 16, 16, generator=g),
+    }
+
+
+def test_selfreg_loss_aggregates_like_the_authors():
+    feats = _unet_like_features(torch.Generator().manual_seed(0))
+    loss = SelfRegLoss({"encoder": ["e1", "e2"], "decoder": ["d1"]}, {"all": ["d1", "e1", "e2"]},
+                       lambda_scr=0.5, lambda_ifd=0.25, pairing="ordered")
+    total, terms = loss(feats, feats["final"])
+    ifd = (ifd_loss(feats["e1"]) + ifd_loss(feats["e2"])) / 2 + ifd_loss(feats["d1"])
+    scr = sum(scr_loss(feats[t], feats["final"], pairing="ordered") for t in ("d1", "e1", "e2")) / 3
+    assert torch.allclose(terms["ifd"], ifd) and torch.allclose(terms["scr"], scr)
+    assert torch.allclose(total, 0.25 * ifd + 0.5 * scr)
+    total_half, _ = loss(feats, feats["final"], lambda_scale=0.5)
+    assert torch.allclose(total_half, total / 2)
+
+
+def test_selfreg_loss_is_float32_under_autocast():
+    feats = {k: v.to(torch.bfloat16) for k, v in _unet_like_features(torch.Generator().manual_seed(1)).items()}
+    loss = SelfRegLoss({"encoder": ["e1"]}, {"all": ["e1", "d1"]})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms = loss(feats, feats["final"])
+    assert total.dtype == torch.float32 and terms["scr"].dtype == torch.float32
+
+
+def test_selfreg_loss_validation():
+    with pytest.raises(ValueError, match="lambda_scr"):
+        SelfRegLoss({}, {}, lambda_scr=-1)
+    with pytest.raises(ValueError, match="empty groups"):
+        SelfRegLoss({"encoder": []}, {})
+    with pytest.raises(ValueError, match="pairing"):
+        SelfRegLoss({}, {}, pairing="bogus")
+    loss = SelfRegLoss({"encoder": ["e1"]}, {})
+    with pytest.raises(KeyError, match="missing tapped features"):
+        loss({}, torch.randn(1, 2, 4, 4))
+
+
+# ---------------------------------------------------------------- DiceCELoss
+
+
+def authors_dice(logits, target, n_classes, smooth=1e-5):
+    prob = logits.softmax(1)
+    loss = 0.0
+    for i in range(n_classes):
+        score, t = prob[:, i], (target == i).float()
+        intersect = (score * t).sum()
+        loss += 1 - (2 * intersect + smooth) / ((score * score).sum() + (t * t).sum() + smooth)
+    return loss / n_classes
+
+
+def test_dice_ce_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, generator=g)
+    target = torch.randint(0, 4, (2, 6, 6), generator=g)
+    total, terms = DiceCELoss(4, 0.4, 0.6)(logits, target)
+    ce = F.cross_entropy(logits, target)
+    dice = authors_dice(logits, target, 4)
+    assert torch.allclose(terms["ce"], ce) and torch.allclose(terms["dice"], dice, atol=1e-6)
+    assert torch.allclose(total, 0.4 * ce + 0.6 * dice, atol=1e-6)
+
+
+def test_dice_ce_shape_errors():
+    loss = DiceCELoss(3)
+    with pytest.raises(ValueError, match="logits"):
+        loss(torch.randn(2, 4, 5, 5), torch.zeros(2, 5, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="target"):
+        loss(torch.randn(2, 3, 5, 5), torch.zeros(2, 4, 5, dtype=torch.long))
