@@ -1,0 +1,47 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def write_synapse_layout(root, n_train_cases=2, slices_per_case=3, n_test=1, size=(24, 20), depth=4, num_classes=9,
+                         seed=0):
+    """Write a tiny dataset in the Synapse/TransUNet layout (npz slices, h5 volumes, list files)."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    (root / "train_npz").mkdir(parents=True)
+    (root / "test_vol_h5").mkdir()
+    (root / "lists").mkdir()
+    names = []
+    for c in range(n_train_cases):
+        for s in range(slices_per_case):
+            name = f"case{c:04d}_slice{s:03d}"
+            label = np.zeros(size, dtype=np.uint8)
+            label[4:12, 3:9] = 1 + (c + s) % (num_classes - 1)
+            image = (rng.random(size) * 0.2 + 0.4 * (label > 0)).astype(np.float32)
+            np.savez(root / "train_npz" / f"{name}.npz", image=image, label=label)
+            names.append(name)
+    (root / "lists" / "train.txt").write_text("\n".join(names) + "\n")
+    cases = []
+    for t in range(n_test):
+        case = f"case{100 + t:04d}"
+        label = np.zeros((depth, *size), dtype=np.uint8)
+        label[1:3, 4:12, 3:9] = 5
+        image = (rng.random((depth, *size)) * 0.2 + 0.4 * (label > 0)).astype(np.float32)
+        with h5py.File(root / "test_vol_h5" / f"{case}.npy.h5", "w") as f:
+            f["image"], f["label"] = image, label.astype(np.float32)
+            f.attrs["spacing"] = [2.0, 1.0, 1.0]
+        cases.append(case)
+    (root / "lists" / "test_vol.txt").write_text("\n".join(cases) + "\n")
+    return root
+
+
+@pytest.fixture
+def synapse_dir(tmp_path):
+    return write_synapse_layout(tmp_path / "synapse")

@@ -1,0 +1,189 @@
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_selfreg import AuxiliaryLoss, SelfReg, SelfRegSegModule
+from lightning_selfreg.data import DataError, SynapseLayoutDataModule
+from lightning_selfreg.models import UNet
+
+
+def make(synapse_dir, val_cases=(), **module_kwargs):
+    dm = SynapseLayoutDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=val_cases)
+    net = UNet(1, 9, base_channels=4, depth=2)
+    module = SelfRegSegModule(net, 9, input_size=32, **module_kwargs)
+    return dm, module
+
+
+def trainer(callbacks=(), **kwargs):
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, max_steps=2, num_sanity_val_steps=0, limit_val_batches=0)
+    return pl.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
+
+
+class ConstantTerm(AuxiliaryLoss):
+    def auxiliary_loss(self, pl_module, batch, logits):
+        value = logits.new_tensor(5.0)
+        return value, {"aux/const": value}
+
+
+def test_auxiliary_loss_callback_adds_its_term(synapse_dir):
+    pl.seed_everything(0)
+    dm, module = make(synapse_dir, lr_schedule="constant")
+    t = trainer([ConstantTerm()], max_steps=1, log_every_n_steps=1)
+    t.fit(module, dm)
+    metrics = t.callback_metrics
+    seg = 0.4 * metrics["train/ce"] + 0.6 * metrics["train/dice"]
+    assert metrics["aux/const"] == 5.0
+    assert torch.allclose(metrics["train/loss"], seg + 5.0, atol=1e-5)
+
+
+def test_selfreg_callback_fit_test_and_logs(synapse_dir):
+    pl.seed_everything(0)
+    dm, module = make(synapse_dir)
+    selfreg = SelfReg(lambda_scr=0.5, lambda_ifd=0.25)
+    t = trainer([selfreg], max_steps=3, log_every_n_steps=1)
+    t.fit(module, dm)
+    metrics = t.callback_metrics
+    for key in ("selfreg/scr", "selfreg/ifd", "selfreg/total", "train/ce", "train/dice", "train/loss"):
+        assert key in metrics and math.isfinite(float(metrics[key])), key
+    assert torch.allclose(metrics["selfreg/total"], 0.5 * metrics["selfreg/scr"] + 0.25 * metrics["selfreg/ifd"])
+    assert selfreg._taps is None, "hooks must be removed at teardown"
+    assert all(not m._forward_hooks for m in module.net.modules())
+    t.test(module, dm, verbose=False)
+    results = module.test_results
+    assert set(results) == {"dice_mean", "hd95_mean", "per_class"}
+    assert list(results["per_class"]) == [f"class_{i}" for i in range(1, 9)]
+    assert results["per_class"]["class_5"]["dice"] is not None  # the only organ in the test volume
+    assert results["per_class"]["class_1"]["dice"] is None or results["per_class"]["class_1"]["dice"] == 0.0
+
+
+class RecordingSelfReg(SelfReg):
+    def __init__(self):
+        super().__init__()
+        self.captured_outside_training = []
+
+    def on_validation_batch_end(self, *args, **kwargs):
+        self.captured_outside_training.append(len(self._taps._features))
+
+
+def test_nothing_is_captured_during_validation(synapse_dir):
+    pl.seed_everything(0)
+    dm, module = make(synapse_dir, val_cases=["case0001"])
+    cb = RecordingSelfReg()
+    t = trainer([cb], max_steps=2, limit_val_batches=None, val_check_interval=1, check_val_every_n_epoch=None)
+    t.fit(module, dm)
+    assert cb.captured_outside_training and set(cb.captured_outside_training) == {0}
+    assert "val/dice" in t.callback_metrics and "val/dice/class_1" in t.callback_metrics
+
+
+def test_selfreg_state_is_checkpointed_and_restored(synapse_dir, tmp_path):
+    pl.seed_everything(0)
+    dm, module = make(synapse_dir)
+    cb = SelfReg()
+    t = trainer([cb], max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(module, dm)
+    ckpt = torch.load(t.checkpoint_callback.best_model_path or t.checkpoint_callback.last_model_path,
+                      weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("SelfReg"))
+    assert state["seed"] == cb.seed and torch.equal(state["generator_state"], cb._generator.get_state())
+    restored = SelfReg()
+    restored.load_state_dict(state)
+    g = restored._get_generator(torch.device("cpu"))
+    assert torch.equal(torch.randperm(50, generator=g), torch.randperm(50, generator=cb._generator))
+
+
+def test_selfreg_needs_a_tap_spec(synapse_dir):
+    dm, _ = make(synapse_dir)
+    module = SelfRegSegModule(nn.Sequential(nn.Conv2d(1, 9, 1)), 9)
+    with pytest.raises(ValueError, match="no `tap_spec`"):
+        trainer([SelfReg()]).fit(module, dm)
+
+
+def test_selfreg_with_explicit_taps_on_a_foreign_network(synapse_dir):
+    net = nn.Sequential()
+    net.add_module("enc", nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)))
+    net.add_module("dec", nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU()))
+    net.add_module("head", nn.Conv2d(4, 9, 1))
+    dm, _ = make(synapse_dir)
+    module = SelfRegSegModule(net, 9, input_size=32)
+    t = trainer([SelfReg(taps={"encoder": ["enc"], "decoder": [], "final": "dec"})], log_every_n_steps=1)
+    with pytest.raises(ValueError, match="empty groups"):
+        t.fit(module, dm)
+    t = trainer([SelfReg(taps={"final": "dec", "ifd_groups": {"enc": ["enc"]}, "scr_groups": {"all": ["enc"]}})],
+                log_every_n_steps=1)
+    t.fit(module, dm)
+    assert t.callback_metrics["selfreg/scr"] > 0
+
+
+def test_bad_module_options():
+    net = UNet(1, 3, base_channels=4, depth=2)
+    with pytest.raises(ValueError, match="optimizer"):
+        SelfRegSegModule(net, 3, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="foreground"):
+        SelfRegSegModule(net, 3, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        SelfReg(warmup_steps=-1)
+    with pytest.raises(ValueError, match="pairing"):
+        SelfReg(pairing="nope")
+
+
+def test_warmup_ramp():
+    cb = SelfReg(warmup_steps=10)
+    assert [cb.lambda_scale(s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_poly_schedule_matches_the_authors_formula(synapse_dir):
+    dm, module = make(synapse_dir, lr=0.1, lr_schedule="poly")
+    t = trainer(max_steps=-1, max_epochs=2)
+    t.fit(module, dm)
+    total = t.estimated_stepping_batches
+    lr = t.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.1 * (1 - t.global_step / total) ** 0.9)
+
+
+# ---------------------------------------------------------------- data errors
+
+
+def _rewrite(path, **arrays):
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"image": np.zeros((24, 20), np.float32)}, "missing key"),
+        ({"image": np.zeros((24, 20), np.float32), "label": np.zeros((24, 21), np.uint8)}, "differs from"),
+        ({"image": np.full((24, 20), np.nan, np.float32), "label": np.zeros((24, 20), np.uint8)}, "NaN"),
+        ({"image": np.zeros((24, 20), np.float32), "label": np.full((24, 20), 9, np.uint8)}, r"\[0, 9\)"),
+    ],
+)
+def test_bad_slice_files_are_named_in_the_error(synapse_dir, arrays, message):
+    bad = synapse_dir / "train_npz" / "case0001_slice001.npz"
+    _rewrite(bad, **arrays)
+    dm = SynapseLayoutDataModule(synapse_dir, image_size=32)
+    with pytest.raises(DataError, match=message) as err:
+        dm.setup("fit")
+    assert str(bad) in str(err.value)
+
+
+def test_layout_errors(synapse_dir, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        SynapseLayoutDataModule(tmp_path / "nowhere").check_layout()
+    (synapse_dir / "lists" / "test_vol.txt").unlink()
+    with pytest.raises(DataError, match="lacks lists/test_vol.txt"):
+        SynapseLayoutDataModule(synapse_dir).check_layout()
+    (synapse_dir / "lists" / "test_vol.txt").write_text("\n")
+    with pytest.raises(DataError, match="is empty"):
+        SynapseLayoutDataModule(synapse_dir).setup("test")
+    with pytest.raises(DataError, match="not cases"):
+        SynapseLayoutDataModule(synapse_dir, val_cases=["case9999"]).setup("fit")
+    (synapse_dir / "test_vol_h5" / "case0100.npy.h5").write_bytes(b"not hdf5")
+    (synapse_dir / "lists" / "test_vol.txt").write_text("case0100\n")
+    dm = SynapseLayoutDataModule(synapse_dir)
+    dm.setup("test")
+    with pytest.raises(DataError, match="case0100.npy.h5: cannot be read as HDF5"):
+        dm.test_dataloader().dataset[0]
