@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                                  pairing=config["pairing"], warmup_steps=config["warmup_steps"]))
     mode = _wandb_mode(config["wandb"])
     if mode == "disabled":
-        logger = CSVLogger(save_dir=run_dir, name="", version="")
+        logger = CSVLogger(save_dir=run_dir, name="csv", version="")
     else:
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         logger = WandbLogger(project=config["wandb_project"], name=run_name, save_dir=str(run_dir),

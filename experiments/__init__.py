@@ -1,0 +1,1 @@
+"""Entry points and configs (not part of the installed library)."""
