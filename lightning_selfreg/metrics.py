@@ -369,7 +369,7 @@ def summarize(dice: ArrayLike, hd95: ArrayLike, class_names: Sequence[str]) -> d
         class_names: ``K`` names, one per column (foreground classes).
 
     Returns:
-        ``{"dice_mean": float | None, "hd95_mean": float | None,
+        ``{"num_cases": int, "dice_mean": float | None, "hd95_mean": float | None,
         "per_class": {name: {"dice": float | None, "hd95": float | None}}}`` with plain Python floats, so the
         result is JSON serialisable (None becomes null). A mean is None if no class has a value.
 
@@ -391,6 +391,7 @@ def summarize(dice: ArrayLike, hd95: ArrayLike, class_names: Sequence[str]) -> d
     dice_vals = [v for v in dice_c if v is not None]
     hd_vals = [v for v in hd_c if v is not None]
     return {
+        "num_cases": int(d.shape[0]),
         "dice_mean": float(np.mean(dice_vals)) if dice_vals else None,
         "hd95_mean": float(np.mean(hd_vals)) if hd_vals else None,
         "per_class": {n: {"dice": dv, "hd95": hv} for n, dv, hv in zip(names, dice_c, hd_c, strict=True)},
@@ -409,7 +410,8 @@ class PerCaseMetrics(Metric):
     float64 (the metric's dtype).
 
     Note: Lightning's default ``DistributedSampler`` pads the evaluation set by repeating cases so that every rank
-    gets the same number; evaluate on one device (or an unpadded sampler) to count each case exactly once.
+    gets the same number; the data modules of this package use an unpadded sampler for the test set so that each
+    case is counted exactly once.
 
     Args:
         num_classes: Number of classes including background (as for :func:`case_metrics`); ``K = num_classes - 1``.

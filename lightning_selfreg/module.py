@@ -187,9 +187,8 @@ class SelfRegSegModule(pl.LightningModule):
         """Gather every case over ranks, store the summary in :attr:`test_results` and log the means."""
         self.test_results = self.test_metrics.compute()
         self.test_metrics.reset()
-        means = {k: self.test_results[k] for k in ("dice_mean", "hd95_mean") if self.test_results[k] is not None}
-        if means:
-            self.log_dict({f"test/{k}": float(v) for k, v in means.items()})
+        logged = {k: self.test_results[k] for k in ("num_cases", "dice_mean", "hd95_mean")}
+        self.log_dict({f"test/{k}": float(v) for k, v in logged.items() if v is not None})
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Label volume ``(D, H, W)`` for a batch holding one ``image`` volume."""

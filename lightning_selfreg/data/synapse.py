@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_selfreg.data.transforms import RandomAffine, resize_image, resize_label
 
@@ -152,6 +152,25 @@ class _VolumeDataset(Dataset):
         return item
 
 
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Shard an evaluation set over ranks without repeating samples (rank ``r`` gets ``r, r + W, r + 2W, ...``).
+
+    ``DistributedSampler`` pads the set so all ranks get the same count, which would count some test cases twice
+    in per-case metrics. Ranks may get one sample less here; metrics that gather their states still see every case
+    exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class SynapseLayoutDataModule(pl.LightningDataModule):
     """2D training slices and 3D test volumes in the Synapse (TransUNet) layout.
 
@@ -258,8 +277,12 @@ class SynapseLayoutDataModule(pl.LightningDataModule):
         return DataLoader(self._val if self._val is not None else [], batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        """One whole volume per batch."""
-        return DataLoader(self._test, batch_size=None, num_workers=self.num_workers)
+        """One whole volume per batch; under DDP each case goes to exactly one rank."""
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(self._test, trainer.world_size, trainer.global_rank)
+        return DataLoader(self._test, batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         """Same volumes as :meth:`test_dataloader`."""
