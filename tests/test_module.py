@@ -55,7 +55,7 @@ def test_selfreg_callback_fit_test_and_logs(synapse_dir):
     assert all(not m._forward_hooks for m in module.net.modules())
     t.test(module, dm, verbose=False)
     results = module.test_results
-    assert set(results) == {"dice_mean", "hd95_mean", "per_class"}
+    assert set(results) == {"num_cases", "dice_mean", "hd95_mean", "per_class"} and results["num_cases"] == 1
     assert list(results["per_class"]) == [f"class_{i}" for i in range(1, 9)]
     assert results["per_class"]["class_5"]["dice"] is not None  # the only organ in the test volume
     assert results["per_class"]["class_1"]["dice"] is None or results["per_class"]["class_1"]["dice"] == 0.0
