@@ -110,7 +110,7 @@ class SelfReg(AuxiliaryLoss):
                 )
             self.spec = TapSpec.from_config(spec)
         self.loss = SelfRegLoss(self.spec.ifd_groups, self.spec.scr_groups, **self._loss_kwargs)
-        self._taps = FeatureTaps(net, self.spec.paths)
+        self._taps = FeatureTaps(net, self.spec.paths, self.spec.nhwc)
         if self.seed is None:
             self.seed = torch.initial_seed() % 2**63
 

@@ -39,6 +39,8 @@ class TapSpec:
         ifd_groups: Group name -> module paths; IFD is averaged within a group and summed over groups.
         scr_groups: Group name -> module paths; SCR (against ``final``) is averaged within a group and summed over
             groups.
+        nhwc: Paths whose output is channels-last ``(B, H, W, C)`` (e.g. Swin blocks); they are permuted to
+            ``(B, C, H, W)`` when captured.
 
     Example:
         >>> spec = TapSpec.unet(encoder=["down1", "down2"], decoder=["up1"], final="up2")
@@ -51,6 +53,7 @@ class TapSpec:
     final: str
     ifd_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     scr_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    nhwc: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.final, str) or not self.final:
@@ -61,20 +64,29 @@ class TapSpec:
             raise ValueError("A TapSpec needs at least one IFD or SCR group.")
         if self.final in self.paths[:-1]:
             raise ValueError(f"`final` ({self.final!r}) must not also be a student tap.")
+        if isinstance(self.nhwc, str):
+            raise TypeError(f"`nhwc` must be a list of module paths, found {self.nhwc!r}.")
+        object.__setattr__(self, "nhwc", tuple(self.nhwc))
+        unknown = sorted(set(self.nhwc) - set(self.paths))
+        if unknown:
+            raise ValueError(f"`nhwc` names paths that are not taps: {unknown}.")
 
     @classmethod
-    def unet(cls, encoder: Sequence[str], decoder: Sequence[str], final: str) -> TapSpec:
+    def unet(cls, encoder: Sequence[str], decoder: Sequence[str], final: str, nhwc: Sequence[str] = ()) -> TapSpec:
         """The authors' UNet aggregation: IFD over the encoder and the decoder group, SCR over all taps.
 
         Args:
             encoder: Encoder block paths (shallow to deep).
             decoder: Decoder block paths, without the last one (deep to shallow).
             final: The last decoder block.
+            nhwc: Paths with channels-last outputs.
         """
+        groups = {"encoder": tuple(encoder), "decoder": tuple(decoder)}
         return cls(
             final=final,
-            ifd_groups={"encoder": tuple(encoder), "decoder": tuple(decoder)},
+            ifd_groups={name: taps for name, taps in groups.items() if taps},
             scr_groups={"all": (*decoder, *encoder)},
+            nhwc=tuple(nhwc),
         )
 
     @classmethod
@@ -82,7 +94,7 @@ class TapSpec:
         """Build from a spec or a plain mapping (as written in YAML).
 
         Accepted mappings: ``{"encoder": [...], "decoder": [...], "final": str}`` (see :meth:`unet`) or
-        ``{"final": str, "ifd_groups": {...}, "scr_groups": {...}}``.
+        ``{"final": str, "ifd_groups": {...}, "scr_groups": {...}}``; both may add ``"nhwc": [...]``.
 
         Raises:
             ValueError: If the mapping has neither form.
@@ -94,14 +106,16 @@ class TapSpec:
                 "A tap spec must be a TapSpec or a mapping with `final` and either `encoder`/`decoder` lists or "
                 f"`ifd_groups`/`scr_groups`; found {config!r}."
             )
-        keys = set(config)
+        keys = set(config) - {"nhwc"}
+        nhwc = config.get("nhwc", ())
         if keys <= {"final", "encoder", "decoder"}:
-            return cls.unet(config.get("encoder", ()), config.get("decoder", ()), config["final"])
+            return cls.unet(config.get("encoder", ()), config.get("decoder", ()), config["final"], nhwc)
         if keys <= {"final", "ifd_groups", "scr_groups"}:
-            return cls(config["final"], config.get("ifd_groups", {}), config.get("scr_groups", {}))
+            return cls(config["final"], config.get("ifd_groups", {}), config.get("scr_groups", {}), nhwc)
+        known = {"final", "encoder", "decoder", "ifd_groups", "scr_groups"}
         raise ValueError(
-            f"Unknown tap spec keys {sorted(keys - {'final', 'encoder', 'decoder', 'ifd_groups', 'scr_groups'})}; "
-            "use `final` with `encoder`/`decoder` or with `ifd_groups`/`scr_groups`."
+            f"Unknown tap spec keys {sorted(keys - known)} (or `encoder`/`decoder` mixed with `ifd_groups`/"
+            "`scr_groups`); use `final` with `encoder`/`decoder` or with `ifd_groups`/`scr_groups`, and `nhwc`."
         )
 
     @property
@@ -131,6 +145,7 @@ class FeatureTaps:
     Args:
         model: The network to tap.
         paths: Module paths as in ``dict(model.named_modules())``.
+        nhwc: Paths whose ``(B, H, W, C)`` outputs are permuted to ``(B, C, H, W)``.
 
     Raises:
         ValueError: If a path is not a submodule of ``model``; the message lists the available paths.
@@ -144,12 +159,13 @@ class FeatureTaps:
         ['0', '1']
     """
 
-    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, paths: Sequence[str], nhwc: Sequence[str] = ()) -> None:
         modules = dict(model.named_modules())
         missing = [p for p in paths if p not in modules or p == ""]
         if missing:
             raise _unknown_paths_error(missing, [n for n in modules if n])
         self.paths = tuple(dict.fromkeys(paths))
+        self.nhwc = frozenset(nhwc)
         self._active = False
         self._features: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = [
@@ -165,7 +181,7 @@ class FeatureTaps:
                     f"Tapped module {path!r} ({type(module).__name__}) returned {type(output).__name__}; taps need "
                     "a module whose output is one (B, C, H, W) tensor. Tap a submodule that returns a tensor."
                 )
-            self._features[path] = output
+            self._features[path] = output.permute(0, 3, 1, 2) if path in self.nhwc else output
 
         return hook
 

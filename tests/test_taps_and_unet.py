@@ -121,3 +121,23 @@ def test_list_tap_candidates_reports_paths_and_shapes():
     assert found["up2"] == (1, 4, 16, 16)
     assert found["outc"] == (1, 3, 16, 16)
     assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_nhwc_taps_are_permuted_to_nchw():
+    class ChannelsLastBlock(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1) * 2
+
+    net = nn.Sequential()
+    net.add_module("block", ChannelsLastBlock())
+    net.add_module("final", nn.Identity())
+    spec = TapSpec(final="final", scr_groups={"all": ("block",)}, nhwc=["block"])
+    assert spec.nhwc == ("block",)
+    x = torch.randn(2, 3, 4, 5)
+    with FeatureTaps(net, spec.paths, nhwc=spec.nhwc) as taps, taps.capture() as feats:
+        net(x)
+    assert torch.equal(feats["block"], x * 2)
+    assert feats["final"].shape == (2, 4, 5, 3)  # not listed as nhwc: left as is
+    with pytest.raises(ValueError, match="not taps"):
+        TapSpec(final="final", scr_groups={"all": ("a",)}, nhwc=["b"])
+    assert TapSpec.from_config({"encoder": ["a"], "final": "f", "nhwc": ["a"]}).nhwc == ("a",)
