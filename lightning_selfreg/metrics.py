@@ -369,8 +369,8 @@ def summarize(dice: ArrayLike, hd95: ArrayLike, class_names: Sequence[str]) -> d
         class_names: ``K`` names, one per column (foreground classes).
 
     Returns:
-        ``{"num_cases": int, "dice_mean": float | None, "hd95_mean": float | None,
-        "per_class": {name: {"dice": float | None, "hd95": float | None}}}`` with plain Python floats, so the
+        ``{"num_cases": int, "dice_mean", "iou_mean", "hd95_mean": float | None,
+        "per_class": {name: {"dice", "iou", "hd95": float | None}}}`` with plain Python floats, so the
         result is JSON serialisable (None becomes null). A mean is None if no class has a value.
 
     Raises:
@@ -387,14 +387,24 @@ def summarize(dice: ArrayLike, hd95: ArrayLike, class_names: Sequence[str]) -> d
         raise ValueError(f"`class_names` must have K={d.shape[1]} entries (one per column), found {len(names)}.")
     if len(set(names)) != len(names):
         raise ValueError(f"`class_names` must be unique, found {names}.")
-    dice_c, hd_c = _class_means(d), _class_means(h)
-    dice_vals = [v for v in dice_c if v is not None]
-    hd_vals = [v for v in hd_c if v is not None]
+    # per case and class IoU = D / (2 - D): exact for one binary pair, so it needs no extra state
+    with np.errstate(invalid="ignore", divide="ignore"):
+        j = d / (2.0 - d)
+    dice_c, iou_c, hd_c = _class_means(d), _class_means(j), _class_means(h)
+
+    def mean(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return float(np.mean(present)) if present else None
+
     return {
         "num_cases": int(d.shape[0]),
-        "dice_mean": float(np.mean(dice_vals)) if dice_vals else None,
-        "hd95_mean": float(np.mean(hd_vals)) if hd_vals else None,
-        "per_class": {n: {"dice": dv, "hd95": hv} for n, dv, hv in zip(names, dice_c, hd_c, strict=True)},
+        "dice_mean": mean(dice_c),
+        "iou_mean": mean(iou_c),
+        "hd95_mean": mean(hd_c),
+        "per_class": {
+            n: {"dice": dv, "iou": jv, "hd95": hv}
+            for n, dv, jv, hv in zip(names, dice_c, iou_c, hd_c, strict=True)
+        },
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,13 +14,15 @@ from torch import Tensor, nn
 from torchmetrics.segmentation import DiceScore
 
 from lightning_selfreg.callbacks import AuxiliaryLoss
-from lightning_selfreg.data.transforms import resize_image
+from lightning_selfreg.data.transforms import resize_image, resize_label
+from lightning_selfreg.io import save_prediction
 from lightning_selfreg.losses import DiceCELoss
 from lightning_selfreg.metrics import PerCaseMetrics, case_metrics
 
 __all__ = ["SelfRegSegModule"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PROTOCOLS = ("strict", "transunet")
 SCHEDULES = ("poly", "cosine", "constant")
 
 
@@ -51,10 +54,16 @@ class SelfRegSegModule(pl.LightningModule):
         poly_power: Exponent of the poly schedule.
         input_size: ``(H, W)`` (or one int) the network sees; test volumes' slices are resized to it and the
             logits resized back to the native grid. ``None`` runs at native resolution.
-        eval_protocol: ``"strict"`` or ``"transunet"`` (see :func:`lightning_selfreg.metrics.case_metrics`).
+        eval_protocol: The protocol reported as :attr:`test_results` (both are always computed, see
+            :meth:`test_step`): ``"strict"`` or ``"transunet"``.
         slice_batch_size: Slices per forward pass in volume inference.
         channels_last: Run the network in ``channels_last`` memory format (faster convolutions under AMP on GPUs
             and with oneDNN on CPUs; leave off for token-based backbones).
+        prediction_dir: If set, ``test_step`` writes each case's prediction there (native resolution): volumes as
+            ``<case>.nii.gz`` with the volume's spacing, 2D images as ``<case>.png`` (binary masks as 0/255).
+        net_config: How to rebuild ``net`` (``{"name": ..., **kwargs}`` for
+            :func:`lightning_selfreg.models.create_model`); only stored in the checkpoint's hyper-parameters so
+            that ``experiments.predict`` can load it.
     """
 
     def __init__(
@@ -74,14 +83,16 @@ class SelfRegSegModule(pl.LightningModule):
         eval_protocol: str = "strict",
         slice_batch_size: int = 16,
         channels_last: bool = False,
+        prediction_dir: str | None = None,
+        net_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, found {optimizer!r}.")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"`lr_schedule` must be one of {SCHEDULES}, found {lr_schedule!r}.")
-        if eval_protocol not in ("strict", "transunet"):
-            raise ValueError(f"`eval_protocol` must be 'strict' or 'transunet', found {eval_protocol!r}.")
+        if eval_protocol not in PROTOCOLS:
+            raise ValueError(f"`eval_protocol` must be one of {PROTOCOLS}, found {eval_protocol!r}.")
         class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(1, num_classes)]
         if len(class_names) != num_classes - 1:
             raise ValueError(
@@ -94,8 +105,9 @@ class SelfRegSegModule(pl.LightningModule):
         self.seg_loss = DiceCELoss(num_classes, ce_weight, dice_weight)
         self.val_dice = DiceScore(num_classes, include_background=False, average="none", input_format="index",
                                   aggregation_level="global")
-        self.test_metrics = PerCaseMetrics(num_classes, class_names)
+        self.test_metrics = nn.ModuleDict({p: PerCaseMetrics(num_classes, class_names) for p in PROTOCOLS})
         self.test_results: dict[str, Any] | None = None
+        self.test_results_by_protocol: dict[str, dict[str, Any]] = {}
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -144,14 +156,33 @@ class SelfRegSegModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/dice`` (mean over foreground classes) and ``val/dice/<class>``."""
-        per_class = self.val_dice.compute()
+        per_class = self.val_dice.compute().reshape(-1)  # 0-d for a single foreground class
         self.val_dice.reset()
         self.log("val/dice", per_class.nanmean(), prog_bar=True)
         self.log_dict({f"val/dice/{name}": value for name, value in zip(self.class_names, per_class, strict=True)})
 
     @torch.no_grad()
+    def _segment(self, volume: Tensor) -> tuple[Tensor, Tensor]:
+        """Slice-wise inference: ``(native-resolution prediction, prediction at input size)``, both ``(D, h, w)``.
+
+        The native prediction is the argmax of the logits resized back (bilinear) to the native grid; the other
+        is the argmax at the network's input size (what the field's scripts then resize with nearest neighbour).
+        """
+        if volume.ndim == 3:
+            volume = volume[:, None]
+        if volume.ndim != 4:
+            raise ValueError(f"`volume` must be (D, H, W) or (D, C, H, W), found {tuple(volume.shape)}.")
+        native = tuple(volume.shape[-2:])
+        size = self.hparams.input_size or native
+        full, small = [], []
+        for chunk in volume.split(self.hparams.slice_batch_size):
+            logits = self(resize_image(chunk.to(self.device, torch.float32), size)).float()
+            small.append(logits.argmax(1))
+            full.append(resize_image(logits, native).argmax(1))
+        return torch.cat(full), torch.cat(small)
+
     def predict_volume(self, volume: Tensor) -> Tensor:
-        """Segment a volume slice by slice.
+        """Segment a volume slice by slice (or a 2D image as ``D = 1``).
 
         Slices are resized to ``input_size``, run in chunks of ``slice_batch_size``, and the logits are resized
         back (bilinear) to the native grid before the argmax.
@@ -162,33 +193,53 @@ class SelfRegSegModule(pl.LightningModule):
         Returns:
             ``(D, H, W)`` int64 label volume.
         """
-        if volume.ndim == 3:
-            volume = volume[:, None]
-        if volume.ndim != 4:
-            raise ValueError(f"`volume` must be (D, H, W) or (D, C, H, W), found {tuple(volume.shape)}.")
-        native = tuple(volume.shape[-2:])
-        size = self.hparams.input_size or native
-        out = []
-        for chunk in volume.split(self.hparams.slice_batch_size):
-            logits = self(resize_image(chunk.to(self.device, torch.float32), size))
-            out.append(resize_image(logits.float(), native).argmax(1))
-        return torch.cat(out)
+        return self._segment(volume)[0]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Per-case Dice/HD95 of one volume (``image``/``label`` ``(D, H, W)``, ``spacing`` ``(3,)`` in mm)."""
-        pred = self.predict_volume(batch["image"]).cpu().numpy()
+        """Per-case metrics of one case under both protocols.
+
+        ``batch`` is one case: ``image`` ``(D, C, H, W)``, ``label`` ``(D, H, W)``, ``case`` name and optional
+        ``spacing`` ``(3,)`` in mm; a 2D image has ``D = 1`` and is scored in 2D.
+
+        * ``strict``: the prediction at native resolution, HD95 in mm when the spacing is known, missed or
+          spurious organs penalised (see :func:`lightning_selfreg.metrics.case_metrics`).
+        * ``transunet``: the field's scripts: volumes predicted at the input size and resized back with nearest
+          neighbour, HD95 in voxels with the scripts' special cases (TransUNet); 2D images scored at the input size
+          against the nearest-resized mask (UCTransNet).
+        """
+        label = batch["label"]
+        full, small = self._segment(batch["image"])
+        num_classes = self.hparams.num_classes
+        is_2d = label.shape[0] == 1
         spacing = batch.get("spacing")
-        spacing = None if spacing is None else tuple(float(s) for s in np.asarray(spacing).reshape(-1))
-        dice, hd95 = case_metrics(pred, batch["label"].cpu().numpy(), self.hparams.num_classes, spacing,
-                                  protocol=self.hparams.eval_protocol)
-        self.test_metrics.update(torch.as_tensor(dice, device=self.device), torch.as_tensor(hd95, device=self.device))
+        spacing = None if spacing is None else tuple(float(v) for v in np.asarray(spacing.cpu()).reshape(-1))
+        if is_2d:
+            compat_label = resize_label(label.to(small.device), small.shape[-2:])
+            pairs = {"strict": (full[0], label[0], None), "transunet": (small[0], compat_label[0], None)}
+        else:
+            compat_pred = resize_label(small, label.shape[-2:])
+            pairs = {"strict": (full, label, spacing), "transunet": (compat_pred, label, None)}
+        for protocol, (pred, gt, sp) in pairs.items():
+            dice, hd95 = case_metrics(pred.cpu().numpy(), gt.cpu().numpy(), num_classes, sp, protocol=protocol)
+            self.test_metrics[protocol].update(torch.as_tensor(dice), torch.as_tensor(hd95))
+        if self.hparams.prediction_dir:
+            save_prediction(full.cpu().numpy(), Path(self.hparams.prediction_dir), str(batch.get("case", batch_idx)),
+                            spacing, num_classes)
 
     def on_test_epoch_end(self) -> None:
-        """Gather every case over ranks, store the summary in :attr:`test_results` and log the means."""
-        self.test_results = self.test_metrics.compute()
-        self.test_metrics.reset()
-        logged = {k: self.test_results[k] for k in ("num_cases", "dice_mean", "hd95_mean")}
-        self.log_dict({f"test/{k}": float(v) for k, v in logged.items() if v is not None})
+        """Gather every case over ranks; store :attr:`test_results` (the chosen protocol) and log the means."""
+        self.test_results_by_protocol = {p: m.compute() for p, m in self.test_metrics.items()}
+        for metric in self.test_metrics.values():
+            metric.reset()
+        self.test_results = self.test_results_by_protocol[self.hparams.eval_protocol]
+        logged = {"test/num_cases": self.test_results["num_cases"]}
+        for protocol, results in self.test_results_by_protocol.items():
+            for key in ("dice_mean", "iou_mean", "hd95_mean"):
+                if results.get(key) is not None:
+                    logged[f"test/{protocol}/{key}"] = results[key]
+                    if protocol == self.hparams.eval_protocol:
+                        logged[f"test/{key}"] = results[key]
+        self.log_dict({k: float(v) for k, v in logged.items()})
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Label volume ``(D, H, W)`` for a batch holding one ``image`` volume."""

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from lightning_selfreg import SelfReg, SelfRegSegModule
-from lightning_selfreg.data import SynapseLayoutDataModule
-from lightning_selfreg.data.synapse import UnpaddedDistributedSampler
+from lightning_selfreg.data import SynapseDataModule, UnpaddedDistributedSampler
 from lightning_selfreg.models import UNet
 
 from .conftest import write_synapse_layout
@@ -28,7 +27,7 @@ def test_ddp_fit_and_test_gather_every_case_once(tmp_path):
     """2 CPU processes (gloo, ddp_fork): 3 test volumes are split 2/1, gathered, each counted once."""
     root = write_synapse_layout(tmp_path / "data", n_test=3)
     common = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    dm = SynapseLayoutDataModule(root, image_size=32, batch_size=2)
+    dm = SynapseDataModule(root, image_size=32, batch_size=2, val_cases=())
     module = _module()
     trainer = pl.Trainer(devices=2, strategy="ddp_fork", max_steps=2, limit_val_batches=0,
                          callbacks=[SelfReg()], default_root_dir=tmp_path, **common)
@@ -41,7 +40,7 @@ def test_ddp_fit_and_test_gather_every_case_once(tmp_path):
     # the same checkpoint evaluated in one process gives the same numbers
     single = pl.Trainer(devices=1, **common, enable_checkpointing=False)
     reference = _module(seed=1)
-    single.test(reference, SynapseLayoutDataModule(root, image_size=32), ckpt_path=ckpt, verbose=False)
+    single.test(reference, SynapseDataModule(root, image_size=32, val_cases=()), ckpt_path=ckpt, verbose=False)
     assert reference.test_results["num_cases"] == 3
     for key in ("dice_mean", "hd95_mean"):
         if reference.test_results[key] is not None:

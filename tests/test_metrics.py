@@ -319,13 +319,16 @@ def test_summarize_nan_columns_and_json():
     d = np.array([[0.8, nan, 0.5], [0.6, nan, nan]])
     h = np.array([[2.0, nan, 4.0], [4.0, nan, nan]])
     out = summarize(d, h, ["aorta", "gallbladder", "spleen"])
-    assert out["per_class"]["aorta"] == {"dice": pytest.approx(0.7), "hd95": pytest.approx(3.0)}
-    assert out["per_class"]["gallbladder"] == {"dice": None, "hd95": None}
-    assert out["per_class"]["spleen"] == {"dice": 0.5, "hd95": 4.0}
+    iou_aorta = (0.8 / 1.2 + 0.6 / 1.4) / 2  # per-case IoU = D / (2 - D), then the mean over cases
+    assert out["per_class"]["aorta"] == {"dice": pytest.approx(0.7), "iou": pytest.approx(iou_aorta),
+                                         "hd95": pytest.approx(3.0)}
+    assert out["per_class"]["gallbladder"] == {"dice": None, "iou": None, "hd95": None}
+    assert out["per_class"]["spleen"] == {"dice": 0.5, "iou": pytest.approx(1 / 3), "hd95": 4.0}
+    assert out["iou_mean"] == pytest.approx((iou_aorta + 1 / 3) / 2)
     assert out["dice_mean"] == pytest.approx(0.6)  # mean of 0.7 and 0.5; the all-NaN class is excluded
     assert out["hd95_mean"] == pytest.approx(3.5)
     assert all(type(v) is float for v in (out["dice_mean"], out["hd95_mean"], out["per_class"]["aorta"]["dice"]))
-    assert '"gallbladder": {"dice": null, "hd95": null}' in json.dumps(out)
+    assert '"gallbladder": {"dice": null, "iou": null, "hd95": null}' in json.dumps(out)
 
     empty = summarize(np.full((2, 2), nan), np.full((2, 2), nan), ["a", "b"])
     assert empty["dice_mean"] is None and empty["hd95_mean"] is None

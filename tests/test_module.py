@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from lightning_selfreg import AuxiliaryLoss, SelfReg, SelfRegSegModule
-from lightning_selfreg.data import DataError, SynapseLayoutDataModule
+from lightning_selfreg.data import DataError, SynapseDataModule
 from lightning_selfreg.models import UNet
 
 
 def make(synapse_dir, val_cases=(), **module_kwargs):
-    dm = SynapseLayoutDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=val_cases)
+    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=val_cases)
     net = UNet(1, 9, base_channels=4, depth=2)
     module = SelfRegSegModule(net, 9, input_size=32, **module_kwargs)
     return dm, module
@@ -55,7 +55,10 @@ def test_selfreg_callback_fit_test_and_logs(synapse_dir):
     assert all(not m._forward_hooks for m in module.net.modules())
     t.test(module, dm, verbose=False)
     results = module.test_results
-    assert set(results) == {"num_cases", "dice_mean", "hd95_mean", "per_class"} and results["num_cases"] == 1
+    assert set(results) == {"num_cases", "dice_mean", "iou_mean", "hd95_mean", "per_class"}
+    assert results["num_cases"] == 1
+    assert set(module.test_results_by_protocol) == {"strict", "transunet"}
+    assert module.test_results_by_protocol["strict"] is results
     assert list(results["per_class"]) == [f"class_{i}" for i in range(1, 9)]
     assert results["per_class"]["class_5"]["dice"] is not None  # the only organ in the test volume
     assert results["per_class"]["class_1"]["dice"] is None or results["per_class"]["class_1"]["dice"] == 0.0
@@ -156,7 +159,7 @@ def _rewrite(path, **arrays):
     ("arrays", "message"),
     [
         ({"image": np.zeros((24, 20), np.float32)}, "missing key"),
-        ({"image": np.zeros((24, 20), np.float32), "label": np.zeros((24, 21), np.uint8)}, "differs from"),
+        ({"image": np.zeros((24, 20), np.float32), "label": np.zeros((24, 21), np.uint8)}, "does not match"),
         ({"image": np.full((24, 20), np.nan, np.float32), "label": np.zeros((24, 20), np.uint8)}, "NaN"),
         ({"image": np.zeros((24, 20), np.float32), "label": np.full((24, 20), 9, np.uint8)}, r"\[0, 9\)"),
     ],
@@ -164,26 +167,29 @@ def _rewrite(path, **arrays):
 def test_bad_slice_files_are_named_in_the_error(synapse_dir, arrays, message):
     bad = synapse_dir / "train_npz" / "case0001_slice001.npz"
     _rewrite(bad, **arrays)
-    dm = SynapseLayoutDataModule(synapse_dir, image_size=32)
+    dm = SynapseDataModule(synapse_dir, image_size=32, val_cases=())
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    index = [item.path for item in dataset.items].index(bad)
     with pytest.raises(DataError, match=message) as err:
-        dm.setup("fit")
+        dataset[index]
     assert str(bad) in str(err.value)
 
 
 def test_layout_errors(synapse_dir, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        SynapseLayoutDataModule(tmp_path / "nowhere").check_layout()
+        SynapseDataModule(tmp_path / "nowhere").check_layout()
     (synapse_dir / "lists" / "test_vol.txt").unlink()
     with pytest.raises(DataError, match="lacks lists/test_vol.txt"):
-        SynapseLayoutDataModule(synapse_dir).check_layout()
+        SynapseDataModule(synapse_dir, val_cases=()).check_layout()
     (synapse_dir / "lists" / "test_vol.txt").write_text("\n")
     with pytest.raises(DataError, match="is empty"):
-        SynapseLayoutDataModule(synapse_dir).setup("test")
+        SynapseDataModule(synapse_dir, val_cases=()).setup("test")
     with pytest.raises(DataError, match="not cases"):
-        SynapseLayoutDataModule(synapse_dir, val_cases=["case9999"]).setup("fit")
+        SynapseDataModule(synapse_dir, val_cases=["case9999"]).setup("fit")
     (synapse_dir / "test_vol_h5" / "case0100.npy.h5").write_bytes(b"not hdf5")
     (synapse_dir / "lists" / "test_vol.txt").write_text("case0100\n")
-    dm = SynapseLayoutDataModule(synapse_dir)
+    dm = SynapseDataModule(synapse_dir, val_cases=())
     dm.setup("test")
     with pytest.raises(DataError, match="case0100.npy.h5: cannot be read as HDF5"):
         dm.test_dataloader().dataset[0]

@@ -62,7 +62,7 @@ def test_run_writes_metrics_and_config(tmp_path, capsys):
     per_class = metrics["test"]["per_class"]
     assert list(per_class) == ["aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
                                "spleen", "stomach"]
-    assert all(set(v) == {"dice", "hd95"} for v in per_class.values())
+    assert all(set(v) == {"dice", "iou", "hd95"} for v in per_class.values())
     assert per_class["liver"]["dice"] is not None
     config = yaml.safe_load((out / "tiny" / "config.yaml").read_text())
     assert config["max_epochs"] == 1 and config["width"] == 4

@@ -1,0 +1,423 @@
+"""The shared DataModule machinery: 2D training/validation samples, evaluation cases, splits, augmentation.
+
+A dataset module only declares what differs (:class:`SegDataModule` subclasses implement the four ``_index_*``
+/ ``_read_*`` hooks and the layout check); everything else lives here:
+
+* training and validation samples are 2D slices or images, read by the subclass, optionally cached in RAM,
+  augmented per sample on the CPU (the paper's augmentation, albumentations) and/or per batch on the device
+  (:class:`~lightning_selfreg.data.transforms.RandomAffine`), and resized to ``image_size``;
+* evaluation cases are whole volumes ``(D, C, H, W)`` (Synapse, ACDC) or single images as ``D = 1`` (GlaS,
+  MoNuSeg), one case per batch, sharded over DDP ranks without repetition;
+* validation comes from the dataset's own split, a fixed list of cases, or fold ``k`` of ``num_folds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_selfreg.data.transforms import RandomAffine, resize_image, resize_label
+
+__all__ = [
+    "DataError",
+    "Item",
+    "SegDataModule",
+    "UnpaddedDistributedSampler",
+    "check_arrays",
+    "paper_augmentation",
+    "split_cases",
+]
+
+PairTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class DataError(ValueError):
+    """A data file or folder does not match the expected layout or content; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample or case: its ``case`` name (for splits), the file(s) holding it and an optional key."""
+
+    case: str
+    path: Path
+    label_path: Path | None = None
+    name: str = ""
+
+    @property
+    def display(self) -> str:
+        """Name used in errors and outputs."""
+        return self.name or self.path.name
+
+
+def check_arrays(source: Any, image: np.ndarray, label: np.ndarray, num_classes: int, image_ndim: Sequence[int],
+                 label_ndim: int) -> None:
+    """Check one image/label pair; raise :class:`DataError` naming ``source`` and the problem.
+
+    Args:
+        source: File name(s) for the message.
+        image: Image array, ``label`` shape plus an optional trailing channel axis.
+        label: Integer (or integer-valued float) label array.
+        num_classes: Labels must lie in ``[0, num_classes)``.
+        image_ndim: Allowed image dimensionalities.
+        label_ndim: Required label dimensionality.
+    """
+    if image.ndim not in image_ndim:
+        raise DataError(f"{source}: image must have {' or '.join(map(str, image_ndim))} dimensions, "
+                        f"found shape {image.shape}.")
+    if label.ndim != label_ndim or image.shape[:label_ndim] != label.shape:
+        raise DataError(f"{source}: image shape {image.shape} does not match label shape {label.shape}.")
+    if not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all():
+        raise DataError(f"{source}: image contains NaN/infinite or non-numeric values (dtype {image.dtype}).")
+    if not np.issubdtype(label.dtype, np.number):
+        raise DataError(f"{source}: label has non-numeric dtype {label.dtype}.")
+    if label.size:
+        low, high = label.min(), label.max()
+        if low < 0 or high >= num_classes:
+            raise DataError(f"{source}: labels must lie in [0, {num_classes}), found values in [{low}, {high}].")
+        if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
+            raise DataError(f"{source}: label holds non-integer values.")
+
+
+def split_cases(cases: Sequence[str], fold: int, num_folds: int) -> tuple[list[str], list[str]]:
+    """Deterministic k-fold split of case names: fold ``k`` validates on sorted cases ``k, k + n, k + 2n, ...``.
+
+    Returns:
+        ``(train_cases, val_cases)``.
+
+    Raises:
+        ValueError: If ``fold`` is not in ``[0, num_folds)`` or there are fewer cases than folds.
+    """
+    unique = sorted(set(cases))
+    if num_folds < 2 or not 0 <= fold < num_folds:
+        raise ValueError(f"`fold` must be in [0, num_folds) with num_folds >= 2, found fold={fold}, "
+                         f"num_folds={num_folds}.")
+    if len(unique) < num_folds:
+        raise ValueError(f"{num_folds} folds need at least {num_folds} cases, found {len(unique)}.")
+    val = unique[fold::num_folds]
+    return [c for c in unique if c not in set(val)], val
+
+
+def paper_augmentation(image_size: int | Sequence[int]) -> PairTransform:
+    """The SelfReg/TransUNet training augmentation, with albumentations, followed by the resize to ``image_size``.
+
+    With probability 0.5 a random ``rot90`` (k in 0..3) and a flip along a random axis; otherwise with probability
+    0.5 (0.25 overall) a rotation by an angle in [-20, 19] degrees with nearest-neighbour interpolation for image
+    and label (as the authors' ``ndimage.rotate(order=0)``); then a resize (image bicubic, label nearest), as the
+    authors' ``zoom(order=3 / 0)``.
+
+    Returns:
+        ``f(image (H, W[, C]) float32, label (H, W) int) -> (image, label)`` at ``image_size``.
+    """
+    import albumentations as A
+    import cv2
+
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    nearest = cv2.INTER_NEAREST
+    pipeline = A.Compose([
+        A.OneOf([
+            A.Sequential([A.RandomRotate90(p=1), A.OneOf([A.HorizontalFlip(p=1), A.VerticalFlip(p=1)], p=1)], p=0.5),
+            A.Rotate(limit=(-20, 19), interpolation=nearest, mask_interpolation=nearest,
+                     border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.25),
+            A.NoOp(p=0.25),
+        ], p=1),
+        A.Resize(h, w, interpolation=cv2.INTER_CUBIC, mask_interpolation=nearest),
+    ])
+
+    def transform(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = pipeline(image=image, mask=label.astype(np.uint8))
+        return out["image"], out["mask"]
+
+    return transform
+
+
+def _to_chw(image: np.ndarray) -> Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
+
+
+class _SampleDataset(Dataset):
+    """2D samples: read -> (optional cache) -> per-sample transform or plain resize -> tensors."""
+
+    def __init__(self, items: Sequence[Item], read: Callable[[Item], tuple[np.ndarray, np.ndarray]],
+                 image_size: int | Sequence[int], transform: PairTransform | None, cache: bool) -> None:
+        self.items, self.read, self.image_size, self.transform = list(items), read, image_size, transform
+        self._cache: dict[int, Any] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _resized(self, image: np.ndarray, label: np.ndarray) -> tuple[Tensor, Tensor]:
+        x = resize_image(_to_chw(image)[None], self.image_size)[0]
+        y = resize_label(torch.from_numpy(label.astype(np.int64))[None], self.image_size)[0]
+        return x, y
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        if self._cache is not None and i in self._cache:
+            cached = self._cache[i]
+        else:
+            image, label = self.read(self.items[i])
+            # without a per-sample transform the resized tensors are deterministic: cache those
+            cached = (image, label) if self.transform is not None else self._resized(image, label)
+            if self._cache is not None:
+                self._cache[i] = cached
+        if self.transform is None:
+            x, y = cached
+        else:
+            image, label = self.transform(*cached)
+            x, y = _to_chw(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
+        return {"image": x, "label": y.to(torch.uint8)}
+
+
+class _CaseDataset(Dataset):
+    """Evaluation cases read on access: ``image`` (D, C, H, W), ``label`` (D, H, W), ``case``, ``spacing``."""
+
+    def __init__(self, items: Sequence[Item], read: Callable[[Item], dict[str, Any]]) -> None:
+        self.items, self.read = list(items), read
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        case = self.read(self.items[i])
+        image = np.asarray(case["image"], dtype=np.float32)
+        if case.get("is_2d"):
+            image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)[None]  # (1, C, H, W)
+            label = np.asarray(case["label"])[None]
+        else:
+            image, label = image[:, None], np.asarray(case["label"])  # (D, 1, H, W)
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "label": torch.from_numpy(label.astype(np.int64)),
+            "case": self.items[i].display,
+        }
+        if case.get("spacing") is not None:
+            item["spacing"] = torch.as_tensor(np.asarray(case["spacing"], dtype=np.float64))
+        return item
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Shard an evaluation set over ranks without repeating samples (rank ``r`` gets ``r, r + W, r + 2W, ...``).
+
+    ``DistributedSampler`` pads the set so all ranks get the same count, which would count some test cases twice
+    in per-case metrics. Ranks may get one sample less here; metrics that gather their states still see every case
+    exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SegDataModule(pl.LightningDataModule):
+    """Base DataModule: subclasses declare the layout, classes, splits and readers; this class does the rest.
+
+    Subclasses set :attr:`num_classes`, :attr:`class_names`, :attr:`in_channels`, :attr:`layout_help` and
+    implement :meth:`check_layout`, :meth:`_index` and the readers :meth:`_read_sample` / :meth:`_read_case`.
+
+    Args:
+        data_dir: Dataset root.
+        image_size: Side (or ``(H, W)``) the network is trained at.
+        batch_size: Training batch size (per device).
+        num_workers: DataLoader workers (``persistent_workers`` when > 0).
+        transform: Per-sample CPU augmentation ``f(image, label) -> (image, label)`` that ends at ``image_size``;
+            ``"paper"`` = :func:`paper_augmentation`; ``None`` = resize only.
+        batch_transform: Batched on-device augmentation of training batches (e.g. ``RandomAffine()``), or None.
+        cache: Keep decoded samples in RAM (resized ones when ``transform`` is None).
+        val_cases: Cases held out of the training split for validation (overrides the dataset's default split).
+        fold: With ``num_folds``, validate on fold ``fold`` of the training cases (ignores ``val_cases``).
+        num_folds: Number of folds for cross-validation.
+    """
+
+    num_classes: int = 2
+    class_names: tuple[str, ...] = ("foreground",)
+    in_channels: int = 1
+    layout_help: str = ""
+    # fold used for validation when the dataset has no validation split and none is configured (None: no val)
+    fallback_val_fold: int | None = None
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        image_size: int | Sequence[int] = 224,
+        batch_size: int = 24,
+        num_workers: int = 0,
+        transform: PairTransform | str | None = "paper",
+        batch_transform: RandomAffine | None = None,
+        cache: bool = False,
+        val_cases: Sequence[str] | None = None,
+        fold: int | None = None,
+        num_folds: int = 5,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, found {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, found {num_workers}.")
+        if isinstance(transform, str) and transform != "paper":
+            raise ValueError(f"`transform` must be 'paper', None or a callable, found {transform!r}.")
+        if fold is not None and not 0 <= fold < num_folds:
+            raise ValueError(f"`fold` must be in [0, {num_folds}), found {fold}.")
+        self.data_dir = Path(data_dir)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.transform = paper_augmentation(image_size) if transform == "paper" else transform
+        self.batch_transform = batch_transform
+        self.cache = cache
+        self.val_cases = None if val_cases is None else tuple(val_cases)
+        self.fold, self.num_folds = fold, num_folds
+        self._train: _SampleDataset | None = None
+        self._val: _SampleDataset | None = None
+        self._test: _CaseDataset | None = None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def check_layout(self) -> None:
+        """Raise :class:`DataError` naming every missing part of the expected layout."""
+        raise NotImplementedError
+
+    def _index(self, split: str) -> list[Item] | None:
+        """Items of ``split`` in ``{"train", "val", "test"}``; ``None`` if the dataset has no such split."""
+        raise NotImplementedError
+
+    def _read_sample(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        """One 2D training/validation sample: ``(image (H, W[, C]) float32, label (H, W) int)``."""
+        raise NotImplementedError
+
+    def _read_case(self, item: Item) -> dict[str, Any]:
+        """One evaluation case as a dict.
+
+        Keys: ``image`` (D, H, W) for volumes or (H, W[, C]) for 2D images, ``label``, ``spacing`` (mm, (z, y, x))
+        or None, and ``is_2d`` (True for 2D images).
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ splits
+    def _missing_error(self, what: str) -> DataError:
+        return DataError(f"Data directory {self.data_dir} {what}. Expected layout: {self.layout_help}")
+
+    def _require(self, *relative: str) -> None:
+        if not self.data_dir.is_dir():
+            raise self._missing_error("does not exist")
+        missing = [r for r in relative if not (self.data_dir / r).exists()]
+        if missing:
+            raise self._missing_error(f"lacks {', '.join(missing)}")
+
+    def splits(self) -> dict[str, list[Item]]:
+        """The resolved ``train`` / ``val`` / ``test`` items (val may be empty)."""
+        train = self._index("train") or []
+        val = self._index("val")
+        fold = self.fold
+        if fold is None and self.val_cases is None and val is None:
+            fold = self.fallback_val_fold
+        if fold is not None or self.val_cases is not None:
+            pool = train + (val or [])
+            cases = [item.case for item in pool]
+            if fold is not None:
+                _, held_out = split_cases(cases, fold, self.num_folds)
+            else:
+                unknown = sorted(set(self.val_cases) - set(cases))
+                if unknown:
+                    raise DataError(f"`val_cases` {unknown} are not cases of {self.data_dir} "
+                                    f"(cases: {sorted(set(cases))}).")
+                held_out = self.val_cases
+            held = set(held_out)
+            train = [i for i in pool if i.case not in held]
+            val = [i for i in pool if i.case in held]
+        return {"train": train, "val": val or [], "test": self._index("test") or []}
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether a validation split exists (checks the layout)."""
+        return bool(self.splits()["val"])
+
+    def validate(self) -> dict[str, int]:
+        """Fast pass over the file index before training: every listed file exists and is non-empty.
+
+        Content (keys, shapes, label range, finite values) is checked when each file is read, with an error that
+        names the file.
+
+        Returns:
+            Number of items per split.
+
+        Raises:
+            DataError: Layout problems or missing/empty files (all of them listed, up to 20).
+        """
+        self.check_layout()
+        splits = self.splits()
+        if not splits["train"]:
+            raise self._missing_error("has no training samples")
+        bad = []
+        for items in splits.values():
+            for item in items:
+                for path in (item.path, item.label_path):
+                    if path is not None and (not path.is_file() or path.stat().st_size == 0):
+                        bad.append(f"{path} ({'empty' if path.is_file() else 'missing'})")
+        if bad:
+            more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise DataError(f"Listed files are missing or empty: {', '.join(bad[:20])}{more}.")
+        return {name: len(items) for name, items in splits.items()}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Index and check the splits the stage needs."""
+        self.check_layout()
+        splits = self.splits()
+        if stage in ("fit", "validate", None) and self._train is None:
+            if not splits["train"]:
+                raise self._missing_error("has no training samples")
+            self._train = _SampleDataset(splits["train"], self._read_sample, self.image_size, self.transform,
+                                         self.cache)
+            if splits["val"]:
+                self._val = _SampleDataset(splits["val"], self._read_sample, self.image_size, None, self.cache)
+        if stage in ("test", "predict", None) and self._test is None:
+            if not splits["test"]:
+                raise self._missing_error("has no test cases")
+            self._test = _CaseDataset(splits["test"], self._read_case)
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training samples; the last incomplete batch is kept (as in the authors' loaders)."""
+        return self._loader(self._train, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation samples (empty when there is no validation split)."""
+        return self._loader(self._val if self._val is not None else [], batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """One whole case per batch; under DDP each case goes to exactly one rank."""
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(self._test, trainer.world_size, trainer.global_rank)
+        return DataLoader(self._test, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same cases as :meth:`test_dataloader`."""
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Labels to int64; on-device augmentation of training batches."""
+        if "label" in batch:
+            batch["label"] = batch["label"].long()
+        trainer = self.trainer
+        if self.batch_transform is not None and trainer is not None and trainer.training:
+            batch["image"], batch["label"] = self.batch_transform(batch["image"], batch["label"])
+        return batch

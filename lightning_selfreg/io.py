@@ -1,0 +1,95 @@
+"""Writing predictions and reading user images for inference (NIfTI via nibabel, 2D images via Pillow)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["load_image_2d", "load_nifti", "save_nifti", "save_prediction"]
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_nifti(array_dhw: np.ndarray, path: str | Path, spacing: Sequence[float] | None = None,
+               affine: np.ndarray | None = None) -> None:
+    """Write a ``(D, H, W)`` label volume as NIfTI (atomically).
+
+    The array is stored as ``(W, H, D)`` = ``(x, y, z)`` with ``affine = diag(x, y, z spacing)`` when no affine
+    is given; ``spacing`` is ``(z, y, x)`` in mm as in the test volumes.
+    """
+    import nibabel as nib
+
+    data = np.ascontiguousarray(np.asarray(array_dhw).transpose(2, 1, 0)).astype(np.uint8)
+    if affine is None:
+        z, y, x = spacing if spacing is not None else (1.0, 1.0, 1.0)
+        affine = np.diag([x, y, z, 1.0])
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_data_dtype(np.uint8)
+    _atomic(Path(path), lambda tmp: nib.save(image, str(tmp) + ".nii.gz") or os.replace(str(tmp) + ".nii.gz", tmp))
+
+
+def save_prediction(pred: np.ndarray, out_dir: Path, case: str, spacing: Sequence[float] | None,
+                    num_classes: int) -> Path:
+    """Save one case's ``(D, H, W)`` prediction: ``<case>.nii.gz`` for volumes, ``<case>.png`` for ``D = 1``.
+
+    Binary PNG masks are written as 0/255 so that they are visible; multi-class ones hold the class index.
+
+    Returns:
+        The written path.
+    """
+    if pred.shape[0] == 1:
+        path = out_dir / f"{case}.png"
+        mask = pred[0].astype(np.uint8) * (255 if num_classes == 2 else 1)
+        _atomic(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+        return path
+    path = out_dir / f"{case}.nii.gz"
+    save_nifti(pred, path, spacing)
+    return path
+
+
+def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI volume as ``(D, H, W)`` axial slices (D along the file's third axis).
+
+    Returns:
+        ``(volume float32 (D, H, W), affine (4, 4), spacing (z, y, x))``; the inverse of :func:`save_nifti`'s
+        layout, so a prediction written with the same affine overlays the input.
+
+    Raises:
+        ValueError: If the file is not a 3D NIfTI volume (the message names it and the shape found).
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as err:  # nibabel raises several types for bad files
+        raise ValueError(f"{path}: cannot be read as NIfTI ({err}).") from err
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, found shape {data.shape}.")
+    x, y, z = (float(v) for v in image.header.get_zooms()[:3])
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine, (z, y, x)
+
+
+def load_image_2d(path: str | Path) -> np.ndarray:
+    """Read a 2D image (PNG, BMP, JPEG, TIFF) as RGB float32 ``(H, W, 3)`` in [0, 1].
+
+    Raises:
+        ValueError: If the file cannot be read as an image.
+    """
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read as an image ({err}).") from err

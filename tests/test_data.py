@@ -1,0 +1,262 @@
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_selfreg import SelfReg, SelfRegSegModule
+from lightning_selfreg.data import (
+    SYNAPSE_VAL_CASES,
+    ACDCDataModule,
+    DataError,
+    GlaSDataModule,
+    MoNuSegDataModule,
+    SynapseDataModule,
+    paper_augmentation,
+    rasterize_monuseg_xml,
+)
+from lightning_selfreg.data.base import split_cases
+from lightning_selfreg.models import UNet
+
+from .conftest import write_synapse_layout
+
+RNG = np.random.default_rng(0)
+
+
+def write_acdc(root, patients=("patient001", "patient002", "patient003"), slices=2, test=("patient101",)):
+    (root / "lists_ACDC").mkdir(parents=True)
+    lists = {"train": [], "valid": [], "test": []}
+    for split, names in (("train", patients[:-1]), ("valid", patients[-1:])):
+        (root / split).mkdir()
+        for p in names:
+            for s in range(slices):
+                name = f"{p}_frame01_slice_{s}.npz"
+                label = np.zeros((20, 24), np.uint8)
+                label[5:12, 6:14] = 1 + s % 3
+                np.savez(root / split / name, img=RNG.random((20, 24)).astype(np.float32), label=label)
+                lists[split].append(name)
+    (root / "test").mkdir()
+    for p in test:
+        name = f"{p}_frame01.npz"
+        label = np.zeros((3, 20, 24), np.uint8)
+        label[:, 4:10, 5:15] = 3
+        np.savez(root / "test" / name, img=RNG.random((3, 20, 24)).astype(np.float32), label=label)
+        lists["test"].append(name)
+    for split, names in lists.items():
+        (root / "lists_ACDC" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def write_uctransnet(root, n_train=5, n_test=2, suffix=".png", mask_suffix="_anno.bmp", val=False):
+    folders = {"Train_Folder": n_train, "Test_Folder": n_test, **({"Val_Folder": 2} if val else {})}
+    for folder, n in folders.items():
+        (root / folder / "img").mkdir(parents=True)
+        (root / folder / "labelcol").mkdir()
+        for i in range(n):
+            image = (RNG.random((30, 36, 3)) * 255).astype(np.uint8)
+            mask = np.zeros((30, 36), np.uint8)
+            mask[8:20, 10:25] = 255
+            Image.fromarray(image).save(root / folder / "img" / f"{folder[:2]}_{i}{suffix}")
+            Image.fromarray(mask).save(root / folder / "labelcol" / f"{folder[:2]}_{i}{mask_suffix}")
+    return root
+
+
+XML = """<?xml version="1.0"?>
+<Annotations><Annotation><Regions>
+<Region Id="1"><Vertices><Vertex X="5" Y="5"/><Vertex X="15" Y="5"/><Vertex X="15" Y="12"/><Vertex X="5" Y="12"/>
+</Vertices></Region>
+<Region Id="2"><Vertices><Vertex X="20.5" Y="20"/><Vertex X="28" Y="20"/><Vertex X="24" Y="27"/></Vertices></Region>
+</Regions></Annotation></Annotations>
+"""
+
+
+def write_monuseg_original(root, n_train=5, n_test=2):
+    for folder, n in (("Train_Folder", n_train), ("Test_Folder", n_test)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray((RNG.random((32, 32, 3)) * 255).astype(np.uint8)).save(root / folder / f"TCGA-{i}.tif")
+            (root / folder / f"TCGA-{i}.xml").write_text(XML)
+    return root
+
+
+# ---------------------------------------------------------------- splits and augmentation
+
+
+def test_split_cases_is_deterministic_and_disjoint():
+    cases = [f"c{i}" for i in range(7)]
+    folds = [split_cases(cases, k, 3) for k in range(3)]
+    vals = [set(v) for _, v in folds]
+    assert set().union(*vals) == set(cases) and sum(len(v) for v in vals) == 7
+    assert all(set(t).isdisjoint(v) for t, v in folds)
+    with pytest.raises(ValueError, match="fold"):
+        split_cases(cases, 3, 3)
+
+
+def test_paper_augmentation_probabilities_and_label_integrity():
+    transform = paper_augmentation(16)
+    image = np.arange(16 * 16, dtype=np.float32).reshape(16, 16) / 256
+    label = np.zeros((16, 16), np.int64)
+    label[2:6, 3:5] = 7
+    unchanged = 0
+    for _ in range(400):
+        out_image, out_label = transform(image, label)
+        assert out_image.shape == (16, 16) and out_label.shape == (16, 16)
+        assert set(np.unique(out_label)) <= {0, 7}  # nearest neighbour: no new label values
+        unchanged += np.array_equal(out_image, image)
+    # P(no transform) = 0.25, plus rot90 k=0 with a flip never leaves it unchanged: expect ~25 %
+    assert 0.17 < unchanged / 400 < 0.33
+
+
+# ---------------------------------------------------------------- Synapse
+
+
+def test_synapse_default_validation_cases_and_fold(tmp_path):
+    root = write_synapse_layout(tmp_path / "s", n_train_cases=4)
+    with pytest.raises(DataError, match="val_cases"):
+        SynapseDataModule(root).splits()  # the standard held-out cases are not in this tiny set
+    assert SYNAPSE_VAL_CASES == ("case0006", "case0010", "case0026", "case0031")
+    splits = SynapseDataModule(root, val_cases=["case0001"]).splits()
+    assert {i.case for i in splits["val"]} == {"case0001"} and "case0001" not in {i.case for i in splits["train"]}
+    fold = SynapseDataModule(root, fold=1, num_folds=2).splits()
+    assert {i.case for i in fold["val"]} == {"case0001", "case0003"}
+    assert SynapseDataModule(root, val_cases=()).validate() == {"train": 12, "val": 0, "test": 1}
+
+
+def test_validate_lists_missing_files(tmp_path):
+    root = write_synapse_layout(tmp_path / "s")
+    (root / "train_npz" / "case0000_slice001.npz").unlink()
+    (root / "lists" / "train.txt").write_text((root / "lists" / "train.txt").read_text() + "case0009_slice000\n")
+    with pytest.raises(DataError, match=r"case0000_slice001.npz \(missing\).*case0009_slice000.npz \(missing\)"):
+        SynapseDataModule(root, val_cases=()).validate()
+
+
+def test_h5_volume_errors_name_the_file(tmp_path):
+    import h5py
+
+    root = write_synapse_layout(tmp_path / "s")
+    path = root / "test_vol_h5" / "case0100.npy.h5"
+    with h5py.File(path, "w") as f:
+        f["image"] = np.zeros((2, 4, 4), np.float32)
+        f["label"] = np.zeros((2, 4, 5), np.float32)
+    dm = SynapseDataModule(root, val_cases=())
+    dm.setup("test")
+    with pytest.raises(DataError, match="case0100.npy.h5.*does not match"):
+        dm.test_dataloader().dataset[0]
+    with h5py.File(path, "w") as f:
+        f["image"] = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(DataError, match=r"missing dataset\(s\) \['label'\]"):
+        dm.test_dataloader().dataset[0]
+
+
+# ---------------------------------------------------------------- ACDC
+
+
+def test_acdc_layout_splits_and_items(tmp_path):
+    root = write_acdc(tmp_path / "acdc")
+    dm = ACDCDataModule(root, image_size=32, batch_size=2)
+    assert dm.validate() == {"train": 4, "val": 2, "test": 1}
+    assert {i.case for i in dm.splits()["val"]} == {"patient003"}
+    folds = ACDCDataModule(root, fold=0, num_folds=3).splits()
+    assert len({i.case for i in folds["val"]}) == 1 and len(folds["train"]) == 4
+    dm.setup("fit")
+    sample = dm.train_dataloader().dataset[0]
+    assert sample["image"].shape == (1, 32, 32) and sample["label"].shape == (32, 32)
+    dm.setup("test")
+    case = dm.test_dataloader().dataset[0]
+    assert case["image"].shape == (3, 1, 20, 24) and case["label"].shape == (3, 20, 24)
+    (root / "lists_ACDC" / "valid.txt").unlink()
+    with pytest.raises(DataError, match="lacks lists_ACDC/valid.txt"):
+        ACDCDataModule(root).check_layout()
+
+
+def test_acdc_missing_key(tmp_path):
+    root = write_acdc(tmp_path / "acdc")
+    name = (root / "lists_ACDC" / "train.txt").read_text().split()[0]
+    np.savez(root / "train" / name, image=np.zeros((20, 24), np.float32), label=np.zeros((20, 24), np.uint8))
+    dm = ACDCDataModule(root, image_size=32, transform=None)
+    dm.setup("fit")
+    with pytest.raises(DataError, match=r"missing key\(s\) \['img'\]"):
+        dm.train_dataloader().dataset[0]
+
+
+# ---------------------------------------------------------------- GlaS / MoNuSeg
+
+
+def test_glas_uctransnet_layout(tmp_path):
+    root = write_uctransnet(tmp_path / "glas")
+    dm = GlaSDataModule(root, image_size=32, batch_size=2)
+    splits = dm.splits()
+    assert len(splits["val"]) == 1 and len(splits["train"]) == 4  # no Val_Folder: fold 0 of 5 of Train_Folder
+    assert dm.in_channels == 3 and dm.num_classes == 2
+    dm.setup("fit")
+    sample = dm.train_dataloader().dataset[0]
+    assert sample["image"].shape == (3, 32, 32) and set(sample["label"].unique().tolist()) <= {0, 1}
+    dm.setup("test")
+    case = dm.test_dataloader().dataset[0]
+    assert case["image"].shape == (1, 3, 30, 36) and case["label"].shape == (1, 30, 36)
+    assert int(case["label"].sum()) == 12 * 15
+    with_val = write_uctransnet(tmp_path / "glas2", val=True)
+    assert len(GlaSDataModule(with_val).splits()["val"]) == 2
+
+
+def test_glas_missing_mask_is_reported(tmp_path):
+    root = write_uctransnet(tmp_path / "glas")
+    next((root / "Train_Folder" / "labelcol").iterdir()).unlink()
+    with pytest.raises(DataError, match="no mask for image"):
+        GlaSDataModule(root).splits()
+
+
+def test_monuseg_original_release_xml_is_rasterised(tmp_path):
+    mask = rasterize_monuseg_xml(write_monuseg_original(tmp_path / "m") / "Train_Folder" / "TCGA-0.xml", (32, 32))
+    assert mask.dtype == np.uint8 and mask[8, 10] == 1 and mask[24, 24] == 1 and mask[0, 0] == 0
+    assert mask[5:13, 5:16].all()  # the rectangle, edges included
+    dm = MoNuSegDataModule(tmp_path / "m", image_size=32)
+    dm.setup("test")
+    case = dm.test_dataloader().dataset[0]
+    assert case["label"].shape == (1, 32, 32) and case["label"].sum() > 80
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<Annotations><Region/></Annotations>")
+    with pytest.raises(DataError, match="no <Region>"):
+        rasterize_monuseg_xml(bad, (8, 8))
+    bad.write_text("<Annotations")
+    with pytest.raises(DataError, match="cannot be parsed"):
+        rasterize_monuseg_xml(bad, (8, 8))
+
+
+# ---------------------------------------------------------------- a full fit + test per dataset
+
+
+@pytest.mark.parametrize("dataset", ["synapse", "acdc", "glas", "monuseg"])
+def test_fit_and_test_each_dataset(tmp_path, dataset):
+    pl.seed_everything(0)
+    if dataset == "synapse":
+        dm = SynapseDataModule(write_synapse_layout(tmp_path / "d", n_train_cases=3), image_size=32, batch_size=4,
+                               val_cases=["case0002"])
+    elif dataset == "acdc":
+        dm = ACDCDataModule(write_acdc(tmp_path / "d"), image_size=32, batch_size=4)
+    elif dataset == "glas":
+        dm = GlaSDataModule(write_uctransnet(tmp_path / "d"), image_size=32, batch_size=4)
+    else:
+        dm = MoNuSegDataModule(write_monuseg_original(tmp_path / "d"), image_size=32, batch_size=4)
+    net = UNet(dm.in_channels, dm.num_classes, base_channels=4, depth=2)
+    module = SelfRegSegModule(net, dm.num_classes, dm.class_names, input_size=32,
+                              prediction_dir=str(tmp_path / "pred"))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[SelfReg()],
+                         val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    trainer.fit(module, dm)
+    assert "val/dice" in trainer.callback_metrics
+    trainer.test(module, dm, verbose=False)
+    for protocol in ("strict", "transunet"):
+        results = module.test_results_by_protocol[protocol]
+        assert results["num_cases"] == len(dm.splits()["test"])
+        assert set(results["per_class"]) == set(dm.class_names)
+    written = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    expected_suffix = ".nii.gz" if dataset in ("synapse", "acdc") else ".png"
+    assert written and all(name.endswith(expected_suffix) for name in written)
+    if dataset == "synapse":
+        import nibabel as nib
+
+        image = nib.load(tmp_path / "pred" / "case0100.nii.gz")
+        assert image.shape == (20, 24, 4) and np.allclose(image.header.get_zooms(), (1.0, 1.0, 2.0))
+    assert torch.is_tensor(trainer.callback_metrics["test/num_cases"])
