@@ -166,6 +166,11 @@ class FeatureTaps:
             raise _unknown_paths_error(missing, [n for n in modules if n])
         self.paths = tuple(dict.fromkeys(paths))
         self.nhwc = frozenset(nhwc)
+        # torch.compile skips guards on module hooks by default, so a graph compiled for another instance of the
+        # same class without hooks would be reused and these hooks silently ignored; guard on them instead.
+        import torch._dynamo
+
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         self._active = False
         self._features: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = [

@@ -1,0 +1,205 @@
+"""SelfReg tap specs for third-party UNets, and factories that build them with ``tap_spec`` attached.
+
+The networks are used as their libraries ship them (2D); SelfReg only reads named submodules through hooks:
+
+* MONAI ``BasicUNet``: encoder ``down_1..down_4``, decoder ``upcat_4, upcat_3, upcat_2``, ``F_final`` =
+  ``upcat_1`` (the last decoder map, before ``final_conv``); the authors' UNet aggregation.
+* MONAI ``SwinUNETR`` (``spatial_dims=2``): every Swin block of the four encoder stages
+  (``swinViT.layers{1..4}.0.blocks.{j}``, channels-last) and the convolutional decoder stages
+  ``decoder5..decoder2``; ``F_final`` = ``decoder1`` (full resolution, before the ``out`` head). Grouped as the
+  authors' Swin aggregation, each decoder stage being one block (its first and its last).
+* segmentation_models_pytorch ``Unet`` with a ResNet/ResNeXt encoder: ``encoder.layer1..layer4``,
+  ``decoder.blocks.0..3``, ``F_final`` = ``decoder.blocks.4`` (for ``encoder_depth=5``).
+
+Every factory returns the library's own module with a ``tap_spec`` attribute, so ``SelfReg()`` needs no
+arguments. MONAI is an optional dependency (``pip install 'lightning_selfreg[monai]'``); smp needs timm and
+torchvision.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_selfreg.taps import TapSpec
+
+__all__ = [
+    "MONAI_INSTALL_HINT",
+    "monai_basic_unet",
+    "monai_basic_unet_tap_spec",
+    "monai_swin_unetr",
+    "monai_swin_unetr_tap_spec",
+    "smp_unet",
+    "smp_unet_tap_spec",
+]
+
+MONAI_INSTALL_HINT = "pip install 'lightning_selfreg[monai]'  (or: pip install 'monai>=1.4' einops)"
+SMP_INSTALL_HINT = "pip install segmentation-models-pytorch  (it needs timm and a torchvision matching your torch)"
+
+
+def _require(module: str, backbone: str, hint: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except (ImportError, RuntimeError) as err:  # RuntimeError: e.g. a torchvision built for another torch
+        raise ImportError(
+            f"The {backbone} backbone needs `{module}`, which cannot be imported ({err}). {hint}"
+        ) from err
+
+
+def monai_basic_unet_tap_spec() -> TapSpec:
+    """Taps of MONAI ``BasicUNet`` (any ``features``): the authors' UNet aggregation.
+
+    Returns:
+        IFD groups ``encoder`` (``down_1..down_4``) and ``decoder`` (``upcat_4, upcat_3, upcat_2``), one SCR group of
+        all seven, ``final="upcat_1"``.
+    """
+    return TapSpec.unet(
+        encoder=["down_1", "down_2", "down_3", "down_4"], decoder=["upcat_4", "upcat_3", "upcat_2"], final="upcat_1"
+    )
+
+
+def monai_basic_unet(
+    in_channels: int, num_classes: int, features: Sequence[int] = (32, 32, 64, 128, 256, 32), **kwargs: Any
+) -> nn.Module:
+    """A 2D MONAI ``BasicUNet`` with :func:`monai_basic_unet_tap_spec` attached as ``tap_spec``.
+
+    Args:
+        in_channels: Input channels.
+        num_classes: Output classes (background included).
+        features: The six widths of ``BasicUNet`` (encoder ``conv_0, down_1..down_4``, last decoder stage).
+        **kwargs: Further ``BasicUNet`` arguments (``act``, ``norm``, ``dropout``, ``upsample``...).
+
+    Returns:
+        ``monai.networks.nets.BasicUNet``; at 224x224 with the default ``features`` the taps are ``down_1`` 32x112x112
+        ... ``down_4`` 256x14x14, ``upcat_4`` 128x28x28 ... ``upcat_2`` 32x112x112 and ``F_final`` 32x224x224.
+        Inputs whose sides are multiples of 16 keep every map aligned.
+
+    Raises:
+        ImportError: If MONAI is not installed (with the install command).
+    """
+    nets = _require("monai.networks.nets", "monai-basicunet", MONAI_INSTALL_HINT)
+    net = nets.BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, features=features,
+                         **kwargs)
+    net.tap_spec = monai_basic_unet_tap_spec()
+    return net
+
+
+def monai_swin_unetr_tap_spec(depths: Sequence[int] = (2, 2, 2, 2)) -> TapSpec:
+    """Taps of a 2D MONAI ``SwinUNETR`` with ``depths`` Swin blocks per encoder stage.
+
+    The authors' Swin aggregation (paper.md §2.3) with SwinUNETR's one-block convolutional decoder stages
+    (``decoder5`` at 1/16 of the input ... ``decoder2`` at 1/2): IFD over ``encoder_last``, ``encoder_first``,
+    ``decoder_first`` and ``decoder_last`` (the two decoder groups hold the same four stages), SCR over
+    ``last_blocks`` and ``first_blocks`` (decoder stages, then the encoder's last / first blocks). ``F_final`` is
+    ``decoder1``, the full-resolution map before the ``out`` head (SCR needs the spatially largest map).
+
+    Args:
+        depths: ``SwinUNETR(depths=...)``, four stages.
+
+    Raises:
+        ValueError: If ``depths`` does not list four stages of at least one block.
+    """
+    depths = tuple(depths)
+    if len(depths) != 4 or not all(isinstance(d, int) and d >= 1 for d in depths):
+        raise ValueError(f"`depths` must list the 4 SwinUNETR stages (>= 1 block each), found {depths!r}.")
+    enc_first = [f"swinViT.layers{i + 1}.0.blocks.0" for i in range(4)]
+    enc_last = [f"swinViT.layers{i + 1}.0.blocks.{d - 1}" for i, d in enumerate(depths)]
+    decoder = ["decoder5", "decoder4", "decoder3", "decoder2"]
+    return TapSpec(
+        final="decoder1",
+        ifd_groups={"encoder_last": enc_last, "encoder_first": enc_first, "decoder_first": decoder,
+                    "decoder_last": decoder},
+        scr_groups={"last_blocks": [*decoder, *enc_last], "first_blocks": [*decoder, *enc_first]},
+        nhwc=tuple(dict.fromkeys([*enc_first, *enc_last])),
+    )
+
+
+def monai_swin_unetr(
+    in_channels: int, num_classes: int, feature_size: int = 24, depths: Sequence[int] = (2, 2, 2, 2), **kwargs: Any
+) -> nn.Module:
+    """A 2D MONAI ``SwinUNETR`` with :func:`monai_swin_unetr_tap_spec` attached as ``tap_spec``.
+
+    Args:
+        in_channels: Input channels.
+        num_classes: Output classes (background included).
+        feature_size: Width of the first stage (a multiple of 12); stage ``i`` has ``feature_size * 2**i``.
+        depths: Swin blocks per encoder stage.
+        **kwargs: Further ``SwinUNETR`` arguments (``num_heads``, ``window_size``, ``dropout_path_rate``,
+            ``use_v2``...).
+
+    Returns:
+        ``monai.networks.nets.SwinUNETR``. Input sides must be multiples of 32. At ``(H, W)`` the Swin blocks of
+        stage ``i`` output ``feature_size * 2**i`` channels at ``H / 2**(i+1)``, ``decoder5..decoder2`` output
+        ``8, 4, 2, 1`` times ``feature_size`` at ``H/16 .. H/2``, and ``F_final`` is ``feature_size x H x W``.
+
+    Raises:
+        ImportError: If MONAI or einops is not installed (with the install command).
+    """
+    nets = _require("monai.networks.nets", "monai-swinunetr", MONAI_INSTALL_HINT)
+    _require("einops", "monai-swinunetr", MONAI_INSTALL_HINT)
+    net = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=2,
+                         feature_size=feature_size, depths=tuple(depths), **kwargs)
+    net.tap_spec = monai_swin_unetr_tap_spec(depths)
+    return net
+
+
+def smp_unet_tap_spec(encoder_name: str = "resnet34", encoder_depth: int = 5) -> TapSpec:
+    """Taps of a segmentation_models_pytorch ``Unet`` with a ResNet/ResNeXt encoder.
+
+    smp's ResNet encoders are torchvision ResNets (``encoder.layer1..layer4`` at 1/4 .. 1/32 of the input) and the
+    decoder is ``decoder.blocks`` (``encoder_depth`` blocks, the last one at full resolution). The spec is the
+    authors' UNet aggregation: encoder ``layer1..layer{d-1}``, decoder ``blocks.0..blocks.{d-2}``, ``F_final`` =
+    ``decoder.blocks.{d-1}`` (before ``segmentation_head``).
+
+    Args:
+        encoder_name: smp encoder name; only the ``resnet*`` / ``resnext*`` families are mapped.
+        encoder_depth: ``Unet(encoder_depth=...)``, 3 to 5.
+
+    Raises:
+        ValueError: For another encoder family (write the spec with ``list_tap_candidates``) or depth.
+    """
+    if not encoder_name.startswith(("resnet", "resnext")):
+        raise ValueError(
+            f"No ready smp tap spec for encoder {encoder_name!r} (only resnet*/resnext*). Pass "
+            "SelfReg(taps={'encoder': [...], 'decoder': [...], 'final': ...}); "
+            "lightning_selfreg.list_tap_candidates(model, input_shape) lists the module paths."
+        )
+    if encoder_depth not in (3, 4, 5):
+        raise ValueError(f"`encoder_depth` must be 3, 4 or 5 for a ResNet encoder, found {encoder_depth!r}.")
+    return TapSpec.unet(
+        encoder=[f"encoder.layer{i}" for i in range(1, encoder_depth)],
+        decoder=[f"decoder.blocks.{i}" for i in range(encoder_depth - 1)],
+        final=f"decoder.blocks.{encoder_depth - 1}",
+    )
+
+
+def smp_unet(
+    in_channels: int, num_classes: int, encoder_name: str = "resnet34", encoder_depth: int = 5,
+    encoder_weights: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """A segmentation_models_pytorch ``Unet`` with :func:`smp_unet_tap_spec` attached as ``tap_spec``.
+
+    Args:
+        in_channels: Input channels.
+        num_classes: Output classes (background included).
+        encoder_name: A ``resnet*`` / ``resnext*`` smp encoder.
+        encoder_depth: Encoder stages (3 to 5; ``decoder_channels`` needs as many entries).
+        encoder_weights: smp pretrained weights name; ``None`` (default) downloads nothing.
+        **kwargs: Further ``smp.Unet`` arguments (``decoder_channels``, ``decoder_attention_type``...).
+
+    Returns:
+        ``segmentation_models_pytorch.Unet``; input sides must be multiples of ``2**encoder_depth``.
+
+    Raises:
+        ImportError: If segmentation_models_pytorch (or its timm/torchvision) cannot be imported.
+        ValueError: For an encoder without a ready spec.
+    """
+    spec = smp_unet_tap_spec(encoder_name, encoder_depth)
+    smp = _require("segmentation_models_pytorch", "smp-unet", SMP_INSTALL_HINT)
+    net = smp.Unet(encoder_name=encoder_name, encoder_depth=encoder_depth, encoder_weights=encoder_weights,
+                   in_channels=in_channels, classes=num_classes, **kwargs)
+    net.tap_spec = spec
+    return net
