@@ -3,10 +3,14 @@
 With no flags it trains the paper's UNet + SelfReg on the CT sample bundled with the package (a reduced preset
 on the CPU that finishes in about 3 minutes on 2 cores; the paper's UNet at 224x224 on a GPU), evaluates the
 test patient per organ (Dice, HD95) and prints the table. Settings come from, in increasing priority: the
-preset for the dataset and device, a YAML file (``--config``, keys = the flag names with ``_``), the flags.
+defaults, the preset of the dataset and device, a YAML file (``--config``, keys = the flag names with ``_``),
+the flags.
 
-Every run writes ``<output-dir>/<run-name>/config.yaml`` (resolved settings), ``metrics.json`` (written
-atomically at the end), ``checkpoints/`` and the W&B (or CSV) logs.
+Every run writes ``<output-dir>/<run-name>/config.yaml`` (resolved settings), ``checkpoints/`` (best by
+validation Dice when there is a validation split, and ``last.ckpt`` every epoch), the W&B (or CSV) logs, and at
+the end, atomically, ``metrics.json`` and ``metrics.md``. ``--resume`` continues a killed run from its
+``last.ckpt``. ``--compare --seeds 0 1 2`` trains SelfReg and the baseline for every seed (one subprocess per
+run, so ``--gpus N`` works) and writes ``summary.json`` / ``summary.md`` with mean +- std and paired differences.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +28,8 @@ from typing import Any
 import yaml
 
 RUN_NAME_ENV = "LIGHTNING_SELFREG_RUN_NAME"  # shared with the DDP worker processes Lightning re-launches
+DATASETS = ("sample", "synapse", "acdc", "glas", "monuseg")
+BACKBONES = ("unet", "swinunet", "monai-basicunet", "monai-swinunetr", "smp-unet")
 
 
 class ConfigError(ValueError):
@@ -51,15 +58,17 @@ def _non_negative(kind: type) -> Callable[[Any], Any]:
     return check
 
 
-def _optional_path(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _seeds(value: Any) -> list[int]:
+    values = value if isinstance(value, list | tuple) else [value]
+    return [int(v) for v in values]
 
 
 # name -> (parser of a value, allowed choices or None, help)
 OPTIONS: dict[str, tuple[Callable[[Any], Any], tuple | None, str]] = {
-    "dataset": (str, ("sample",), "dataset to train and test on"),
-    "data_dir": (_optional_path, None, "dataset root (default for `sample`: the copy bundled with the package)"),
-    "backbone": (str, ("unet",), "network"),
+    "dataset": (str, DATASETS, "dataset to train and test on"),
+    "data_dir": (str, None, "dataset root (required except for `sample`, which defaults to the bundled copy)"),
+    "backbone": (str, BACKBONES, "network (monai-* need `pip install .[monai]`)"),
+    "pretrained": (str, None, "local ImageNet Swin-T checkpoint for --backbone swinunet (nothing is downloaded)"),
     "selfreg": (bool, None, "add the SelfReg losses (--no-selfreg trains the baseline)"),
     "lambda_scr": (_non_negative(float), None, "SCR weight (paper: 0.015)"),
     "lambda_ifd": (_non_negative(float), None, "IFD weight (paper: 0.015)"),
@@ -75,75 +84,77 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], tuple | None, str]] = {
     "dice_weight": (_non_negative(float), None, "Dice weight (authors' Synapse recipe: 0.6)"),
     "width": (_positive(int), None, "UNet base channels (paper: 64)"),
     "image_size": (_positive(int), None, "training / inference side in pixels (paper: 224)"),
+    "augment": (str, ("paper", "none"), "per-sample augmentation of the real datasets (paper: rot90/flip/rotate)"),
+    "fold": (_non_negative(int), None, "validate on this fold of the training cases (k-fold cross-validation)"),
+    "num_folds": (_positive(int), None, "number of folds for --fold"),
+    "num_workers": (_non_negative(int), None, "DataLoader workers (default: 0 on CPU, 8 on GPU)"),
+    "cache": (bool, None, "keep decoded training samples in RAM"),
     "precision": (str, ("32", "32-true", "16-mixed", "bf16-mixed"), "Lightning precision"),
     "gpus": (_non_negative(int), None, "number of GPUs (0 = CPU; >1 = DDP); default: 1 if CUDA is available"),
+    "num_nodes": (_positive(int), None, "number of nodes for multi-node DDP (with a cluster launcher)"),
     "sync_batchnorm": (bool, None, "SyncBatchNorm under DDP"),
     "seed": (int, None, "random seed"),
     "output_dir": (str, None, "folder that receives the run folder"),
     "run_name": (str, None, "run folder / W&B run name (default: dataset-backbone-arm-seed-time)"),
+    "resume": (bool, None, "continue the run --run-name from its checkpoints/last.ckpt"),
+    "checkpoint_every_n_steps": (_non_negative(int), None, "also write last.ckpt every N steps (0 = per epoch)"),
     "wandb": (str, ("auto", "offline", "online", "disabled"), "W&B mode; auto = online if WANDB_API_KEY is set"),
     "wandb_project": (str, None, "W&B project"),
-    "eval_protocol": (str, ("strict", "transunet"), "test metric protocol"),
+    "redundancy_every_n_epochs": (_non_negative(int), None, "log channel-redundancy heatmaps every N epochs (0=off)"),
+    "eval_protocol": (str, ("strict", "transunet"), "protocol reported as `test` (both are always computed)"),
+    "save_predictions": (bool, None, "write test predictions (NIfTI / PNG) to <run>/predictions"),
     "channels_last": (bool, None, "channels_last memory format for CNN backbones (faster convolutions)"),
     "fast_dev_run": (bool, None, "one batch of each stage, for a smoke test (no logger, no checkpoint)"),
+    "compare": (bool, None, "train SelfReg and the baseline for every seed in --seeds and summarise"),
+    "seeds": (_seeds, None, "seeds for --compare"),
 }
 
 DEFAULTS: dict[str, Any] = {
-    "dataset": "sample",
-    "data_dir": None,
-    "backbone": "unet",
-    "selfreg": True,
-    "lambda_scr": 0.015,
-    "lambda_ifd": 0.015,
-    "pairing": "random",
-    "warmup_steps": 0,
-    "lr_schedule": "poly",
-    "optimizer": "sgd",
-    "lr": 0.01,
-    "weight_decay": 1e-4,
-    "ce_weight": 0.4,
-    "dice_weight": 0.6,
-    "width": 64,
-    "image_size": 224,
-    "batch_size": 24,
-    "max_epochs": 150,
-    "precision": "32",
-    "gpus": None,
-    "sync_batchnorm": False,
-    "seed": 0,
-    "output_dir": "runs",
-    "run_name": None,
-    "wandb": "auto",
-    "wandb_project": "lightning_selfreg",
-    "eval_protocol": "strict",
-    "channels_last": False,
-    "fast_dev_run": False,
+    "dataset": "sample", "data_dir": None, "backbone": "unet", "pretrained": None, "selfreg": True,
+    "lambda_scr": 0.015, "lambda_ifd": 0.015, "pairing": "random", "warmup_steps": 0,
+    "lr_schedule": "poly", "optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "ce_weight": 0.4,
+    "dice_weight": 0.6, "width": 64, "image_size": 224, "batch_size": 24, "max_epochs": 150, "augment": "paper",
+    "fold": None, "num_folds": 5, "num_workers": None, "cache": False, "precision": "32", "gpus": None,
+    "num_nodes": 1, "sync_batchnorm": False, "seed": 0, "output_dir": "runs", "run_name": None, "resume": False,
+    "checkpoint_every_n_steps": 0, "wandb": "auto", "wandb_project": "lightning_selfreg",
+    "redundancy_every_n_epochs": 10, "eval_protocol": "strict", "save_predictions": False, "channels_last": False,
+    "fast_dev_run": False, "compare": False, "seeds": [0, 1, 2],
 }
 
-# Dataset x device presets (measured on the bundled sample, see ../shared/reference/sample.md): a width-16
-# UNet at 128 px with Adam 1e-3 learns the large organs in ~150 s on 2 CPU cores; flips are not used.
+# Dataset x device presets. Sample (measured, ../shared/reference/sample.md and benchmarks/README.md): a width-16
+# UNet at 96 px with Adam 1e-3 learns the large organs in ~150 s on 2 CPU cores; no flips. Real datasets: the
+# authors' recipes (paper.md §5: Synapse SGD 0.01 poly 150 epochs 0.4/0.6; ACDC AdamW 1e-4 constant 400 epochs
+# batch 12 0.3/0.7) and UCTransNet's for GlaS / MoNuSeg (Adam 1e-3, cosine, batch 4).
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("sample", "cpu"): {"width": 16, "image_size": 96, "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
                         "lr_schedule": "constant", "weight_decay": 0.0, "max_epochs": 85, "channels_last": True},
     ("sample", "gpu"): {"width": 64, "image_size": 224, "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
                         "lr_schedule": "constant", "weight_decay": 0.0, "max_epochs": 150},
+    ("acdc", "any"): {"optimizer": "adamw", "lr": 1e-4, "lr_schedule": "constant", "batch_size": 12,
+                      "max_epochs": 400, "ce_weight": 0.3, "dice_weight": 0.7},
+    ("glas", "any"): {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 4, "max_epochs": 300,
+                      "ce_weight": 0.5, "dice_weight": 0.5},
+    ("monuseg", "any"): {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 4,
+                         "max_epochs": 300, "ce_weight": 0.5, "dice_weight": 0.5},
 }
+NULLABLE = {"data_dir", "gpus", "run_name", "pretrained", "fold", "num_workers"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every option defaults to "not given" so presets and the YAML file can fill it."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.run", description=__doc__.split("\n\n")[0],
-        argument_default=argparse.SUPPRESS,
+        prog="python -m experiments.run", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", type=Path, help="YAML file with settings (keys = flag names with _)")
     for name, (kind, choices, help_text) in OPTIONS.items():
         flag = f"--{name.replace('_', '-')}"
         if kind is bool:  # --selfreg / --no-selfreg, --channels-last / --no-channels-last, ...
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
-            continue
-        parser.add_argument(flag, dest=name, type=kind, choices=choices,
-                            metavar=None if choices else name.upper(), help=help_text)
+        elif name == "seeds":
+            parser.add_argument(flag, dest=name, type=int, nargs="+", metavar="SEED", help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices,
+                                metavar=None if choices else name.upper(), help=help_text)
     return parser
 
 
@@ -151,7 +162,7 @@ def _coerce(name: str, value: Any) -> Any:
     if name not in OPTIONS:
         raise ConfigError(f"unknown setting {name!r}; known settings: {', '.join(OPTIONS)}")
     kind, choices, _ = OPTIONS[name]
-    if value is None and name in ("data_dir", "gpus", "run_name"):
+    if value is None and name in NULLABLE:
         return None
     if kind is bool:
         if not isinstance(value, bool):
@@ -195,9 +206,20 @@ def resolve_config(argv: list[str] | None = None) -> dict[str, Any]:
         gpus = 1 if torch.cuda.is_available() else 0
     elif gpus > 0 and torch.cuda.device_count() < gpus:
         raise ConfigError(f"--gpus {gpus} requested but {torch.cuda.device_count()} CUDA device(s) are available")
-    preset = PRESETS.get((dataset, "gpu" if gpus > 0 else "cpu"), {})
+    preset = {**PRESETS.get((dataset, "any"), {}), **PRESETS.get((dataset, "gpu" if gpus > 0 else "cpu"), {})}
     config = {**DEFAULTS, **preset, **chosen, "gpus": gpus}
-    return {k: _coerce(k, v) for k, v in config.items()}
+    config = {k: _coerce(k, v) for k, v in config.items()}
+    if config["dataset"] != "sample" and not config["data_dir"]:
+        raise ConfigError(f"--data-dir is required for --dataset {config['dataset']} (nothing is downloaded)")
+    if config["resume"] and not config["run_name"]:
+        raise ConfigError("--resume needs --run-name (the run folder to continue)")
+    if config["fold"] is not None and config["fold"] >= config["num_folds"]:
+        raise ConfigError(f"--fold must be < --num-folds ({config['num_folds']}), found {config['fold']}")
+    if config["pretrained"] and config["backbone"] != "swinunet":
+        raise ConfigError("--pretrained is only used by --backbone swinunet")
+    if config["num_workers"] is None:
+        config["num_workers"] = 8 if gpus > 0 else 0
+    return config
 
 
 def _wandb_mode(mode: str) -> str:
@@ -211,7 +233,8 @@ def _run_name(config: dict[str, Any]) -> str:
     if not name:
         arm = "selfreg" if config["selfreg"] else "baseline"
         name = f"{config['dataset']}-{config['backbone']}-{arm}-seed{config['seed']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.environ[RUN_NAME_ENV] = name
+    if config["gpus"] > 1 or config["num_nodes"] > 1:
+        os.environ[RUN_NAME_ENV] = name  # the DDP workers Lightning launches re-run this script: same folder
     return name
 
 
@@ -221,59 +244,131 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fmt(value: float | None, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:.2f}"
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """Markdown table of per-class Dice (%) and HD95 (mm), with the means."""
-    rows = ["| class | Dice (%) | HD95 |", "|---|---|---|"]
-
-    def fmt(value: float | None, scale: float = 1.0) -> str:
-        return "n/a" if value is None else f"{value * scale:.2f}"
-
+    """Markdown table of per-class Dice (%), IoU (%) and HD95, with the means."""
+    rows = ["| class | Dice (%) | IoU (%) | HD95 |", "|---|---|---|---|"]
     for name, values in results["per_class"].items():
-        rows.append(f"| {name} | {fmt(values['dice'], 100)} | {fmt(values['hd95'])} |")
-    rows.append(f"| **mean** | {fmt(results['dice_mean'], 100)} | {fmt(results['hd95_mean'])} |")
+        rows.append(f"| {name} | {_fmt(values['dice'], 100)} | {_fmt(values.get('iou'), 100)} | "
+                    f"{_fmt(values['hd95'])} |")
+    rows.append(f"| **mean** | {_fmt(results['dice_mean'], 100)} | {_fmt(results.get('iou_mean'), 100)} | "
+                f"{_fmt(results['hd95_mean'])} |")
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one experiment; returns the process exit status."""
-    try:
-        config = resolve_config(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def format_paper_table(by_protocol: dict[str, dict[str, Any]], volumetric: bool) -> str:
+    """One row per protocol in the layout of the papers' tables.
 
+    Volumes (Synapse, ACDC): per-class DSC (%), then mean DSC and mean HD95; 2D images (GlaS, MoNuSeg): Dice and
+    IoU (%).
+    """
+    if not volumetric:
+        rows = ["| protocol | Dice (%) | IoU (%) |", "|---|---|---|"]
+        for protocol, r in by_protocol.items():
+            rows.append(f"| {protocol} | {_fmt(r['dice_mean'], 100)} | {_fmt(r['iou_mean'], 100)} |")
+        return "\n".join(rows)
+    names = list(next(iter(by_protocol.values()))["per_class"])
+    rows = ["| protocol | " + " | ".join(names) + " | DSC | HD95 |", "|---" * (len(names) + 3) + "|"]
+    for protocol, r in by_protocol.items():
+        cells = [_fmt(r["per_class"][n]["dice"], 100) for n in names]
+        rows.append(f"| {protocol} | " + " | ".join(cells) + f" | {_fmt(r['dice_mean'], 100)} | "
+                    f"{_fmt(r['hd95_mean'])} |")
+    return "\n".join(rows)
+
+
+def build_datamodule(config: dict[str, Any]):
+    """The DataModule of ``config["dataset"]``."""
+    from lightning_selfreg.data import (
+        SAMPLE_DIR,
+        ACDCDataModule,
+        GlaSDataModule,
+        MoNuSegDataModule,
+        SampleCTDataModule,
+        SynapseDataModule,
+    )
+
+    if config["dataset"] == "sample":
+        return SampleCTDataModule(image_size=config["image_size"], batch_size=config["batch_size"],
+                                  data_dir=config["data_dir"] or SAMPLE_DIR)
+    cls = {"synapse": SynapseDataModule, "acdc": ACDCDataModule, "glas": GlaSDataModule,
+           "monuseg": MoNuSegDataModule}[config["dataset"]]
+    return cls(config["data_dir"], image_size=config["image_size"], batch_size=config["batch_size"],
+               num_workers=config["num_workers"], transform="paper" if config["augment"] == "paper" else None,
+               cache=config["cache"], fold=config["fold"], num_folds=config["num_folds"])
+
+
+def net_config(config: dict[str, Any], in_channels: int, num_classes: int) -> dict[str, Any]:
+    """Arguments of :func:`lightning_selfreg.models.create_model` for the configured backbone."""
+    kwargs: dict[str, Any] = {"name": config["backbone"], "in_channels": in_channels, "num_classes": num_classes}
+    if config["backbone"] == "unet":
+        kwargs["base_channels"] = config["width"]
+    elif config["backbone"] == "swinunet":
+        kwargs["img_size"] = config["image_size"]
+        if config["pretrained"]:
+            kwargs["pretrained"] = config["pretrained"]
+    return kwargs
+
+
+def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Fit, test, write the run folder; returns the ``metrics.json`` content on rank 0 (else None)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from lightning_selfreg import SelfReg, SelfRegSegModule
-    from lightning_selfreg.data import SAMPLE_DIR, DataError, SampleCTDataModule
-    from lightning_selfreg.models import UNet
+    from lightning_selfreg.callbacks import FiniteLossGuard, RNGStateCheckpoint
+    from lightning_selfreg.checkpoint import AtomicCheckpointIO
+    from lightning_selfreg.models import create_model
+    from lightning_selfreg.tracking import (
+        RedundancyMonitor,
+        SegmentationPanels,
+        TestResultsTable,
+        ThroughputMonitor,
+        log_run_environment,
+    )
 
     pl.seed_everything(config["seed"], workers=True, verbose=False)
-    try:
-        data_dir = config["data_dir"] or SAMPLE_DIR
-        datamodule = SampleCTDataModule(image_size=config["image_size"], batch_size=config["batch_size"],
-                                        data_dir=data_dir)
-        datamodule.check_layout()
-    except DataError as err:
-        print(f"error: --data-dir: {err}", file=sys.stderr)
-        return 2
-
+    datamodule = build_datamodule(config)
+    datamodule.validate()
+    has_val = datamodule.has_validation
     run_name = _run_name(config)
     run_dir = Path(config["output_dir"]) / run_name
-    net = UNet(1, datamodule.num_classes, base_channels=config["width"])
+    resume_from = run_dir / "checkpoints" / "last.ckpt"
+    if config["resume"] and not resume_from.is_file():
+        raise FileNotFoundError(f"--resume: {resume_from} does not exist")
+    if config["resume"]:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        different = {k for k in ("dataset", "backbone", "selfreg", "seed", "width", "image_size")
+                     if saved.get(k) != config[k]}
+        if different:
+            raise ConfigError(f"--resume: settings {sorted(different)} differ from {run_dir / 'config.yaml'}")
+    build = net_config(config, datamodule.in_channels, datamodule.num_classes)
+    net = create_model(**build)
     module = SelfRegSegModule(
         net, datamodule.num_classes, datamodule.class_names, ce_weight=config["ce_weight"],
         dice_weight=config["dice_weight"], optimizer=config["optimizer"], lr=config["lr"],
         weight_decay=config["weight_decay"], lr_schedule=config["lr_schedule"], input_size=config["image_size"],
-        eval_protocol=config["eval_protocol"], channels_last=config["channels_last"],
+        eval_protocol=config["eval_protocol"], channels_last=config["channels_last"] and config["backbone"] == "unet",
+        prediction_dir=str(run_dir / "predictions") if config["save_predictions"] else None, net_config=build,
     )
+    checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0 if not
-                        datamodule.has_validation else 1, monitor="val/dice" if datamodule.has_validation else None,
-                        mode="max"),
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val/dice", mode="max",
+                        save_top_k=1, save_last=False) if has_val else None,
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, save_last=False,
+                        every_n_train_steps=config["checkpoint_every_n_steps"] or None,
+                        enable_version_counter=False),
+        RNGStateCheckpoint(),
+        FiniteLossGuard(),
+        ThroughputMonitor(),
+        SegmentationPanels(),
+        TestResultsTable(),
     ]
+    if config["redundancy_every_n_epochs"]:
+        callbacks.append(RedundancyMonitor(every_n_epochs=config["redundancy_every_n_epochs"]))
     if config["selfreg"]:
         callbacks.append(SelfReg(lambda_scr=config["lambda_scr"], lambda_ifd=config["lambda_ifd"],
                                  pairing=config["pairing"], warmup_steps=config["warmup_steps"]))
@@ -281,42 +376,127 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "disabled":
         logger = CSVLogger(save_dir=run_dir, name="csv", version="")
     else:
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
         logger = WandbLogger(project=config["wandb_project"], name=run_name, save_dir=str(run_dir),
-                             offline=mode == "offline", config=config)
+                             offline=mode == "offline", config=config, id=run_name.replace("/", "-"),
+                             resume="allow")
     gpus = config["gpus"]
     trainer = pl.Trainer(
         accelerator="gpu" if gpus > 0 else "cpu",
         devices=max(gpus, 1),
-        strategy="ddp" if gpus > 1 else "auto",
+        num_nodes=config["num_nodes"],
+        strategy="ddp" if gpus > 1 or config["num_nodes"] > 1 else "auto",
         sync_batchnorm=config["sync_batchnorm"] and gpus > 1,
         precision=config["precision"],
         max_epochs=config["max_epochs"],
         logger=logger,
-        callbacks=callbacks,
-        limit_val_batches=None if datamodule.has_validation else 0,
-        num_sanity_val_steps=None if datamodule.has_validation else 0,
+        callbacks=[c for c in callbacks if c is not None],
+        plugins=[AtomicCheckpointIO()],
+        limit_val_batches=None if has_val else 0,
+        num_sanity_val_steps=None if has_val else 0,
         fast_dev_run=config["fast_dev_run"],
         benchmark=gpus > 0,
         log_every_n_steps=5,
     )
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    trainer.fit(module, datamodule=datamodule)
-    best = "best" if datamodule.has_validation and not config["fast_dev_run"] else None
+        if not config["resume"]:
+            _atomic_write(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        log_run_environment(logger)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if config["resume"] else None)
+    best = "best" if has_val and not config["fast_dev_run"] else None
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    if trainer.is_global_zero:
-        results = module.test_results
-        metrics = {
-            "dataset": config["dataset"], "backbone": config["backbone"], "selfreg": config["selfreg"],
-            "seed": config["seed"], "eval_protocol": config["eval_protocol"], "test": results,
-        }
-        _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        print(f"\nTest results ({config['dataset']}, {config['backbone']}, "
-              f"{'SelfReg' if config['selfreg'] else 'baseline'}, protocol {config['eval_protocol']}):")
-        print(format_table(results))
-        print(f"\nrun folder: {run_dir}")
+    if not trainer.is_global_zero:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+        return None
+    metrics = {
+        "dataset": config["dataset"], "backbone": config["backbone"], "selfreg": config["selfreg"],
+        "seed": config["seed"], "eval_protocol": config["eval_protocol"], "test": module.test_results,
+        "protocols": module.test_results_by_protocol,
+        "checkpoint": best and trainer.checkpoint_callback and str(trainer.checkpoint_callback.best_model_path),
+    }
+    volumetric = config["dataset"] in ("sample", "synapse", "acdc")
+    _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _atomic_write(run_dir / "metrics.md", format_paper_table(module.test_results_by_protocol, volumetric) + "\n")
+    print(f"\nTest results ({config['dataset']}, {config['backbone']}, "
+          f"{'SelfReg' if config['selfreg'] else 'baseline'}, protocol {config['eval_protocol']}):")
+    print(format_table(module.test_results))
+    print("\nBoth protocols, in the layout of the papers' tables:")
+    print(format_paper_table(module.test_results_by_protocol, volumetric))
+    print(f"\nrun folder: {run_dir}\ncheckpoints: {checkpoint_dir}\nmetrics: {run_dir / 'metrics.json'}")
+    if isinstance(logger, WandbLogger):
+        print(f"W&B run: {Path(logger.experiment.dir).parent}" +
+              (" (offline: `wandb sync` that folder)" if mode == "offline" else ""))
+        logger.experiment.finish()  # close the run so that a later run in this process starts its own
+    return metrics
+
+
+def compare(config: dict[str, Any], argv: list[str]) -> int:
+    """Run SelfReg and the baseline for every seed (a subprocess each) and write the paired summary."""
+    from lightning_selfreg.compare import (
+        format_comparison_markdown,
+        load_results,
+        summarize_comparison,
+        write_comparison,
+    )
+
+    base = config["run_name"] or f"compare-{config['dataset']}-{config['backbone']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(config["output_dir"]) / base
+    passthrough = [a for a in argv if a not in ("--compare",)]
+    # drop --seeds/--run-name/--selfreg values given on the command line; each child gets its own
+    cleaned, skip = [], 0
+    for arg in passthrough:
+        if skip:
+            if arg.startswith("--"):
+                skip = 0
+            else:
+                continue
+        if arg in ("--seeds", "--run-name", "--output-dir"):
+            skip = 1
+            continue
+        if arg in ("--selfreg", "--no-selfreg", "--no-compare"):
+            continue
+        cleaned.append(arg)
+    runs = []
+    for seed in config["seeds"]:
+        for arm in ("baseline", "selfreg"):
+            name = f"{arm}-seed{seed}"
+            cmd = [sys.executable, "-m", "experiments.run", *cleaned, "--seed", str(seed), "--no-compare",
+                   "--selfreg" if arm == "selfreg" else "--no-selfreg", "--output-dir", str(out_dir),
+                   "--run-name", name]
+            print(f"[compare] {' '.join(cmd[2:])}", flush=True)
+            env = {k: v for k, v in os.environ.items() if k != RUN_NAME_ENV}
+            proc = subprocess.run(cmd, env=env)
+            if proc.returncode != 0:
+                print(f"error: run {name} failed with status {proc.returncode}", file=sys.stderr)
+                return proc.returncode
+            runs.append(out_dir / name)
+    summary = summarize_comparison(load_results(runs))
+    write_comparison(summary, out_dir)
+    print(format_comparison_markdown(summary))
+    print(f"\nsummary: {out_dir / 'summary.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one experiment (or a comparison); returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = resolve_config(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if config["compare"]:
+        return compare(config, argv)
+    from lightning_selfreg.data import DataError
+
+    try:
+        train_and_test(config)
+    except (DataError, ConfigError, FileNotFoundError, ImportError, KeyError) as err:
+        message = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
+        flag = "--data-dir: " if isinstance(err, DataError) else ""
+        print(f"error: {flag}{message}", file=sys.stderr)
+        return 2
     return 0
 
 

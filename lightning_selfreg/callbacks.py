@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lightning_selfreg.losses import SelfRegLoss
 from lightning_selfreg.taps import FeatureTaps, TapSpec
 
-__all__ = ["AuxiliaryLoss", "SelfReg"]
+__all__ = ["AuxiliaryLoss", "FiniteLossGuard", "RNGStateCheckpoint", "SelfReg"]
 
 
 class AuxiliaryLoss(pl.Callback):
@@ -164,3 +164,79 @@ class SelfReg(AuxiliaryLoss):
         self.seed = state_dict.get("seed", self.seed)
         self._pending_state = state_dict.get("generator_state")
         self._generator = None
+
+
+class FiniteLossGuard(pl.Callback):
+    """Stop training with a clear error when the loss or a logged loss term becomes NaN or infinite.
+
+    Checks ``outputs["loss"]`` every ``every_n_steps`` steps (one device-to-host sync each time) and, when it is
+    not finite, names the step and every non-finite ``train/*`` and ``selfreg/*`` term logged in that step. The
+    exception stops the run before the next checkpoint, so no checkpoint holds the broken weights.
+
+    Args:
+        every_n_steps: Check interval in optimizer steps.
+    """
+
+    def __init__(self, every_n_steps: int = 1) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be >= 1, found {every_n_steps}.")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Raise ``FloatingPointError`` naming the step and the bad terms."""
+        step = max(trainer.global_step - 1, 0)  # 0-based index of the step this batch just took
+        if step % self.every_n_steps:
+            return
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if loss is None or bool(torch.isfinite(loss).all()):
+            return
+        bad = sorted(
+            name for name, value in trainer.callback_metrics.items()
+            if name.startswith(("train/", "selfreg/")) and isinstance(value, Tensor) and not torch.isfinite(value).all()
+        )
+        raise FloatingPointError(
+            f"Non-finite training loss ({float(loss)}) at step {step} (epoch {trainer.current_epoch}, "
+            f"batch {batch_idx}); non-finite terms: {', '.join(bad) or 'none logged'}. Lower the learning rate or "
+            "the SelfReg weights, or train in 32-bit precision."
+        )
+
+
+class RNGStateCheckpoint(pl.Callback):
+    """Save the Python, NumPy and torch (CPU and CUDA) RNG states in checkpoints and restore them on resume.
+
+    With it, a run resumed from an end-of-epoch checkpoint draws the same data order, augmentations and SelfReg
+    channel pairings as an uninterrupted run of the same seed.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current RNG states."""
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # plain types and tensors only, so checkpoints still load with torch.load(weights_only=True)
+        state = {
+            "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the RNG states saved by :meth:`state_dict`."""
+        import random
+
+        import numpy as np
+
+        random.setstate(state_dict["python"])
+        numpy_state = state_dict["numpy"]
+        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

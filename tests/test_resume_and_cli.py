@@ -1,0 +1,123 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from lightning_selfreg import AuxiliaryLoss, SelfRegSegModule
+from lightning_selfreg.callbacks import FiniteLossGuard
+from lightning_selfreg.data import SynapseDataModule
+from lightning_selfreg.models import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--gpus", "0", "--width", "4", "--image-size", "32", "--batch-size", "16", "--wandb", "disabled",
+        "--lr-schedule", "constant", "--redundancy-every-n-epochs", "0"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+class NaNTerm(AuxiliaryLoss):
+    def auxiliary_loss(self, pl_module, batch, logits):
+        bad = logits.new_tensor(float("nan"))
+        return bad, {"selfreg/bad_term": bad}
+
+
+def test_non_finite_loss_stops_with_step_and_term(synapse_dir):
+    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=())
+    module = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9, input_size=32)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[NaNTerm(), FiniteLossGuard()])
+    with pytest.raises(FloatingPointError, match=r"step 0 .*selfreg/bad_term"):
+        trainer.fit(module, dm)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL a run after an epoch checkpoint, resume it, and compare with an uninterrupted run of the same seed."""
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *TINY, "--max-epochs", "200", "--output-dir",
+                             str(out), "--run-name", "killed"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = out / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    epoch = -1
+    while time.time() < deadline and epoch < 1:
+        time.sleep(0.5)
+        if last.is_file():  # written atomically: always a complete file
+            epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert epoch >= 1, "no epoch checkpoint appeared in time"
+    saved_epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    final_epochs = saved_epoch + 3
+    resumed = run_cli(*TINY, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "killed",
+                      "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = run_cli(*TINY, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "ref")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    a, b = weights(out / "killed" / "checkpoints" / "last.ckpt"), weights(out / "ref" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    metrics = json.loads((out / "killed" / "metrics.json").read_text())
+    assert metrics["test"]["per_class"]["liver"]["dice"] is not None
+
+
+def test_resume_errors(tmp_path):
+    res = run_cli(*TINY, "--resume", "--output-dir", str(tmp_path))
+    assert res.returncode == 2 and "--resume needs --run-name" in res.stderr
+    res = run_cli(*TINY, "--resume", "--run-name", "nothing", "--output-dir", str(tmp_path))
+    assert res.returncode == 2 and "last.ckpt does not exist" in res.stderr
+
+
+@pytest.mark.slow
+def test_compare_two_seeds_writes_the_paired_summary(tmp_path):
+    res = run_cli(*TINY, "--max-epochs", "1", "--compare", "--seeds", "0", "1", "--output-dir", str(tmp_path),
+                  "--run-name", "cmp", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert (tmp_path / "cmp" / "summary.md").is_file()
+    for arm in ("baseline", "selfreg"):
+        for seed in (0, 1):
+            run = json.loads((tmp_path / "cmp" / f"{arm}-seed{seed}" / "metrics.json").read_text())
+            assert run["selfreg"] is (arm == "selfreg") and run["seed"] == seed
+    assert "difference" in summary and "liver" in summary["difference"]
+
+
+def test_predict_cli_on_a_user_nifti(tmp_path):
+    import nibabel as nib
+
+    out = tmp_path / "runs"
+    res = run_cli(*TINY, "--max-epochs", "1", "--output-dir", str(out), "--run-name", "p")
+    assert res.returncode == 0, res.stderr[-3000:]
+    hu = np.random.default_rng(0).integers(-1000, 400, size=(40, 36, 3)).astype(np.int16)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
+    res = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint",
+                          str(out / "p" / "checkpoints" / "last.ckpt"), "--input", str(tmp_path / "ct.nii.gz"),
+                          "--output", str(tmp_path / "seg.nii.gz")], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seg = nib.load(tmp_path / "seg.nii.gz")
+    assert seg.shape == (40, 36, 3) and np.allclose(seg.affine, affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= set(range(9))
+    bad = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path / "no.ckpt"),
+                          "--input", str(tmp_path / "ct.nii.gz"), "--output", str(tmp_path / "x.nii.gz")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--checkpoint" in bad.stderr
