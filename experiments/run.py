@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from lightning_selfreg.io import atomic_write_text
+
 RUN_NAME_ENV = "LIGHTNING_SELFREG_RUN_NAME"  # shared with the DDP worker processes Lightning re-launches
 DATASETS = ("sample", "synapse", "acdc", "glas", "monuseg")
 BACKBONES = ("unet", "swinunet", "monai-basicunet", "monai-swinunetr", "smp-unet")
@@ -238,12 +240,6 @@ def _run_name(config: dict[str, Any]) -> str:
     return name
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _fmt(value: float | None, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{value * scale:.2f}"
 
@@ -400,7 +396,7 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not config["resume"]:
-            _atomic_write(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         log_run_environment(logger)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if config["resume"] else None)
     best = "best" if has_val and not config["fast_dev_run"] else None
@@ -416,8 +412,8 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
         "checkpoint": best and trainer.checkpoint_callback and str(trainer.checkpoint_callback.best_model_path),
     }
     volumetric = config["dataset"] in ("sample", "synapse", "acdc")
-    _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _atomic_write(run_dir / "metrics.md", format_paper_table(module.test_results_by_protocol, volumetric) + "\n")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(run_dir / "metrics.md", format_paper_table(module.test_results_by_protocol, volumetric) + "\n")
     print(f"\nTest results ({config['dataset']}, {config['backbone']}, "
           f"{'SelfReg' if config['selfreg'] else 'baseline'}, protocol {config['eval_protocol']}):")
     print(format_table(module.test_results))

@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning_selfreg.io import atomic_write_text
 
 __all__ = ["ARMS", "format_comparison_markdown", "load_results", "summarize_comparison", "write_comparison"]
 
@@ -275,18 +276,6 @@ def format_comparison_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False, encoding="utf-8") as f:
-        f.write(text)
-        tmp = Path(f.name)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_comparison(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``summary.json`` and ``summary.md`` into ``out_dir`` (created if needed), each atomically.
 
@@ -300,6 +289,6 @@ def write_comparison(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "summary.json", "markdown": out / "summary.md"}
     markdown = format_comparison_markdown(summary)
-    _atomic_write(paths["json"], json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _atomic_write(paths["markdown"], markdown)
+    atomic_write_text(paths["json"], json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], markdown)
     return paths

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["load_image_2d", "load_nifti", "save_nifti", "save_prediction"]
+__all__ = ["atomic_write", "atomic_write_text", "load_image_2d", "load_nifti", "save_nifti", "save_prediction"]
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Run ``write(tmp)`` on a temporary path next to ``path``, then rename it into place.
+
+    ``os.replace`` is atomic, so readers see the old complete file or the new complete file, never a partial one,
+    and a failed or killed write leaves no half-written ``path``.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix: writers that infer the format work
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save_nifti(array_dhw: np.ndarray, path: str | Path, spacing: Sequence[float] | None = None,
@@ -37,7 +48,7 @@ def save_nifti(array_dhw: np.ndarray, path: str | Path, spacing: Sequence[float]
         affine = np.diag([x, y, z, 1.0])
     image = nib.Nifti1Image(data, affine)
     image.header.set_data_dtype(np.uint8)
-    _atomic(Path(path), lambda tmp: nib.save(image, str(tmp) + ".nii.gz") or os.replace(str(tmp) + ".nii.gz", tmp))
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def save_prediction(pred: np.ndarray, out_dir: Path, case: str, spacing: Sequence[float] | None,
@@ -52,7 +63,7 @@ def save_prediction(pred: np.ndarray, out_dir: Path, case: str, spacing: Sequenc
     if pred.shape[0] == 1:
         path = out_dir / f"{case}.png"
         mask = pred[0].astype(np.uint8) * (255 if num_classes == 2 else 1)
-        _atomic(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
         return path
     path = out_dir / f"{case}.nii.gz"
     save_nifti(pred, path, spacing)

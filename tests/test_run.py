@@ -100,3 +100,10 @@ def test_default_run_learns_the_liver(tmp_path):
     assert per_class["liver"]["dice"] >= 0.5, per_class  # sample.md: 16/16 reference runs >= 0.75
     assert per_class["kidney_left"]["dice"] is None or per_class["kidney_left"]["dice"] == 0.0
     assert "| liver |" in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_resolve(path, tmp_path):
+    config = run.resolve_config(["--config", str(path), "--gpus", "0", "--data-dir", str(tmp_path)])
+    written = yaml.safe_load(path.read_text())
+    assert all(config[k] == v for k, v in written.items())
