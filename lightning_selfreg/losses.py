@@ -58,14 +58,14 @@ def ifd_loss(feature: Tensor, detach_shallow: bool = False) -> Tensor:
     c = feature.shape[1]
     if c < 2:
         raise ValueError(f"`feature` needs at least 2 channels for IFD, found {c}.")
-    x = feature.float()
-    with torch.no_grad():
-        norm = x.flatten(2).norm(dim=2).clamp_min(1e-12)  # (B, C), F.normalize's eps
-        score = (x.sum(dim=(2, 3)) / norm).mean(0)  # (C,); the 1/(HW) factor does not change the ranking
+    with torch.no_grad():  # fp32 accumulation without an fp32 copy of the map
+        norm = torch.linalg.vector_norm(feature.flatten(2), dim=2, dtype=torch.float32).clamp_min(1e-12)  # (B, C)
+        score = (feature.sum(dim=(2, 3), dtype=torch.float32) / norm).mean(0)  # (C,); 1/(HW) does not change ranks
         order = torch.argsort(score, descending=True)
-    half = c // 2
-    top = x.index_select(1, order[:half])
-    bottom = x.index_select(1, order[(c + 1) // 2 :])
+        half = c // 2
+        pairs = torch.cat([order[:half], order[(c + 1) // 2 :]])  # top half, then the bottom half (median left out)
+    # one gather in the map's own dtype, then fp32 on the gathered channels only
+    top, bottom = feature.index_select(1, pairs).float().split(half, dim=1)
     if detach_shallow:
         top = top.detach()
     return F.mse_loss(top, bottom)
@@ -83,16 +83,17 @@ def pool_teacher(final: Tensor, sizes: Sequence[tuple[int, int]]) -> dict[tuple[
         sizes: Target ``(h, w)`` sizes, each no larger than ``(H, W)``.
 
     Returns:
-        Mapping ``(h, w) -> (B, C, h, w)`` float32 tensors without gradient.
+        Mapping ``(h, w) -> (B, C, h, w)`` float32 tensors without gradient, for the requested sizes.
 
     Raises:
         ValueError: If a size is larger than ``final`` in either dimension.
     """
     _check_map(final, "final")
-    teacher = final.detach().float()
+    teacher = final.detach()  # pooled in its own dtype (pooling accumulates in fp32), cast after pooling
     full = tuple(teacher.shape[-2:])
+    wanted = {(int(s[0]), int(s[1])) for s in sizes}
     pooled: dict[tuple[int, int], Tensor] = {full: teacher}
-    for size in sorted(set(sizes), key=lambda s: s[0] * s[1], reverse=True):
+    for size in sorted(wanted, key=lambda s: s[0] * s[1], reverse=True):
         if size in pooled:
             continue
         if size[0] > full[0] or size[1] > full[1]:
@@ -106,7 +107,7 @@ def pool_teacher(final: Tensor, sizes: Sequence[tuple[int, int]]) -> dict[tuple[
             default=full,
         )
         pooled[size] = F.adaptive_avg_pool2d(pooled[source], size)
-    return pooled
+    return {size: p.float() for size, p in pooled.items() if size in wanted}
 
 
 def _pair_channels(c_s: int, c_t: int, pairing: str, generator: torch.Generator | None, device) -> tuple:
@@ -166,7 +167,7 @@ def scr_loss(
     if pooled is None:
         pooled = pool_teacher(final, [size])[size]
     idx_s, idx_t = _pair_channels(feature.shape[1], final.shape[1], pairing, generator, feature.device)
-    return F.mse_loss(_select(feature.float(), idx_s), _select(pooled, idx_t))
+    return F.mse_loss(_select(feature, idx_s).float(), _select(pooled, idx_t))
 
 
 class SelfRegLoss(nn.Module):

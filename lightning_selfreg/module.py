@@ -175,10 +175,15 @@ class SelfRegSegModule(pl.LightningModule):
         native = tuple(volume.shape[-2:])
         size = self.hparams.input_size or native
         full, small = [], []
-        for chunk in volume.split(self.hparams.slice_batch_size):
-            logits = self(resize_image(chunk.to(self.device, torch.float32), size)).float()
-            small.append(logits.argmax(1))
-            full.append(resize_image(logits, native).argmax(1))
+        was_training = self.training
+        self.eval()  # BatchNorm running statistics, also when called directly after fit
+        try:
+            for chunk in volume.split(self.hparams.slice_batch_size):
+                logits = self(resize_image(chunk.to(self.device, torch.float32), size)).float()
+                small.append(logits.argmax(1))
+                full.append(resize_image(logits, native).argmax(1))
+        finally:
+            self.train(was_training)
         return torch.cat(full), torch.cat(small)
 
     def predict_volume(self, volume: Tensor) -> Tensor:

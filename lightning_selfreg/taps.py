@@ -230,7 +230,7 @@ def list_tap_candidates(
     """List every submodule that outputs a 4-D tensor, with its output shape, from one dry-run forward pass.
 
     Args:
-        model: The network (left in the train/eval mode it was in).
+        model: The network; the dry run is in eval mode (BatchNorm statistics untouched), the mode is restored.
         input_shape: Input shape ``(B, C, H, W)`` for the dry run (zeros).
         leaf_only: Only list modules without children.
 
@@ -253,11 +253,14 @@ def list_tap_candidates(
                 found.append((name, type(mod).__name__, tuple(output.shape)))
 
         handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         model(torch.zeros(*input_shape, device=device))
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     return found

@@ -209,3 +209,17 @@ def test_dice_ce_shape_errors():
         loss(torch.randn(2, 4, 5, 5), torch.zeros(2, 5, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):
         loss(torch.randn(2, 3, 5, 5), torch.zeros(2, 4, 5, dtype=torch.long))
+
+
+def test_reduced_precision_maps_give_the_fp32_result_and_keep_their_gradient_dtype():
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(2, 6, 8, 8, generator=g).to(torch.bfloat16).requires_grad_()
+    final = torch.randn(2, 4, 16, 16, generator=g).to(torch.bfloat16)
+    ifd = ifd_loss(feature)
+    assert ifd.dtype == torch.float32
+    assert torch.allclose(ifd, ifd_loss(feature.detach().float()))  # the gather is exact in any dtype
+    scr = scr_loss(feature, final, pairing="ordered")
+    reference = F.mse_loss(feature.detach().float()[:, :4], F.avg_pool2d(final.float(), 2))
+    assert torch.allclose(scr, reference, rtol=1e-2)  # the teacher is pooled in bf16 (fp32 accumulation)
+    (ifd + scr).backward()
+    assert feature.grad.dtype == torch.bfloat16

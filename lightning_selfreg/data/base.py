@@ -397,9 +397,9 @@ class SegDataModule(pl.LightningDataModule):
         """Shuffled training samples; the last incomplete batch is kept (as in the authors' loaders)."""
         return self._loader(self._train, batch_size=self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """Validation samples (empty when there is no validation split)."""
-        return self._loader(self._val if self._val is not None else [], batch_size=self.batch_size)
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation samples; ``[]`` (no validation loop) when there is no validation split."""
+        return [] if self._val is None else self._loader(self._val, batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """One whole case per batch; under DDP each case goes to exactly one rank."""
