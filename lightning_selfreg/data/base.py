@@ -106,13 +106,18 @@ def split_cases(cases: Sequence[str], fold: int, num_folds: int) -> tuple[list[s
     return [c for c in unique if c not in set(val)], val
 
 
-def paper_augmentation(image_size: int | Sequence[int]) -> PairTransform:
+def paper_augmentation(image_size: int | Sequence[int], seed: int | None = None) -> PairTransform:
     """The SelfReg/TransUNet training augmentation, with albumentations, followed by the resize to ``image_size``.
 
     With probability 0.5 a random ``rot90`` (k in 0..3) and a flip along a random axis; otherwise with probability
     0.5 (0.25 overall) a rotation by an angle in [-20, 19] degrees with nearest-neighbour interpolation for image
     and label (as the authors' ``ndimage.rotate(order=0)``); then a resize (image bicubic, label nearest), as the
     authors' ``zoom(order=3 / 0)``.
+
+    Args:
+        image_size: Output side or ``(H, W)``.
+        seed: Seed of the albumentations pipeline (``None``: albumentations seeds itself; in DataLoader workers
+            Lightning's ``seed_everything(workers=True)`` makes that reproducible).
 
     Returns:
         ``f(image (H, W[, C]) float32, label (H, W) int) -> (image, label)`` at ``image_size``.
@@ -130,7 +135,7 @@ def paper_augmentation(image_size: int | Sequence[int]) -> PairTransform:
             A.NoOp(p=0.25),
         ], p=1),
         A.Resize(h, w, interpolation=cv2.INTER_CUBIC, mask_interpolation=nearest),
-    ])
+    ], seed=seed)
 
     def transform(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = pipeline(image=image, mask=label.astype(np.uint8))
