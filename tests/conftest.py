@@ -45,3 +45,13 @@ def write_synapse_layout(root, n_train_cases=2, slices_per_case=3, n_test=1, siz
 @pytest.fixture
 def synapse_dir(tmp_path):
     return write_synapse_layout(tmp_path / "synapse")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` where CUDA is not available (CI never has a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
