@@ -311,7 +311,7 @@ def net_config(config: dict[str, Any], in_channels: int, num_classes: int) -> di
 def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
     """Fit, test, write the run folder; returns the ``metrics.json`` content on rank 0 (else None)."""
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from lightning_selfreg import SelfReg, SelfRegSegModule
@@ -363,6 +363,8 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
         SegmentationPanels(),
         TestResultsTable(),
     ]
+    if not config["fast_dev_run"]:  # fast_dev_run has no logger
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if config["redundancy_every_n_epochs"]:
         callbacks.append(RedundancyMonitor(every_n_epochs=config["redundancy_every_n_epochs"]))
     if config["selfreg"]:
@@ -469,8 +471,19 @@ def compare(config: dict[str, Any], argv: list[str]) -> int:
             runs.append(out_dir / name)
     summary = summarize_comparison(load_results(runs))
     write_comparison(summary, out_dir)
-    print(format_comparison_markdown(summary))
+    markdown = format_comparison_markdown(summary)
+    print(markdown)
     print(f"\nsummary: {out_dir / 'summary.md'}")
+    mode = _wandb_mode(config["wandb"])
+    if mode != "disabled":
+        import wandb
+
+        run = wandb.init(project=config["wandb_project"], name=base, dir=str(out_dir), mode=mode,
+                         job_type="compare", config={k: v for k, v in config.items() if k != "compare"})
+        run.log({"compare/summary": wandb.Html(f"<pre>{markdown}</pre>")})
+        run.summary.update({"compare": summary})
+        run.finish()
+        print(f"W&B comparison run: {run.dir}")
     return 0
 
 

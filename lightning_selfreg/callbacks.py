@@ -140,7 +140,11 @@ class SelfReg(AuxiliaryLoss):
         return self._generator
 
     def auxiliary_loss(self, pl_module: pl.LightningModule, batch: Any, logits: Tensor) -> tuple[Tensor, dict]:
-        """Weighted SCR + IFD of the features captured in this step; logs ``selfreg/{scr,ifd,total}``."""
+        """Weighted SCR + IFD of the features captured in this step.
+
+        Logs ``selfreg/scr`` and ``selfreg/ifd`` (unweighted group sums), ``selfreg/total`` (the weighted term) and
+        the effective ``selfreg/lambda_scr`` / ``selfreg/lambda_ifd``.
+        """
         features = self._taps.pop()
         if self.spec.final not in features:
             raise RuntimeError(
@@ -152,6 +156,8 @@ class SelfReg(AuxiliaryLoss):
         total, terms = self.loss(features, final, self._get_generator(final.device), scale)
         logs = {f"selfreg/{k}": v for k, v in terms.items()}
         logs["selfreg/total"] = total.detach()
+        logs["selfreg/lambda_scr"] = self.loss.lambda_scr * scale  # effective weights (after any warm-up)
+        logs["selfreg/lambda_ifd"] = self.loss.lambda_ifd * scale
         return total, logs
 
     def state_dict(self) -> dict[str, Any]:

@@ -471,7 +471,7 @@ class ThroughputMonitor(pl.Callback):
         if elapsed > 0:
             images = sum(n for _, n in list(self._window)[1:])
             pl_module.log("train/images_per_sec_step", images / elapsed * trainer.world_size, on_step=True,
-                          on_epoch=False, batch_size=size)
+                          on_epoch=False, prog_bar=True, batch_size=size)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Stop the clock during validation (all times are read on a clock that excludes the pauses)."""

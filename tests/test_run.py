@@ -107,3 +107,27 @@ def test_shipped_configs_resolve(path, tmp_path):
     config = run.resolve_config(["--config", str(path), "--gpus", "0", "--data-dir", str(tmp_path)])
     written = yaml.safe_load(path.read_text())
     assert all(config[k] == v for k, v in written.items())
+
+
+def test_compare_logs_the_summary_to_an_offline_wandb_run(tmp_path, monkeypatch, capsys):
+    """The driver only: each child run is faked by writing its metrics.json."""
+
+    def fake_run(cmd, env=None):
+        out = Path(cmd[cmd.index("--output-dir") + 1]) / cmd[cmd.index("--run-name") + 1]
+        out.mkdir(parents=True)
+        seed, selfreg = int(cmd[cmd.index("--seed") + 1]), "--selfreg" in cmd
+        dice = 0.8 + 0.01 * seed + (0.02 if selfreg else 0.0)
+        metrics = {"dataset": "sample", "backbone": "unet", "selfreg": selfreg, "seed": seed,
+                   "test": {"dice_mean": dice, "hd95_mean": 5.0, "per_class": {"liver": {"dice": dice, "hd95": 5.0}}}}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run.main(["--gpus", "0", "--compare", "--seeds", "0", "1", "--output-dir", str(tmp_path), "--run-name",
+                     "cmp", "--wandb", "offline"]) == 0
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert summary["difference"]["liver"]["dice"]["mean"] == pytest.approx(0.02)
+    assert list((tmp_path / "cmp").rglob("offline-run-*")), "the summary goes to an offline W&B run"
+    assert "W&B comparison run" in capsys.readouterr().out
