@@ -38,26 +38,25 @@ class ConfigError(ValueError):
     """A setting has a bad value; the message names it and says what is expected."""
 
 
-def _positive(kind: type) -> Callable[[Any], Any]:
+def _bounded(kind: type, low: float, strict: bool) -> Callable[[Any], Any]:
+    """A parser of ``kind`` values that are > ``low`` (``strict``) or >= ``low``."""
+
     def check(value: Any) -> Any:
         value = kind(value)
-        if value <= 0:
-            raise ValueError("must be > 0")
+        if value < low or (strict and value == low):
+            raise ValueError(f"must be {'>' if strict else '>='} {low}")
         return value
 
-    check.__name__ = f"positive {kind.__name__}"
+    check.__name__ = f"{'positive' if strict else 'non-negative'} {kind.__name__}"
     return check
+
+
+def _positive(kind: type) -> Callable[[Any], Any]:
+    return _bounded(kind, 0, strict=True)
 
 
 def _non_negative(kind: type) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        value = kind(value)
-        if value < 0:
-            raise ValueError("must be >= 0")
-        return value
-
-    check.__name__ = f"non-negative {kind.__name__}"
-    return check
+    return _bounded(kind, 0, strict=False)
 
 
 def _seeds(value: Any) -> list[int]:

@@ -44,7 +44,7 @@ def _outputs(nb, output_type=None):
 
 
 def execute(name, tmp_path, monkeypatch):
-    """Run ``notebooks/<name>`` in a fresh kernel with every side file under ``tmp_path``; return the notebook."""
+    """Run ``notebooks/<name>`` in a fresh kernel, side files under ``tmp_path``; return (images, stdout)."""
     _use_this_interpreter_as_kernel(tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # tempfile.mkdtemp() log folders land here
@@ -58,24 +58,22 @@ def execute(name, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError on the first failing cell
     errors = list(_outputs(nb, "error"))
     assert not errors, [f"{e['ename']}: {e['evalue']}" for e in errors]
-    return nb
+    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    printed = "".join(o["text"] for o in _outputs(nb, "stream") if o["name"] == "stdout")
+    return images, printed
 
 
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("QUICKSTART_EPOCHS", "2")
-    nb = execute("quickstart.ipynb", tmp_path, monkeypatch)
-    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    images, printed = execute("quickstart.ipynb", tmp_path, monkeypatch)
     assert len(images) >= 2, f"expected the loss and overlay figures, found {len(images)} image(s)"
-    printed = "".join(o["text"] for o in _outputs(nb, "stream") if o["name"] == "stdout")
     assert re.search(r"^liver\s+\d\.\d{3}\s+\d+\.\d", printed, re.MULTILINE), printed
 
 
 def test_redundancy_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("REDUNDANCY_EPOCHS", "1")
-    nb = execute("redundancy.ipynb", tmp_path, monkeypatch)
-    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    images, printed = execute("redundancy.ipynb", tmp_path, monkeypatch)
     assert len(images) >= 3, f"expected 2 heat-map figures and the bar chart, found {len(images)} image(s)"
-    printed = "".join(o["text"] for o in _outputs(nb, "stream") if o["name"] == "stdout")
     assert "1 epoch(s) per run" in printed
     for block in ("down1", "down4", "up1", "up4"):
         assert re.search(rf"^{block}\s+0\.\d{{3}}\s+0\.\d{{3}}\s+[+-]\d\.\d{{3}}$", printed, re.MULTILINE), printed

@@ -13,7 +13,7 @@ class DtypeRecorder(SelfReg):
     def auxiliary_loss(self, pl_module, batch, logits):
         self.feature_dtype = next(iter(self._taps._features.values())).dtype
         total, logs = super().auxiliary_loss(pl_module, batch, logits)
-        self.term_dtypes = {total.dtype, *(v.dtype for v in logs.values())}
+        self.term_dtypes = {total.dtype, *(v.dtype for v in logs.values() if torch.is_tensor(v))}
         return total, logs
 
 
