@@ -98,7 +98,7 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], tuple | None, str]] = {
     "output_dir": (str, None, "folder that receives the run folder"),
     "run_name": (str, None, "run folder / W&B run name (default: dataset-backbone-arm-seed-time)"),
     "resume": (bool, None, "continue the run --run-name from its checkpoints/last.ckpt"),
-    "checkpoint_every_n_steps": (_non_negative(int), None, "also write last.ckpt every N steps (0 = per epoch)"),
+    "checkpoint_every_n_steps": (_non_negative(int), None, "also write last.ckpt every N steps (0 = per epoch only)"),
     "wandb": (str, ("auto", "offline", "online", "disabled"), "W&B mode; auto = online if WANDB_API_KEY is set"),
     "wandb_project": (str, None, "W&B project"),
     "redundancy_every_n_epochs": (_non_negative(int), None, "log channel-redundancy heatmaps every N epochs (0=off)"),
@@ -354,8 +354,11 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
         ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val/dice", mode="max",
                         save_top_k=1, save_last=False) if has_val else None,
         ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, save_last=False,
-                        every_n_train_steps=config["checkpoint_every_n_steps"] or None,
                         enable_version_counter=False),
+        # mid-epoch saves to the same file (a separate callback: one ModelCheckpoint has one trigger)
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, save_last=False,
+                        every_n_train_steps=config["checkpoint_every_n_steps"], enable_version_counter=False)
+        if config["checkpoint_every_n_steps"] else None,
         RNGStateCheckpoint(),
         FiniteLossGuard(),
         ThroughputMonitor(),

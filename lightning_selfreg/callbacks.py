@@ -211,8 +211,9 @@ class FiniteLossGuard(pl.Callback):
 class RNGStateCheckpoint(pl.Callback):
     """Save the Python, NumPy and torch (CPU and CUDA) RNG states in checkpoints and restore them on resume.
 
-    With it, a run resumed from an end-of-epoch checkpoint draws the same data order, augmentations and SelfReg
-    channel pairings as an uninterrupted run of the same seed.
+    With it (and the :class:`~lightning_selfreg.data.ResumableDataLoader` of the DataModules, which restores the
+    position in the epoch), a resumed run draws the same on-device augmentations, dropout masks and SelfReg
+    channel pairings as an uninterrupted run of the same seed, from an end-of-epoch or a mid-epoch checkpoint.
     """
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from lightning_selfreg.data import (
     DataError,
     GlaSDataModule,
     MoNuSegDataModule,
+    ResumableDataLoader,
+    ResumableSampler,
     SynapseDataModule,
     paper_augmentation,
     rasterize_monuseg_xml,
@@ -115,6 +117,44 @@ def test_paper_augmentation_probabilities_and_label_integrity():
 
 
 # ---------------------------------------------------------------- Synapse
+
+
+def test_resumable_sampler_order_depends_on_seed_and_epoch_only():
+    data = list(range(23))
+    a, b = ResumableSampler(data, seed=7), ResumableSampler(data, seed=7)
+    torch.manual_seed(0)
+    first = list(a)
+    torch.manual_seed(1)  # the global RNG plays no part
+    assert list(b) == first and sorted(first) == data
+    a.set_epoch(1)
+    assert list(a) != first
+    a.start_at(1, 5)
+    b.set_epoch(1)
+    assert list(a) == list(b)[5:]
+    assert len(list(a)) == 23  # the skip applies to one pass only
+    ranks = [list(ResumableSampler(data, num_replicas=2, rank=r, seed=7)) for r in range(2)]
+    assert set(ranks[0]) | set(ranks[1]) == set(data)
+    with pytest.raises(ValueError, match="skip"):
+        a.start_at(0, 24)
+
+
+def test_resumable_loader_position_round_trip():
+    data = torch.arange(10)
+    loader = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
+    full = [batch.tolist() for batch in loader]
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 1}
+    resumed = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
+    resumed.load_state_dict(state)
+    assert [batch.tolist() for batch in resumed] == full[1:]
+    assert resumed.state_dict() == {"epoch": 0, "batches": 3}
+    resumed.load_state_dict(resumed.state_dict())  # a finished epoch continues with the next one
+    loader.sampler.set_epoch(1)
+    assert [batch.tolist() for batch in resumed] == [batch.tolist() for batch in loader]
+    with pytest.raises(ValueError, match="ResumableSampler"):
+        ResumableDataLoader(data, batch_size=4, shuffle=True)
 
 
 def test_synapse_default_validation_cases_and_fold(tmp_path):

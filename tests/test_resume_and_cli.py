@@ -10,10 +10,11 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_selfreg import AuxiliaryLoss, SelfRegSegModule
-from lightning_selfreg.callbacks import FiniteLossGuard
-from lightning_selfreg.data import SynapseDataModule
+from lightning_selfreg import AuxiliaryLoss, SelfReg, SelfRegSegModule
+from lightning_selfreg.callbacks import FiniteLossGuard, RNGStateCheckpoint
+from lightning_selfreg.data import SampleCTDataModule, SynapseDataModule
 from lightning_selfreg.models import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,34 +48,75 @@ def test_non_finite_loss_stops_with_step_and_term(synapse_dir):
         trainer.fit(module, dm)
 
 
+def _fit_sample(ckpt_dir, ckpt_path=None, every_n_steps=None):
+    """3 epochs of a tiny UNet + SelfReg on the sample (4 steps per epoch); returns the final state dict."""
+    pl.seed_everything(3)
+    module = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9, input_size=32)  # poly LR per step
+    callbacks = [RNGStateCheckpoint(), SelfReg()]
+    if every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every_n_steps,
+                                         save_top_k=-1))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=bool(every_n_steps), callbacks=callbacks)
+    trainer.fit(module, SampleCTDataModule(image_size=32, batch_size=16), ckpt_path=ckpt_path)
+    assert trainer.num_training_batches == 4 and trainer.global_step == 12
+    return module.state_dict()
+
+
+def test_resume_from_mid_epoch_and_end_of_epoch_checkpoints_is_exact(tmp_path):
+    """Step checkpoints at 5, 10 (mid-epoch) and 4, 8, 12 (epoch ends): every resume ends on the same weights."""
+    reference = _fit_sample(tmp_path, every_n_steps=5)
+    _fit_sample(tmp_path, every_n_steps=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=10.ckpt", "step=12.ckpt", "step=4.ckpt",
+                                                          "step=5.ckpt", "step=8.ckpt"]
+    for ckpt in sorted(tmp_path.iterdir()):
+        resumed = _fit_sample(None, ckpt_path=str(ckpt))
+        for key, value in reference.items():
+            assert torch.equal(value, resumed[key]), (ckpt.name, key)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL a run after an epoch checkpoint, resume it, and compare with an uninterrupted run of the same seed."""
+    """SIGKILL a run right after a mid-epoch step checkpoint, resume it, compare with an uninterrupted run."""
     out = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *TINY, "--max-epochs", "200", "--output-dir",
+    every = 3  # 4 steps per epoch: steps 3, 6, 9 are mid-epoch, 12 is not
+    dm = SampleCTDataModule(image_size=32, batch_size=16)
+    dm.setup("fit")
+    steps_per_epoch = len(dm.train_dataloader())
+    assert steps_per_epoch % every != 0
+    cli = [*TINY, "--checkpoint-every-n-steps", str(every)]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *cli, "--max-epochs", "200", "--output-dir",
                              str(out), "--run-name", "killed"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     last = out / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
-    epoch = -1
-    while time.time() < deadline and epoch < 1:
-        time.sleep(0.5)
-        if last.is_file():  # written atomically: always a complete file
-            epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-    proc.send_signal(signal.SIGKILL)
+    saved = None
+    while time.time() < deadline and saved is None and proc.poll() is None:
+        time.sleep(0.2)
+        if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] > every:
+            proc.send_signal(signal.SIGSTOP)  # freeze, then check the file that is there now (written atomically)
+            ckpt = torch.load(last, map_location="cpu", weights_only=False)
+            if ckpt["global_step"] % steps_per_epoch:
+                saved = ckpt
+                proc.send_signal(signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGCONT)
+    proc.kill()
     proc.wait(timeout=30)
-    assert epoch >= 1, "no epoch checkpoint appeared in time"
-    saved_epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-    final_epochs = saved_epoch + 3
-    resumed = run_cli(*TINY, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "killed",
+    assert saved is not None, "no mid-epoch checkpoint was caught in time"
+    assert saved["SampleCTDataModule"]["train_loader"]["batches"] == saved["global_step"] % steps_per_epoch
+    final_epochs = saved["epoch"] + 2
+    resumed = run_cli(*cli, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "killed",
                       "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = run_cli(*TINY, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "ref")
+    reference = run_cli(*cli, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "ref")
     assert reference.returncode == 0, reference.stderr[-3000:]
     a, b = weights(out / "killed" / "checkpoints" / "last.ckpt"), weights(out / "ref" / "checkpoints" / "last.ckpt")
+    assert torch.load(out / "ref" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == \
+        final_epochs * steps_per_epoch  # the end-of-epoch save runs beside the step saves
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+        assert torch.equal(a[key], b[key]), key
     metrics = json.loads((out / "killed" / "metrics.json").read_text())
     assert metrics["test"]["per_class"]["liver"]["dice"] is not None
 

@@ -1,7 +1,14 @@
 """DataModules for Synapse, ACDC, GlaS, MoNuSeg and the bundled CT sample; readers; batched transforms."""
 
 from lightning_selfreg.data.acdc import ACDC_CLASS_NAMES, ACDCDataModule
-from lightning_selfreg.data.base import DataError, SegDataModule, UnpaddedDistributedSampler, paper_augmentation
+from lightning_selfreg.data.base import (
+    DataError,
+    ResumableDataLoader,
+    ResumableSampler,
+    SegDataModule,
+    UnpaddedDistributedSampler,
+    paper_augmentation,
+)
 from lightning_selfreg.data.histology import GlaSDataModule, MoNuSegDataModule, rasterize_monuseg_xml
 from lightning_selfreg.data.synapse import (
     SAMPLE_CLASS_NAMES,
@@ -26,6 +33,8 @@ __all__ = [
     "GlaSDataModule",
     "MoNuSegDataModule",
     "RandomAffine",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "SampleCTDataModule",
     "SegDataModule",
     "SynapseDataModule",

@@ -13,7 +13,8 @@ A dataset module only declares what differs (:class:`SegDataModule` subclasses i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from lightning_selfreg.data.transforms import RandomAffine, resize_image, resize
 __all__ = [
     "DataError",
     "Item",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "SegDataModule",
     "UnpaddedDistributedSampler",
     "check_arrays",
@@ -228,6 +231,82 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
+class ResumableSampler(DistributedSampler):
+    """Shuffled training order that is a pure function of ``(seed, epoch, rank)`` and can start mid-epoch.
+
+    A ``DistributedSampler`` (so Lightning keeps it under DDP instead of wrapping it) whose permutation is drawn
+    from ``seed + epoch``, never from the global RNG, and which can skip the first samples of its next pass: a run
+    resumed from a mid-epoch checkpoint then sees exactly the samples the interrupted run had not seen yet, in the
+    same order. On one device use ``num_replicas=1, rank=0``.
+
+    Args:
+        dataset: The training dataset.
+        num_replicas: Number of ranks.
+        rank: This rank.
+        seed: Shuffle seed, the same on every rank (default: Lightning's ``PL_GLOBAL_SEED``, else 0).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int | None = None) -> None:
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def start_at(self, epoch: int, skip: int) -> None:
+        """Make the next pass the one of ``epoch``, without its first ``skip`` samples (this rank's)."""
+        if not 0 <= skip <= self.num_samples:
+            raise ValueError(f"`skip` must be in [0, {self.num_samples}], found {skip}.")
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0  # one pass only
+        return iter(indices)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the epoch is saved in Lightning checkpoints.
+
+    Implements the ``state_dict`` / ``load_state_dict`` interface that Lightning's fit loop saves and restores
+    for its training loaders: the state is the sampler's epoch and the number of batches handed out in that epoch.
+    Resuming from a mid-epoch checkpoint continues with the next unseen batch; from an end-of-epoch one, with the
+    next epoch. Requires a :class:`ResumableSampler` and a fixed ``batch_size``.
+
+    With ``num_workers=0`` (and :class:`~lightning_selfreg.callbacks.RNGStateCheckpoint` for the on-device
+    augmentation), a resumed run sees the same batches as an uninterrupted one. With workers the order is the same,
+    but per-sample CPU augmentation draws come from worker RNG streams that restart with the resumed epoch.
+    """
+
+    def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
+            raise ValueError("`ResumableDataLoader` needs `sampler=ResumableSampler(...)` and a `batch_size`, found "
+                             f"sampler={type(self.sampler).__name__}, batch_size={self.batch_size}.")
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self._batches = -(-self.sampler.skip // self.batch_size)
+        # the iterator's base seed (worker seeds) comes from (seed, epoch), not from a draw of the global RNG that
+        # a resumed run would make at a different point of the stream
+        self.generator = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch)
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: batches handed out so far in the sampler's current epoch."""
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue after the saved position (the next epoch if the saved one was complete)."""
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if batches >= len(self):
+            self.sampler.start_at(epoch + 1, 0)
+        else:
+            self.sampler.start_at(epoch, batches * self.batch_size)
+
+
 class SegDataModule(pl.LightningDataModule):
     """Base DataModule: subclasses declare the layout, classes, splits and readers; this class does the rest.
 
@@ -289,6 +368,8 @@ class SegDataModule(pl.LightningDataModule):
         self._train: _SampleDataset | None = None
         self._val: _SampleDataset | None = None
         self._test: _CaseDataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_position: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_layout(self) -> None:
@@ -394,13 +475,39 @@ class SegDataModule(pl.LightningDataModule):
                 raise self._missing_error("has no test cases")
             self._test = _CaseDataset(splits["test"], self._read_case)
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), **kwargs)
+    def _loader(self, dataset: Dataset, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+        return loader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                      pin_memory=torch.cuda.is_available(), **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training samples; the last incomplete batch is kept (as in the authors' loaders)."""
-        return self._loader(self._train, batch_size=self.batch_size, shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled training samples in an order that resumes mid-epoch (:class:`ResumableDataLoader`).
+
+        The last incomplete batch is kept, as in the authors' loaders. Under DDP each rank gets its share.
+        """
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self._train, num_replicas=world, rank=rank)
+        loader = self._loader(self._train, ResumableDataLoader, batch_size=self.batch_size, sampler=sampler)
+        if self._resume_position is not None:
+            loader.load_state_dict(self._resume_position)
+            self._resume_position = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (epoch, batches handed out), saved in checkpoints.
+
+        Lightning's fit loop also saves and restores stateful training loaders, but skips the restore when
+        ``trainer.estimated_stepping_batches`` was read first (e.g. by a per-step LR schedule in
+        ``configure_optimizers``; Lightning issue #20550). Restoring through the DataModule, which Lightning does
+        before the optimizers are configured, makes mid-epoch resume exact either way; applying the same position
+        twice is harmless.
+        """
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the saved loader position for the next :meth:`train_dataloader`."""
+        self._resume_position = state_dict.get("train_loader")
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation samples; ``[]`` (no validation loop) when there is no validation split."""
