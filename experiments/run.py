@@ -1,7 +1,7 @@
 """Train and test a segmentation network with (or without) SelfReg: ``python -m experiments.run [flags]``.
 
 With no flags it trains the paper's UNet + SelfReg on the CT sample bundled with the package (a reduced preset
-on the CPU that finishes in about 3 minutes on 2 cores; the paper's UNet at 224x224 on a GPU), evaluates the
+on the CPU that finishes in about 3 minutes on 2 cores; the paper's UNet at 96 px on a GPU), evaluates the
 test patient per organ (Dice, HD95) and prints the table. Settings come from, in increasing priority: the
 defaults, the preset of the dataset and device, a YAML file (``--config``, keys = the flag names with ``_``),
 the flags.
@@ -129,8 +129,12 @@ DEFAULTS: dict[str, Any] = {
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("sample", "cpu"): {"width": 16, "image_size": 96, "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
                         "lr_schedule": "constant", "weight_decay": 0.0, "max_epochs": 85, "channels_last": True},
-    ("sample", "gpu"): {"width": 64, "image_size": 224, "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
-                        "lr_schedule": "constant", "weight_decay": 0.0, "max_epochs": 150},
+    # GPU: the paper's UNet (width 64), but at 96 px. The sample is 3 mm CT (122 x 101 px per slice): at 224 px
+    # the training slices are upsampled 2x while the 512 px test slices are shrunk, and on an H200 the paper's
+    # UNet at 224 px scored Dice 0 on every test organ (also after 40 epochs); at 96 px: liver 0.80, spleen 0.80
+    # (width 16 at 96 px on the GPU: 0.94 / 0.89; width 16 at 224 px: 0.68 / 0). Real datasets keep 224 px.
+    ("sample", "gpu"): {"width": 64, "image_size": 96, "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
+                        "lr_schedule": "constant", "weight_decay": 0.0, "max_epochs": 150, "channels_last": True},
     ("acdc", "any"): {"optimizer": "adamw", "lr": 1e-4, "lr_schedule": "constant", "batch_size": 12,
                       "max_epochs": 400, "ce_weight": 0.3, "dice_weight": 0.7},
     ("glas", "any"): {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 4, "max_epochs": 300,

@@ -19,7 +19,8 @@ class DtypeRecorder(SelfReg):
 
 def fit(synapse_dir, accelerator, precision, channels_last=False):
     pl.seed_everything(0)
-    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=4, val_cases=())
+    # resize only: the precision checks need no albumentations (absent from the GPU image)
+    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=4, val_cases=(), transform=None)
     module = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9, input_size=32, channels_last=channels_last)
     recorder = DtypeRecorder()
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=2, logger=False,

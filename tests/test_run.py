@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from experiments import run
@@ -26,6 +27,15 @@ def test_resolve_config_precedence(tmp_path):
     assert config["selfreg"] is False
     assert config["width"] == 16 and config["image_size"] == 96  # CPU preset of the sample
     assert run.resolve_config(["--gpus", "0", "--no-selfreg"])["selfreg"] is False
+
+
+def test_gpu_preset_of_the_sample_is_the_papers_unet_at_96_px(monkeypatch):
+    """At 224 px the paper's UNet scored Dice 0 on the sample's test patient (H200); 96 px was measured to work."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = run.resolve_config(["--gpus", "1"])
+    assert (config["width"], config["image_size"], config["channels_last"]) == (64, 96, True)
+    assert run.resolve_config(["--gpus", "1", "--dataset", "synapse", "--data-dir", "."])["image_size"] == 224
 
 
 @pytest.mark.parametrize(
