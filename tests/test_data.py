@@ -153,8 +153,20 @@ def test_resumable_loader_position_round_trip():
     resumed.load_state_dict(resumed.state_dict())  # a finished epoch continues with the next one
     loader.sampler.set_epoch(1)
     assert [batch.tolist() for batch in resumed] == [batch.tolist() for batch in loader]
-    with pytest.raises(ValueError, match="ResumableSampler"):
-        ResumableDataLoader(data, batch_size=4, shuffle=True)
+    plain = ResumableDataLoader(data, batch_size=4)  # any other sampler (as Lightning's overfit_batches swaps in)
+    assert [batch.tolist() for batch in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert plain.state_dict() == {}
+    plain.load_state_dict({})
+
+
+def test_training_loader_works_with_overfit_batches(synapse_dir):
+    """Lightning rebuilds the training loader with a SequentialSampler for overfit_batches."""
+    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=(), transform=None)
+    module = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9, input_size=32)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, overfit_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, dm)
+    assert trainer.global_step == 1
 
 
 def test_synapse_default_validation_cases_and_fold(tmp_path):

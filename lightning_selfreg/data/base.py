@@ -271,7 +271,9 @@ class ResumableDataLoader(DataLoader):
     Implements the ``state_dict`` / ``load_state_dict`` interface that Lightning's fit loop saves and restores
     for its training loaders: the state is the sampler's epoch and the number of batches handed out in that epoch.
     Resuming from a mid-epoch checkpoint continues with the next unseen batch; from an end-of-epoch one, with the
-    next epoch. Requires a :class:`ResumableSampler` and a fixed ``batch_size``.
+    next epoch. The position is tracked with a :class:`ResumableSampler` and a ``batch_size``; with any other
+    sampler (Lightning swaps in a ``SequentialSampler`` for ``overfit_batches``) it is a plain ``DataLoader``
+    with an empty state.
 
     With ``num_workers=0`` (and :class:`~lightning_selfreg.callbacks.RNGStateCheckpoint` for the on-device
     augmentation), a resumed run sees the same batches as an uninterrupted one. With workers the order is the same,
@@ -280,12 +282,16 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
-            raise ValueError("`ResumableDataLoader` needs `sampler=ResumableSampler(...)` and a `batch_size`, found "
-                             f"sampler={type(self.sampler).__name__}, batch_size={self.batch_size}.")
         self._batches = 0
 
+    @property
+    def _resumable(self) -> bool:
+        return isinstance(self.sampler, ResumableSampler) and self.batch_size is not None
+
     def __iter__(self) -> Iterator[Any]:
+        if not self._resumable:
+            yield from super().__iter__()
+            return
         self._batches = -(-self.sampler.skip // self.batch_size)
         # the iterator's base seed (worker seeds) comes from (seed, epoch), not from a draw of the global RNG that
         # a resumed run would make at a different point of the stream
@@ -295,17 +301,18 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches"}``: batches handed out so far in the sampler's current epoch."""
-        return {"epoch": self.sampler.epoch, "batches": self._batches}
+        """``{"epoch", "batches"}``: batches handed out so far in the sampler's current epoch (``{}`` if untracked)."""
+        return {"epoch": self.sampler.epoch, "batches": self._batches} if self._resumable else {}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Continue after the saved position (the next epoch if the saved one was complete)."""
+        if not state_dict or not self._resumable:
+            return
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
         if batches >= len(self):
             self.sampler.start_at(epoch + 1, 0)
         else:
             self.sampler.start_at(epoch, batches * self.batch_size)
-
 
 class SegDataModule(pl.LightningDataModule):
     """Base DataModule: subclasses declare the layout, classes, splits and readers; this class does the rest.
