@@ -314,6 +314,7 @@ class ResumableDataLoader(DataLoader):
         else:
             self.sampler.start_at(epoch, batches * self.batch_size)
 
+
 class SegDataModule(pl.LightningDataModule):
     """Base DataModule: subclasses declare the layout, classes, splits and readers; this class does the rest.
 
