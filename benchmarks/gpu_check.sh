@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of this project in one script, for a lent GPU machine (run from the repository root):
-# the CUDA AMP tests and the smp tap test, the SelfReg overhead benchmark at the paper's size, and the
-# default run on the GPU. Results go to $OUT (or ./gpu_check_out). The GPU image has torch, lightning and
-# torchmetrics but no wandb/albumentations/monai; wheels placed in .whl/ (e.g. segmentation_models_pytorch,
-# whose timm/torchvision needs the image meets) are installed first.
+# the CUDA tests (AMP, smp taps, the fused SelfReg loss eager and through Inductor against the reference, with
+# no host sync), the SelfReg overhead benchmark at the paper's size (arms none, fused, fused-compile, ours-eager,
+# authors-none, authors, interleaved; peak memory, host syncs and CUDA kernels per step), the memory traffic of
+# each loss, and the default run on the GPU. Expect about 8 min (Inductor compiles the fused loss in the tests
+# and in the benchmark's warm-up); the timeouts cap it at 14 min. Results go to $OUT (or ./gpu_check_out). The
+# GPU image has torch, lightning and torchmetrics but no wandb/albumentations/monai; wheels placed in .whl/ (e.g.
+# segmentation_models_pytorch, whose timm/torchvision needs the image meets) are installed first.
 set -u
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"
@@ -14,12 +17,15 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 echo "== GPU tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_third_party.py \
-  -k "amp_on_gpu or smp" > "$OUT/tests.log" 2>&1
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_third_party.py \
+  tests/test_fused_losses.py -k "amp_on_gpu or smp or cuda" > "$OUT/tests.log" 2>&1
 grep -a -E "^E |passed|failed" "$OUT/tests.log" | head -20
 echo "== SelfReg overhead"
-timeout 240 python3 benchmarks/selfreg_overhead.py --json "$OUT/overhead.json" > "$OUT/overhead.log" 2>&1
-tail -40 "$OUT/overhead.log"
+timeout 300 python3 benchmarks/selfreg_overhead.py --json "$OUT/overhead.json" > "$OUT/overhead.log" 2>&1
+tail -45 "$OUT/overhead.log"
+echo "== SelfReg memory traffic (paper size, bytes and aten ops of each loss)"
+timeout 60 python3 benchmarks/selfreg_overhead.py --traffic --modes fp32,bf16-cl > "$OUT/traffic.log" 2>&1
+tail -12 "$OUT/traffic.log"
 echo "== default run on the GPU"
 /usr/bin/time -f "wall %e s" timeout 300 python3 -m experiments.run --gpus 1 --wandb disabled \
   --output-dir /tmp/gpu_check_runs --run-name default > "$OUT/run.log" 2>&1

@@ -1,16 +1,20 @@
 """Cost of the SelfReg regulariser in a full training step of the paper's UNet: ours vs the authors' loss.
 
 Usage:
-    python benchmarks/selfreg_overhead.py                      # CUDA: paper size; CPU: a small size, ~2 min
+    python benchmarks/selfreg_overhead.py                      # CUDA: paper size; CPU: a small size, ~3 min
     python benchmarks/selfreg_overhead.py --device cuda --modes fp32,bf16-cl --json selfreg_overhead.json
     python benchmarks/selfreg_overhead.py --device cpu --batch-size 4 --size 96 --width 16 --steps 40
+    python benchmarks/selfreg_overhead.py --traffic             # bytes moved and aten ops of each loss, no timing
 
 One process, synthetic inputs (random image, random labels), one training step = forward, loss, backward, SGD
 step (momentum 0.9, weight decay 1e-4, as the authors). Arms, each on its own copy of the same initial network:
 
 - ``none``: no SelfReg, our vectorised CE + Dice (``DiceCELoss``, 0.4 CE + 0.6 Dice);
-- ``ours``: ``none`` + our SelfReg (``FeatureTaps`` hooks + ``SelfRegLoss``, random pairing from a
-  ``torch.Generator`` on the device);
+- ``fused``: ``none`` + our SelfReg (``FeatureTaps`` hooks + ``SelfRegLoss``, the default fused implementation,
+  random pairing from a ``torch.Generator`` on the device);
+- ``fused-compile`` (CUDA only, unless ``--arms`` names it): the same with ``implementation="fused-compile"``
+  (the per-tap math through ``torch.compile``; compiled during the warm-up);
+- ``ours-eager``: the same with ``implementation="reference"``, the plain-autograd version the fused one replaced;
 - ``authors-none``: no SelfReg, the authors' CE + Dice (Dice with a per-class Python loop that calls ``.item()``
   on every class);
 - ``authors``: ``authors-none`` + the authors' ``KDloss`` (python ``random.sample`` pairing on both sides,
@@ -23,12 +27,14 @@ After the warm-up, the arms are timed interleaved: ``rounds`` rounds, each timin
 per-round ms/step is reported. Then the loss terms alone are timed on features captured from one forward pass
 (forward only, and forward + backward into leaf copies of the features), to show where the overhead comes from.
 
-Modes: ``fp32`` (cuDNN deterministic, no benchmark: the authors' setting) and ``bf16-cl`` (bf16 autocast,
-channels_last, ``cudnn.benchmark=True``). On CUDA the table also gives each arm's peak memory (its peak minus the
-parameters and optimizer state of the other arms' networks) and the host synchronisations one step makes
-(``torch.cuda.set_sync_debug_mode``). On CPU the default is one torch thread: on a shared 2-core machine two
-OpenMP threads competing with other processes make the timings erratic (``--threads 0`` for torch's default).
-``--traffic`` instead counts the bytes each SelfReg loss moves (forward + backward), a GPU-time proxy.
+Modes: ``fp32`` (cuDNN deterministic, no benchmark: the authors' setting), ``fp32-cl`` (fp32, channels_last: the
+CPU preset of ``experiments.run``) and ``bf16-cl`` (bf16 autocast, channels_last, ``cudnn.benchmark=True``). On
+CUDA the table also gives each arm's peak memory (its peak minus the parameters and optimizer state of the other
+arms' networks), the host synchronisations one step makes (``torch.cuda.set_sync_debug_mode``) and the CUDA
+kernels one step launches (``torch.profiler``), and the loss-only table the kernels of each loss forward +
+backward. On CPU the default is one torch thread: on a shared 2-core machine two OpenMP threads competing with
+other processes make the timings erratic (``--threads 0`` for torch's default). ``--traffic`` instead counts the
+bytes each SelfReg loss moves (forward + backward) and its aten ops, a GPU-time proxy.
 """
 
 from __future__ import annotations
@@ -52,15 +58,11 @@ from torch.utils._pytree import tree_flatten
 from lightning_selfreg import DiceCELoss, FeatureTaps, SelfRegLoss
 from lightning_selfreg.models import UNet
 
-ARMS = ("none", "ours", "authors-none", "authors")
-LOSS_PARTS = (
-    "ours SelfRegLoss fwd",
-    "ours SelfRegLoss fwd+bwd",
-    "authors KDloss fwd",
-    "authors KDloss fwd+bwd",
-    "ours DiceCELoss fwd+bwd",
-    "authors CE+Dice fwd+bwd",
-)
+ALL_ARMS = ("none", "fused", "fused-compile", "ours-eager", "authors-none", "authors")
+SELFREG_ARMS = {"fused": "fused", "fused-compile": "fused-compile", "ours-eager": "reference"}  # arm -> implementation
+BASELINE = {"fused": "none", "fused-compile": "none", "ours-eager": "none", "authors": "authors-none"}
+MODES = ("fp32", "fp32-cl", "bf16-cl")
+SEG_PARTS = ("ours DiceCELoss fwd+bwd", "authors CE+Dice fwd+bwd")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,8 +177,31 @@ def count_host_syncs(step: Callable[[], None]) -> int | None:
         return None
 
 
+def channels_last(mode: str) -> bool:
+    return mode.endswith("-cl")
+
+
+def autocast_kwargs(mode: str, device: torch.device) -> dict:
+    return dict(device_type=device.type, dtype=torch.bfloat16, enabled=mode == "bf16-cl")
+
+
+def count_cuda_kernels(fn: Callable[[], None]) -> int | None:
+    """CUDA kernels (incl. memset/memcpy) one call of ``fn`` launches, from ``torch.profiler``; None if unknown."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    except Exception:  # diagnostics only
+        return None
+
+
 def set_mode(mode: str) -> None:
-    if mode == "fp32":
+    if mode.startswith("fp32"):
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     else:
@@ -186,8 +211,7 @@ def set_mode(mode: str) -> None:
 
 def build_arms(args, mode: str, device: torch.device, init: dict, x: Tensor, y: Tensor):
     """Return ``{arm: (step_fn, net, opt)}`` and the FeatureTaps to remove afterwards."""
-    channels_last = mode == "bf16-cl"
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=mode == "bf16-cl")
+    amp = autocast_kwargs(mode, device)
     ours_seg = DiceCELoss(args.classes)
     authors_dice = AuthorsDiceLoss(args.classes)
     arms, taps_list = {}, []
@@ -196,7 +220,7 @@ def build_arms(args, mode: str, device: torch.device, init: dict, x: Tensor, y: 
         net = UNet(1, args.classes, base_channels=args.width)
         net.load_state_dict(init)
         net = net.to(device).train()
-        if channels_last:
+        if channels_last(mode):
             net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         return net, opt
@@ -206,7 +230,7 @@ def build_arms(args, mode: str, device: torch.device, init: dict, x: Tensor, y: 
         loss.backward()
         opt.step()
 
-    for arm in ARMS:
+    for arm in args.arms:
         net, opt = make_net()
         if arm == "none":
 
@@ -215,11 +239,11 @@ def build_arms(args, mode: str, device: torch.device, init: dict, x: Tensor, y: 
                     loss, _ = ours_seg(net(x), y)
                 finish(loss, opt)
 
-        elif arm == "ours":
+        elif arm in SELFREG_ARMS:
             spec = net.tap_spec
             taps = FeatureTaps(net, spec.paths)
             taps_list.append(taps)
-            selfreg = SelfRegLoss(spec.ifd_groups, spec.scr_groups)
+            selfreg = SelfRegLoss(spec.ifd_groups, spec.scr_groups, implementation=SELFREG_ARMS[arm])
             gen = torch.Generator(device=device)
             gen.manual_seed(0)
 
@@ -286,7 +310,7 @@ def summarise(samples: list[float]) -> dict[str, float]:
 
 def bench_steps(args, mode: str, device: torch.device, init: dict, x: Tensor, y: Tensor) -> dict:
     set_mode(mode)
-    xm = x.to(memory_format=torch.channels_last) if mode == "bf16-cl" else x
+    xm = x.to(memory_format=torch.channels_last) if channels_last(mode) else x
     arms, taps_list = build_arms(args, mode, device, init, xm, y)
     try:
         # warm-up, interleaved too (cudnn.benchmark autotuning, allocator caches, momentum buffers)
@@ -294,9 +318,10 @@ def bench_steps(args, mode: str, device: torch.device, init: dict, x: Tensor, y:
             for step, _, _ in arms.values():
                 step()
         sync(device)
-        mem_other, syncs = None, {}
+        mem_other, syncs, kernels = None, {}, {}
         if device.type == "cuda":
             syncs = {a: count_host_syncs(step) for a, (step, _, _) in arms.items()}
+            kernels = {a: count_cuda_kernels(step) for a, (step, _, _) in arms.items()}
             sync(device)
             own = {a: state_bytes(net, opt) for a, (_, net, opt) in arms.items()}
             mem_other = {a: sum(v for b, v in own.items() if b != a) for a in arms}
@@ -304,37 +329,43 @@ def bench_steps(args, mode: str, device: torch.device, init: dict, x: Tensor, y:
         fns = {a: s for a, (s, _, _) in arms.items()}
         samples, peaks = time_interleaved(fns, args.rounds, block, device, mem_other)
         result = {}
-        for arm in ARMS:
+        for arm in args.arms:
             stats = summarise(samples[arm])
             stats["images_per_s"] = args.batch_size * 1e3 / stats["median_ms"]
             stats["peak_gib"] = peaks.get(arm)
             stats["host_syncs_per_step"] = syncs.get(arm)
+            stats["cuda_kernels_per_step"] = kernels.get(arm)
             stats["samples_ms"] = samples[arm]
             result[arm] = stats
         # ratios: each arm vs our no-SelfReg arm, and each SelfReg arm vs its own no-SelfReg arm
-        base = result["none"]["median_ms"]
-        for arm in ARMS:
-            result[arm]["vs_none"] = result[arm]["median_ms"] / base
-        result["ours"]["selfreg_overhead"] = result["ours"]["median_ms"] / base - 1
-        result["authors"]["selfreg_overhead"] = result["authors"]["median_ms"] / result["authors-none"]["median_ms"] - 1
-        # paired per-round ratios (the same round, adjacent blocks): robust to slow drift
-        for arm, ref in (("ours", "none"), ("authors", "authors-none")):
-            paired = [a / b for a, b in zip(samples[arm], samples[ref], strict=True)]
-            result[arm]["paired_overhead_median"] = statistics.median(paired) - 1
+        base = result["none"]["median_ms"] if "none" in result else None
+        for arm in args.arms:
+            result[arm]["vs_none"] = None if base is None else result[arm]["median_ms"] / base
+            ref = BASELINE.get(arm)
+            if ref in result:
+                result[arm]["selfreg_overhead"] = result[arm]["median_ms"] / result[ref]["median_ms"] - 1
+                # paired per-round ratios (the same round, adjacent blocks): robust to slow drift
+                paired = [a / b for a, b in zip(samples[arm], samples[ref], strict=True)]
+                result[arm]["paired_overhead_median"] = statistics.median(paired) - 1
         return result
     finally:
         for taps in taps_list:
             taps.remove()
 
 
+def loss_arms(args) -> list[str]:
+    """The SelfReg losses of the loss-only and traffic tables: our implementations among the arms, and the authors'."""
+    return [a for a in args.arms if a in SELFREG_ARMS] + ["authors"]
+
+
 def bench_loss_only(args, mode: str, device: torch.device, init: dict, x: Tensor, y: Tensor) -> dict:
     """Time the loss terms alone on features captured from one training-mode forward pass."""
     set_mode(mode)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=mode == "bf16-cl")
+    amp = autocast_kwargs(mode, device)
     net = UNet(1, args.classes, base_channels=args.width)
     net.load_state_dict(init)
     net = net.to(device).train()
-    if mode == "bf16-cl":
+    if channels_last(mode):
         net = net.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     spec = net.tap_spec
@@ -343,64 +374,58 @@ def bench_loss_only(args, mode: str, device: torch.device, init: dict, x: Tensor
     del net
     names = [f"down{i}" for i in range(1, len(enc) + 1)] + [f"up{j}" for j in range(1, len(dec) + 1)]
     captured = dict(zip(names, [*enc, *dec], strict=True)) | {spec.final: final}
-
-    def leaves() -> dict[str, Tensor]:
-        return {k: v.detach().clone().requires_grad_() for k, v in captured.items()}
-
-    selfreg = SelfRegLoss(spec.ifd_groups, spec.scr_groups)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
+    feats = {k: v.detach().clone().requires_grad_() for k, v in captured.items()}  # clone keeps the strides
+    logit_leaf = logits.detach().clone().requires_grad_()
     ours_seg = DiceCELoss(args.classes)
     authors_dice = AuthorsDiceLoss(args.classes)
-    feats, logit_leaf = leaves(), logits.detach().clone().requires_grad_()
     n_enc = len(enc)
 
-    def authors_kd(f: dict[str, Tensor]) -> Tensor:
-        vals = [f[n] for n in names]
-        return authors_kd_loss(vals[:n_enc], vals[n_enc:], f[spec.final])
+    def selfreg_fn(arm: str) -> Callable[[], Tensor]:
+        if arm == "authors":
+            return lambda: authors_kd_loss([feats[n] for n in names[:n_enc]], [feats[n] for n in names[n_enc:]],
+                                           feats[spec.final])
+        selfreg = SelfRegLoss(spec.ifd_groups, spec.scr_groups, implementation=SELFREG_ARMS[arm])
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0)
+        return lambda: selfreg(feats, feats[spec.final], gen)[0]
 
-    def fwd_ours():
-        with torch.autocast(**amp):
-            selfreg(feats, feats[spec.final], gen)
+    def fwd(loss: Callable[[], Tensor]) -> Callable[[], None]:
+        def run():
+            with torch.autocast(**amp):
+                loss()
+        return run
 
-    def fwdbwd_ours():
-        for v in feats.values():
-            v.grad = None
-        with torch.autocast(**amp):
-            total, _ = selfreg(feats, feats[spec.final], gen)
-        total.backward()
+    def fwdbwd(loss: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], None]:
+        def run():
+            for v in leaves:
+                v.grad = None
+            with torch.autocast(**amp):
+                total = loss()
+            total.backward()
+        return run
 
-    def fwd_authors():
-        with torch.autocast(**amp):
-            authors_kd(feats)
-
-    def fwdbwd_authors():
-        for v in feats.values():
-            v.grad = None
-        with torch.autocast(**amp):
-            total = authors_kd(feats)
-        total.backward()
-
-    def seg_ours():
-        logit_leaf.grad = None
-        with torch.autocast(**amp):
-            total, _ = ours_seg(logit_leaf, y)
-        total.backward()
-
-    def seg_authors():
-        logit_leaf.grad = None
-        with torch.autocast(**amp):
-            total = authors_seg_loss(authors_dice, logit_leaf, y)
-        total.backward()
-
-    fns = dict(zip(LOSS_PARTS, (fwd_ours, fwdbwd_ours, fwd_authors, fwdbwd_authors, seg_ours, seg_authors),
-                   strict=True))
+    fns: dict[str, Callable[[], None]] = {}
+    for arm in loss_arms(args):
+        loss = selfreg_fn(arm)
+        fns[f"{arm} SelfReg fwd"] = fwd(loss)
+        fns[f"{arm} SelfReg fwd+bwd"] = fwdbwd(loss, list(feats.values()))
+    fns["ours DiceCELoss fwd+bwd"] = fwdbwd(lambda: ours_seg(logit_leaf, y)[0], [logit_leaf])
+    fns["authors CE+Dice fwd+bwd"] = fwdbwd(lambda: authors_seg_loss(authors_dice, logit_leaf, y), [logit_leaf])
     for _ in range(max(2, args.warmup)):
         for fn in fns.values():
             fn()
     sync(device)
+    kernels = {name: count_cuda_kernels(fn) for name, fn in fns.items()} if device.type == "cuda" else {}
     samples, _ = time_interleaved(fns, args.rounds, args.loss_reps, device)
-    return {name: summarise(s) | {"samples_ms": s} for name, s in samples.items()}
+    out = {name: summarise(s) | {"samples_ms": s, "cuda_kernels": kernels.get(name)} for name, s in samples.items()}
+    # paired per-round ratios of our implementations against the authors' loss and the reference
+    for arm in loss_arms(args):
+        for ref in ("ours-eager", "authors"):
+            if arm != ref and ref in loss_arms(args):
+                paired = [a / b for a, b in zip(samples[f"{arm} SelfReg fwd+bwd"], samples[f"{ref} SelfReg fwd+bwd"],
+                                                strict=True)]
+                out[f"{arm} SelfReg fwd+bwd"][f"paired_vs_{ref}"] = statistics.median(paired)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,7 +460,7 @@ class _TrafficCounter(TorchDispatchMode):
         def nb(t: Tensor) -> int:
             return t.numel() * t.element_size()
 
-        if base == "index_select":  # reads only the selected channels
+        if base in ("index_select", "gather"):  # reads only the selected channels (and a small index)
             moved = 2 * sum(nb(o) for o in outs)
         elif base == "index_add":  # read source, read + write the destination rows
             moved = 3 * nb(ins[-1])
@@ -454,14 +479,14 @@ class _TrafficCounter(TorchDispatchMode):
 
 
 def count_traffic(args, mode: str, device: torch.device) -> dict:
-    """Bytes moved and aten ops of ours vs the authors' SelfReg loss, forward + backward into the tapped maps."""
+    """Bytes moved and aten ops of each SelfReg loss (ours and the authors'), forward + backward into the taps."""
     net = UNet(1, args.classes, base_channels=args.width).to("meta")
     _, enc, dec, final = forward_with_features(net, torch.empty(1, 1, args.size, args.size, device="meta"))
     spec = net.tap_spec
     names = [f"down{i}" for i in range(1, len(enc) + 1)] + [f"up{j}" for j in range(1, len(dec) + 1)]
     bf16 = mode == "bf16-cl"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    fmt = torch.channels_last if bf16 else torch.contiguous_format
+    fmt = torch.channels_last if channels_last(mode) else torch.contiguous_format
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
 
@@ -470,16 +495,18 @@ def count_traffic(args, mode: str, device: torch.device) -> dict:
         return x.contiguous(memory_format=fmt).requires_grad_()
 
     feats = {n: make(t) for n, t in zip(names, [*enc, *dec], strict=True)} | {spec.final: make(final)}
-    selfreg = SelfRegLoss(spec.ifd_groups, spec.scr_groups)
     n_enc = len(enc)
-    losses = {
-        "ours SelfRegLoss": lambda: selfreg(feats, feats[spec.final], gen)[0],
-        "authors KDloss": lambda: authors_kd_loss(
-            [feats[n] for n in names[:n_enc]], [feats[n] for n in names[n_enc:]], feats[spec.final]
-        ),
-    }
+    def ours(impl: str) -> Callable[[], Tensor]:
+        loss = SelfRegLoss(spec.ifd_groups, spec.scr_groups, implementation=impl)
+        return lambda: loss(feats, feats[spec.final], gen)[0]
+
+    # fused-compile: the dispatch mode would see the compiled graph's ops, not its fused kernels; not counted
+    losses = {arm: ours(impl) for arm, impl in SELFREG_ARMS.items() if arm in args.arms and arm != "fused-compile"}
+    losses["authors"] = lambda: authors_kd_loss(
+        [feats[n] for n in names[:n_enc]], [feats[n] for n in names[n_enc:]], feats[spec.final]
+    )
     result = {"tap_mb": sum(v.numel() * v.element_size() for k, v in feats.items() if k != spec.final) / 1e6,
-              "final_mb": feats[spec.final].numel() * feats[spec.final].element_size() / 1e6}
+              "final_mb": feats[spec.final].numel() * feats[spec.final].element_size() / 1e6, "losses": {}}
     for name, fn in losses.items():
         for v in feats.values():
             v.grad = None
@@ -488,8 +515,13 @@ def count_traffic(args, mode: str, device: torch.device) -> dict:
                 total = fn()
             total.backward()
         top = sorted(counter.per_op.items(), key=lambda kv: -kv[1])[:6]
-        result[name] = {"gb": counter.bytes / 1e9, "ops": counter.ops, "top_gb": {k: v / 1e9 for k, v in top}}
+        result["losses"][name] = {"gb": counter.bytes / 1e9, "ops": counter.ops,
+                                  "top_gb": {k: v / 1e9 for k, v in top}}
     return result
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def markdown(results: dict, args, device_name: str) -> str:
@@ -499,30 +531,32 @@ def markdown(results: dict, args, device_name: str) -> str:
         f"steps per arm after {args.warmup} warm-up steps",
         "",
         "| mode | arm | step ms (median) | IQR ms | images/s | vs `none` | SelfReg overhead: medians / paired "
-        "| peak GiB | host syncs/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak GiB | host syncs/step | CUDA kernels/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, res in results["steps"].items():
-        for arm in ARMS:
+        for arm in args.arms:
             r = res[arm]
             over = ""
             if "selfreg_overhead" in r:
-                over = " / ".join(
-                    f"{100 * r[k]:+.1f} %" for k in ("selfreg_overhead", "paired_overhead_median")
-                )
-            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-            n_sync = "-" if r["host_syncs_per_step"] is None else str(r["host_syncs_per_step"])
+                over = " / ".join(f"{100 * r[k]:+.1f} %" for k in ("selfreg_overhead", "paired_overhead_median"))
             lines.append(
                 f"| {mode} | {arm} | {r['median_ms']:.1f} | {r['q1_ms']:.1f}-{r['q3_ms']:.1f} | "
-                f"{r['images_per_s']:.1f} | {r['vs_none']:.3f} | {over} | {peak} | {n_sync} |"
+                f"{r['images_per_s']:.1f} | {_fmt(r['vs_none'], '.3f')} | {over} | {_fmt(r['peak_gib'])} | "
+                f"{_fmt(r['host_syncs_per_step'], 'd')} | {_fmt(r['cuda_kernels_per_step'], 'd')} |"
             )
-    lines += ["", "Loss terms alone, on captured features (median ms; % of the `none` step):", "",
-              "| mode | part | ms | % of `none` step |", "|---|---|---|---|"]
+    lines += ["", "Loss terms alone, on captured features (median ms; % of the `none` step; fwd+bwd: median of the "
+              "per-round ratios to `ours-eager` and to the authors' loss):", "",
+              "| mode | part | ms | % of `none` step | vs ours-eager | vs authors | CUDA kernels |",
+              "|---|---|---|---|---|---|---|"]
     for mode, res in results["loss_only"].items():
-        base = results["steps"][mode]["none"]["median_ms"]
-        for part in LOSS_PARTS:
-            ms = res[part]["median_ms"]
-            lines.append(f"| {mode} | {part} | {ms:.2f} | {100 * ms / base:.1f} % |")
+        base = results["steps"][mode].get("none", {}).get("median_ms")
+        for part, r in res.items():
+            share = "-" if base is None else f"{100 * r['median_ms'] / base:.1f} %"
+            lines.append(
+                f"| {mode} | {part} | {r['median_ms']:.2f} | {share} | {_fmt(r.get('paired_vs_ours-eager'), '.3f')} "
+                f"| {_fmt(r.get('paired_vs_authors'), '.3f')} | {_fmt(r['cuda_kernels'], 'd')} |"
+            )
     return "\n".join(lines)
 
 
@@ -535,11 +569,10 @@ def markdown_traffic(traffic: dict, args) -> str:
         "|---|---|---|---|---|",
     ]
     for mode, res in traffic.items():
-        for loss in ("ours SelfRegLoss", "authors KDloss"):
-            r = res[loss]
-            top = ", ".join(f"{k} {v:.2f}" for k, v in r["top_gb"].items())
-            lines.append(f"| {mode} | {loss} | {r['gb']:.2f} | {r['ops']} | {top} |")
-        sizes = f"{res['tap_mb'] / 1e3:.2f} GB of tapped maps + {res['final_mb'] / 1e3:.2f} GB F_final"
+        for loss, r in res["losses"].items():
+            top = ", ".join(f"{k} {v:.3f}" for k, v in r["top_gb"].items())
+            lines.append(f"| {mode} | {loss} | {r['gb']:.3f} | {r['ops']} | {top} |")
+        sizes = f"{res['tap_mb'] / 1e3:.3f} GB of tapped maps + {res['final_mb'] / 1e3:.3f} GB F_final"
         lines.append(f"| {mode} | (sizes: {sizes}) | | | |")
     return "\n".join(lines)
 
@@ -555,7 +588,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per arm; default: 8 CUDA, 2 CPU")
     parser.add_argument("--rounds", type=int, default=None, help="interleaving rounds; default: 6 CUDA, 16 CPU")
     parser.add_argument("--loss-reps", type=int, default=None, help="loss-only calls per round; default 10 CUDA, 5 CPU")
-    parser.add_argument("--modes", default=None, help="comma list of fp32,bf16-cl; default: both on CUDA, fp32 on CPU")
+    parser.add_argument("--modes", default=None,
+                        help=f"comma list of {','.join(MODES)}; default: fp32,bf16-cl on CUDA, fp32,fp32-cl on CPU")
+    parser.add_argument("--arms", default=None,
+                        help=f"comma list of {','.join(ALL_ARMS)}; default: all on CUDA, all but fused-compile on CPU")
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads; default 1 on CPU (robust on a shared machine), 0 = torch's default (all cores)",
@@ -571,7 +607,8 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     defaults = dict(batch_size=(24, 4), size=(224, 96), width=(64, 16), steps=(30, 64), warmup=(8, 2),
-                    rounds=(6, 16), loss_reps=(10, 5), modes=("fp32,bf16-cl", "fp32"))
+                    rounds=(6, 16), loss_reps=(10, 5), modes=("fp32,bf16-cl", "fp32,fp32-cl"),
+                    arms=(",".join(ALL_ARMS), ",".join(a for a in ALL_ARMS if a != "fused-compile")))
     for key, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, on_cuda if cuda else on_cpu)
@@ -580,9 +617,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"fp32", "bf16-cl"}
+    unknown = set(modes) - set(MODES)
     if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; use fp32 and/or bf16-cl")
+        parser.error(f"unknown modes {sorted(unknown)}; use {', '.join(MODES)}")
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = set(args.arms) - set(ALL_ARMS)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}; use {', '.join(ALL_ARMS)}")
+    args.arms = [a for a in ALL_ARMS if a in args.arms]  # baselines first, a fixed order
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_selfreg.losses import DiceCELoss, SelfRegLoss, ifd_loss, pool_teacher, scr_loss
+from lightning_selfreg.losses import (
+    DiceCELoss,
+    SelfRegLoss,
+    _scr_loss_reference,
+    ifd_loss,
+    pool_teacher,
+    scr_loss,
+)
 
 
 def authors_intra_fd(f_s):
@@ -50,8 +57,10 @@ def test_ifd_gradient_flows_to_both_halves_by_default_and_detach_shallow_stops_t
 
 
 def test_ifd_errors():
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(B, C, \*spatial\) feature map with 2 or 3 spatial dims"):
         ifd_loss(torch.randn(2, 4, 4))
+    with pytest.raises(ValueError, match=r"\(B, C, \*spatial\)"):
+        ifd_loss(torch.randn(1, 2, 2, 2, 2, 2))
     with pytest.raises(ValueError, match="at least 2 channels"):
         ifd_loss(torch.randn(2, 1, 4, 4))
 
@@ -100,15 +109,26 @@ def test_scr_random_pairing_is_seeded_and_is_a_random_matching():
     assert torch.allclose(scr_loss(feature, final, generator=torch.Generator().manual_seed(5)), expected)
 
 
-def test_scr_random_pairing_uses_each_student_channel_at_most_once():
-    # teacher = channel index everywhere; student channel k = k; loss is the mean squared index difference
-    feature = torch.arange(16.0).view(1, 16, 1, 1)
-    final = torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 2, 2)
-    seen = set()
-    for seed in range(20):
-        loss = scr_loss(feature, final, generator=torch.Generator().manual_seed(seed))
-        seen.add(round(loss.item(), 4))
-    assert len(seen) > 5
+@pytest.mark.parametrize("scr", [scr_loss, _scr_loss_reference], ids=["fused", "reference"])
+def test_scr_random_pairing_uses_each_student_channel_at_most_once(scr):
+    # 16 student channels, 4 teacher channels: 4 distinct student channels, each paired with one teacher channel.
+    # Student k is k everywhere, teacher m is 100 m: the gradient on student k is 2 (k - 100 m) / N for the one m it
+    # is paired with, so it reveals exactly which channels were used and how often (a channel drawn twice gets the
+    # sum of two such terms, and fewer than 4 channels get a gradient: sampling with replacement fails here).
+    final = (100.0 * torch.arange(4.0)).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    n = 4 * 4  # paired channels x spatial positions
+    pairs_seen = set()
+    for seed in range(12):
+        feature = torch.arange(16.0).view(1, 16, 1, 1).expand(1, 16, 2, 2).clone().requires_grad_()
+        scr(feature, final, generator=torch.Generator().manual_seed(seed)).backward()
+        grad = feature.grad[0, :, 0, 0]
+        used = grad.nonzero().flatten()
+        assert used.numel() == 4, f"seed {seed}: {used.numel()} distinct student channels used, expected 4"
+        teacher_of = (used.float() - grad[used] * n / 2) / 100  # solve 2 (k - 100 m) / N for m
+        assert torch.allclose(teacher_of, teacher_of.round(), atol=1e-4)
+        assert sorted(teacher_of.round().long().tolist()) == [0, 1, 2, 3], f"seed {seed}: teachers {teacher_of}"
+        pairs_seen.add(tuple(used.tolist()))
+    assert len(pairs_seen) > 5  # and the subset changes with the seed
 
 
 def test_scr_errors():
@@ -120,8 +140,39 @@ def test_scr_errors():
         scr_loss(torch.randn(2, 4, 4, 4), torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match="pairing"):
         scr_loss(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 8, 8), pairing="sorted")
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(B, C, \*spatial\)"):
         scr_loss(torch.randn(4, 4, 4), torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="same number of spatial dims"):
+        scr_loss(torch.randn(1, 4, 2, 4, 4), torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="larger than `final`"):
+        scr_loss(torch.randn(1, 4, 4, 4, 16), torch.randn(1, 4, 4, 8, 8))
+
+
+def test_ifd_and_scr_hand_computed_5d():
+    # (B=1, C=2, D=2, H=1, W=1): channel 0 = [1, 1] (score sqrt(2)), channel 1 = [2, 0] (score 1): pair (0, 1)
+    f = torch.tensor([1.0, 1.0, 2.0, 0.0]).view(1, 2, 2, 1, 1)
+    assert ifd_loss(f).item() == pytest.approx(((1 - 2) ** 2 + (1 - 0) ** 2) / 2)
+    assert ifd_loss(f.flip(1)).item() == pytest.approx(1.0)
+    # SCR: final (1, 1, 2, 2, 2) = 1..8 pools to its mean 4.5 at (1, 1, 1); feature 3 -> (3 - 4.5)^2
+    final = torch.arange(1.0, 9.0).view(1, 1, 2, 2, 2)
+    assert scr_loss(torch.tensor([[[[[3.0]]]]]), final, pairing="ordered").item() == pytest.approx(1.5**2)
+    # pooling over depth only: (1, 1, 1, 2, 2) target = mean over D of final = [3, 4, 5, 6]
+    feature = torch.tensor([3.0, 4.0, 5.0, 8.0]).view(1, 1, 1, 2, 2)
+    assert scr_loss(feature, final, pairing="ordered").item() == pytest.approx((8 - 6) ** 2 / 4)
+
+
+def test_pool_teacher_3d_and_size_errors():
+    final = torch.randn(2, 3, 8, 12, 12)
+    sizes = [(4, 6, 6), (2, 3, 3), (8, 6, 6), (3, 5, 5)]
+    pooled = pool_teacher(final, sizes)
+    for size in sizes:
+        assert torch.allclose(pooled[size], F.adaptive_avg_pool3d(final, size), atol=1e-6), size
+    with pytest.raises(ValueError, match="tuples of 3 ints"):
+        pool_teacher(final, [(4, 4)])
+    with pytest.raises(ValueError, match="tuples of 2 ints"):
+        pool_teacher(torch.randn(1, 2, 8, 8), [(2, 2, 2)])
+    with pytest.raises(ValueError, match="larger than `final`"):
+        pool_teacher(final, [(16, 6, 6)])
 
 
 def test_pool_teacher_matches_direct_pooling():
@@ -167,9 +218,19 @@ def test_selfreg_loss_is_float32_under_autocast():
     assert total.dtype == torch.float32 and terms["scr"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("bad", [-1, float("inf"), float("nan"), -0.5, "0.1", True])
+@pytest.mark.parametrize("name", ["lambda_scr", "lambda_ifd"])
+def test_selfreg_loss_lambdas_must_be_finite_and_non_negative(name, bad):
+    with pytest.raises(ValueError, match=f"`{name}` must be a finite number >= 0"):
+        SelfRegLoss({}, {}, **{name: bad})
+    SelfRegLoss({}, {}, **{name: 0})  # 0 switches the term off
+
+
 def test_selfreg_loss_validation():
     with pytest.raises(ValueError, match="lambda_scr"):
         SelfRegLoss({}, {}, lambda_scr=-1)
+    with pytest.raises(ValueError, match="implementation"):
+        SelfRegLoss({}, {}, implementation="triton")
     with pytest.raises(ValueError, match="empty groups"):
         SelfRegLoss({"encoder": []}, {})
     with pytest.raises(ValueError, match="pairing"):
@@ -203,12 +264,46 @@ def test_dice_ce_matches_reference():
     assert torch.allclose(total, 0.4 * ce + 0.6 * dice, atol=1e-6)
 
 
+def test_dice_ce_3d_matches_reference_and_the_2d_loss_of_stacked_slices():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, 5, 6, generator=g)
+    target = torch.randint(0, 3, (2, 4, 5, 6), generator=g)
+    total, terms = DiceCELoss(3, 0.3, 0.7)(logits, target)
+    ce, dice = F.cross_entropy(logits, target), authors_dice(logits, target, 3)
+    assert torch.allclose(terms["ce"], ce) and torch.allclose(terms["dice"], dice, atol=1e-6)
+    assert torch.allclose(total, 0.3 * ce + 0.7 * dice, atol=1e-6)
+    # the batch-wide Dice of a volume equals the 2-D Dice of its slices stacked along the batch
+    flat_logits = logits.permute(0, 2, 1, 3, 4).reshape(8, 3, 5, 6)
+    _, terms2d = DiceCELoss(3, 0.3, 0.7)(flat_logits, target.reshape(8, 5, 6))
+    assert torch.allclose(terms2d["dice"], dice, atol=1e-6) and torch.allclose(terms2d["ce"], ce, atol=1e-6)
+    with pytest.raises(ValueError, match="target"):
+        DiceCELoss(3)(logits, target[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(ce_weight=0, dice_weight=0), "`ce_weight` and `dice_weight` are both 0"),
+        (dict(ce_weight=-0.1), "`ce_weight` must be a finite number >= 0"),
+        (dict(dice_weight=-1), "`dice_weight` must be a finite number >= 0"),
+        (dict(dice_weight=float("inf")), "`dice_weight` must be a finite number >= 0"),
+        (dict(ce_weight=float("nan")), "`ce_weight` must be a finite number >= 0"),
+    ],
+)
+def test_dice_ce_weight_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiceCELoss(3, **kwargs)
+    DiceCELoss(3, ce_weight=0, dice_weight=1)  # one of them may be 0
+
+
 def test_dice_ce_shape_errors():
     loss = DiceCELoss(3)
     with pytest.raises(ValueError, match="logits"):
         loss(torch.randn(2, 4, 5, 5), torch.zeros(2, 5, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):
         loss(torch.randn(2, 3, 5, 5), torch.zeros(2, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, 3, D, H, W\)"):
+        loss(torch.randn(2, 3, 5), torch.zeros(2, 5, dtype=torch.long))
 
 
 def test_reduced_precision_maps_give_the_fp32_result_and_keep_their_gradient_dtype():

@@ -13,7 +13,10 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
+from lightning_selfreg import metrics
 from lightning_selfreg.metrics import (
+    HD95_METHODS,
+    KDTREE_BOX_PER_SURFACE,
     PerCaseMetrics,
     case_metrics,
     dice,
@@ -144,9 +147,113 @@ def test_modes_match_brute_force(shape, spacing, seed):
     d_pg, d_gp = brute_directed(pred, gt, spacing)
     expected_max = max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))
     expected_pooled = np.percentile(np.concatenate([d_pg, d_gp]), 95)
-    assert hd95(pred, gt, spacing, mode="max_directed") == pytest.approx(expected_max, abs=1e-9)
-    assert hd95(pred, gt, spacing, mode="pooled") == pytest.approx(expected_pooled, abs=1e-9)
-    np.testing.assert_allclose(np.sort(surface_distances(pred, gt, spacing)), np.sort(d_pg), atol=1e-9)
+    for method in HD95_METHODS:
+        assert hd95(pred, gt, spacing, mode="max_directed", method=method) == pytest.approx(expected_max, abs=1e-9)
+        assert hd95(pred, gt, spacing, mode="pooled", method=method) == pytest.approx(expected_pooled, abs=1e-9)
+        ours = surface_distances(pred, gt, spacing, method=method)
+        np.testing.assert_allclose(np.sort(ours), np.sort(d_pg), atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the two distance engines (EDT of the bounding box, KD-tree of the surface voxels) against medpy and each other
+# ------------------------------------------------------------------------------------------------------------------
+def box_per_surface(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The ratio that ``method="auto"`` compares with KDTREE_BOX_PER_SURFACE (bounding box / surface voxels)."""
+    box = tuple(slice(a.min(), a.max() + 1) for a in np.nonzero(pred | gt))
+    return (pred | gt)[box].size / (len(brute_surface(pred)) + len(brute_surface(gt)))
+
+
+def noise_pair(seed: int, shape: tuple[int, ...], density: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """Salt-noise masks: nearly every foreground voxel is a surface voxel (the EDT's side of the threshold)."""
+    rng = np.random.default_rng(seed)
+    return rng.random(shape) < density, rng.random(shape) < density
+
+
+def organ_pair(seed: int, shape: tuple[int, ...], fill: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth, irregular ellipsoid (semi-axis ``fill_i * shape_i / 2``; > 1 crosses the array border) as the
+    ground truth, and a perturbed copy shifted by up to 2 voxels per axis as the prediction."""
+    rng = np.random.default_rng(seed)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    r2 = sum(((x - (n - 1) / 2) / (f * n / 2)) ** 2 for x, n, f in zip(grids, shape, fill, strict=True))
+    noise = ndimage.gaussian_filter(rng.standard_normal((2, *shape)), [0] + [max(shape) / 12] * len(shape))
+    noise /= noise.std(axis=tuple(range(1, len(shape) + 1)), keepdims=True)
+    gt = r2 + 0.15 * noise[0] < 1
+    shift = tuple(int(v) for v in rng.integers(-2, 3, len(shape)))
+    pred = np.roll(r2 + 0.15 * noise[0] + 0.1 * noise[1], shift, axis=tuple(range(len(shape)))) < 1.05
+    return pred, gt
+
+
+# (shape, spacing, seed, kind, fill): smooth shapes above the auto threshold (KD-tree), salt noise below it (EDT);
+# anisotropic spacings with ratios up to 4 between axes; 1D, 2D and 3D; masks crossing the array border
+ENGINE_CASES = [
+    ((160, 160), (0.6, 1.4), 0, "blob", None),
+    ((120, 90), (2.0, 0.5), 1, "border", None),
+    ((300,), (0.4,), 2, "blob", None),
+    ((32, 72, 72), (2.5, 0.7, 0.9), 3, "organ", (0.7, 0.7, 0.7)),
+    ((32, 72, 72), (0.8, 3.2, 1.1), 3, "organ", (1.3, 0.7, 0.7)),
+    ((24, 80, 60), None, 3, "organ", (0.8, 1.2, 0.7)),
+    ((40, 40), (1.3, 0.7), 5, "noise", None),
+    ((10, 24, 24), (3.0, 0.75, 0.8), 6, "noise", None),
+]
+
+
+def engine_case(shape, seed, kind, fill) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "noise":
+        return noise_pair(seed, shape)
+    if kind == "organ":
+        return organ_pair(seed, shape, fill)
+    return blob_pair(seed, shape, touch_border=kind == "border")
+
+
+@pytest.mark.parametrize(("shape", "spacing", "seed", "kind", "fill"), ENGINE_CASES)
+def test_engines_match_medpy_and_each_other(shape, spacing, seed, kind, fill):
+    pred, gt = engine_case(shape, seed, kind, fill)
+    ratio = box_per_surface(pred, gt)
+    assert (ratio > KDTREE_BOX_PER_SURFACE) == (kind != "noise"), ratio  # both sides of the auto threshold
+    expected = medpy_binary.hd95(pred, gt, voxelspacing=spacing)
+    ref = [medpy_surface_distances(a, b, voxelspacing=spacing) for a, b in ((pred, gt), (gt, pred))]
+    expected_max = max(np.percentile(ref[0], 95), np.percentile(ref[1], 95))
+    for method in HD95_METHODS:
+        # the same values as medpy, to the last bits (the engines may differ only in ties between equidistant voxels)
+        assert hd95(pred, gt, spacing, method=method) == pytest.approx(expected, rel=1e-12, abs=1e-12), method
+        value = hd95(pred, gt, spacing, mode="max_directed", method=method)
+        assert value == pytest.approx(expected_max, rel=1e-12, abs=1e-12), method
+        for (a, b), r in zip(((pred, gt), (gt, pred)), ref, strict=True):
+            np.testing.assert_allclose(surface_distances(a, b, spacing, method=method), r, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["blob", "noise"])
+def test_auto_picks_the_engine_by_box_per_surface(kind, monkeypatch):
+    pred, gt = noise_pair(1, (30, 30)) if kind == "noise" else organ_pair(1, (32, 72, 72), (0.7, 0.7, 0.7))
+    expected = hd95(pred, gt, (1.5, 0.5, 0.5)[-pred.ndim:])
+    unused = "_directed_edt" if kind == "blob" else "_directed_kdtree"
+
+    def must_not_run(*args):
+        raise AssertionError(f"method='auto' ran {unused} on a {kind} mask")
+
+    monkeypatch.setattr(metrics, unused, must_not_run)
+    assert hd95(pred, gt, (1.5, 0.5, 0.5)[-pred.ndim:]) == expected  # auto: the other engine only
+    assert case_metrics(pred.astype(np.int64), gt.astype(np.int64), 2, (1.5, 0.5, 0.5)[-pred.ndim:])[1][0] == expected
+    with pytest.raises(AssertionError, match="ran"):
+        hd95(pred, gt, method="edt" if kind == "blob" else "kdtree")
+
+
+def test_engines_on_identical_and_nested_masks():
+    # identical masks: every surface voxel is on the other surface (the KD-tree queries nothing) -> 0
+    pred, gt = blob_pair(9, (16, 40, 40))
+    for method in HD95_METHODS:
+        assert hd95(gt, gt, (2.0, 0.7, 0.7), method=method) == 0.0
+        assert not surface_distances(gt, gt, method=method).any()
+    # a single voxel inside a block, and the block around it
+    block = np.zeros((9, 9, 9), dtype=bool)
+    block[2:7, 2:7, 2:7] = True
+    point = np.zeros_like(block)
+    point[4, 4, 4] = True
+    for method in HD95_METHODS:
+        np.testing.assert_allclose(surface_distances(point, block, (3.0, 1.0, 1.0), method=method), [2.0])
+        assert hd95(block, point, (3.0, 1.0, 1.0), method=method) == pytest.approx(
+            medpy_binary.hd95(block, point, voxelspacing=(3.0, 1.0, 1.0)), rel=1e-12
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -209,6 +316,10 @@ def test_hd95_errors():
     b[2:5, 2:5] = True
     with pytest.raises(ValueError, match="`mode`.*'mean'"):
         hd95(a, b, mode="mean")
+    with pytest.raises(ValueError, match="`method`.*'kdtree'.*'brute'"):
+        hd95(a, b, method="brute")
+    with pytest.raises(ValueError, match="`method`"):
+        surface_distances(a, b, method="EDT")
     with pytest.raises(ValueError, match="`spacing`.*expected length 2"):
         hd95(a, b, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="`spacing`.*positive"):
