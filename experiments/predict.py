@@ -9,15 +9,26 @@ Examples::
 NIfTI volumes are segmented slice by slice along their third axis and written with the input's affine. CT
 intensities are windowed to ``--window`` (HU, default [-125, 275], the Synapse preprocessing) and scaled to
 [0, 1]; pass ``--no-window`` for inputs already in [0, 1]. 2D images are read as RGB in [0, 1] (GlaS/MoNuSeg).
+
+Every problem with the arguments, the checkpoint or the input (missing or truncated files, NaN/inf voxels, a
+window with LOW >= HIGH, an image whose channel count is not the model's, a device that is not there) ends with
+exit status 2 and one line naming it, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+
+class PredictError(ValueError):
+    """A bad argument or input; the message names it, says what was expected and what was found."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,59 +44,149 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Segment one file; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def _check_arguments(args: argparse.Namespace) -> bool:
+    """Checks that need no import of torch; returns whether the input is a volume."""
+    low, high = args.window
+    if not args.no_window and not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise PredictError(f"--window LOW HIGH: expected finite values with LOW < HIGH, found {low:g} {high:g}")
     if not args.checkpoint.is_file():
-        print(f"error: --checkpoint {args.checkpoint}: file not found", file=sys.stderr)
-        return 2
+        raise PredictError(f"--checkpoint {args.checkpoint}: file not found")
     if not args.input.is_file():
-        print(f"error: --input {args.input}: file not found", file=sys.stderr)
-        return 2
+        raise PredictError(f"--input {args.input}: file not found")
     is_volume = args.input.name.endswith((".nii", ".nii.gz"))
     if is_volume != args.output.name.endswith(".nii.gz"):
-        print("error: --output must be .nii.gz for a NIfTI input and .png for a 2D image", file=sys.stderr)
-        return 2
+        raise PredictError("--output must be .nii.gz for a NIfTI input and .png for a 2D image")
+    return is_volume
 
+
+def resolve_device(name: str | None):
+    """The ``torch.device`` of ``--device`` (default: ``cuda`` if available), checked to exist on this machine.
+
+    Raises:
+        PredictError: For an unknown device name or one this machine does not have.
+    """
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise PredictError(f"--device {name}: expected cpu, cuda or cuda:N, found an unknown device name "
+                           f"({str(err).splitlines()[0]})") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise PredictError(f"--device {name}: expected a CUDA GPU, found none ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PredictError(f"--device {name}: expected an index below {torch.cuda.device_count()} (the number "
+                               f"of visible GPUs), found {device.index}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except Exception as err:  # each backend raises its own type when it is missing
+            raise PredictError(f"--device {name}: this machine cannot use it ({str(err).splitlines()[0]})") from err
+    return device
+
+
+def load_module(checkpoint_path: Path, device):
+    """Rebuild the trained :class:`SelfRegSegModule` from a checkpoint written by ``experiments.run``.
+
+    Raises:
+        PredictError: If the file is not a complete checkpoint, has no ``net_config`` or its weights do not fit.
+    """
+    from lightning_selfreg import SelfRegSegModule
+    from lightning_selfreg.checkpoint import CheckpointError, load_checkpoint
+    from lightning_selfreg.models import create_model
+
+    try:
+        checkpoint = load_checkpoint(checkpoint_path)
+    except CheckpointError as err:
+        raise PredictError(f"--checkpoint {err}") from err
+    hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters") or {})
+    build = hparams.get("net_config")
+    if not build:
+        raise PredictError(f"--checkpoint {checkpoint_path}: no `net_config` in its hyper-parameters (it was not "
+                           "written by experiments.run); load it in Python with "
+                           "SelfRegSegModule.load_from_checkpoint(path, net=...)")
+    build = {k: v for k, v in build.items() if k != "pretrained"}  # the weights come from the checkpoint
+    accepted = inspect.signature(SelfRegSegModule).parameters  # e.g. Lightning's `_instantiator` is not
+    kwargs = {k: v for k, v in hparams.items() if k in accepted and k != "net"}
+    try:
+        module = SelfRegSegModule(create_model(**build), **{**kwargs, "prediction_dir": None})
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as err:
+        raise PredictError(f"--checkpoint {checkpoint_path}: expected weights of the network in its net_config "
+                           f"{build}, found weights that do not fit ({str(err).strip().splitlines()[0]})") from err
+    return module.to(device).eval(), build
+
+
+def _check_channels(path: Path, found: int, what: str, build: dict[str, Any]) -> None:
+    expected = build.get("in_channels")
+    if expected is not None and found != expected:
+        raise PredictError(f"--input {path}: the model takes {expected}-channel images ({build['name']}, "
+                           f"in_channels={expected}), found {found} channel(s) ({what})")
+
+
+def _check_finite(path: Path, volume: np.ndarray) -> None:
+    bad = ~np.isfinite(volume)
+    if bad.any():
+        first = int(np.argmax(bad.reshape(len(volume), -1).any(1)))
+        raise PredictError(f"--input {path}: expected finite intensities, found {int(bad.sum())} NaN/inf voxel(s) "
+                           f"(first in slice {first} of {len(volume)})")
+
+
+def predict(args: argparse.Namespace) -> str:
+    """Segment ``args.input`` into ``args.output``; returns the summary line.
+
+    Raises:
+        PredictError: For any bad argument or input, before the output is written.
+    """
+    is_volume = _check_arguments(args)
     import torch
     from PIL import Image
 
-    from lightning_selfreg import SelfRegSegModule
-    from lightning_selfreg.io import load_image_2d, load_nifti, save_nifti
-    from lightning_selfreg.models import create_model
+    from lightning_selfreg.io import atomic_write, load_image_2d, load_nifti, save_nifti
 
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    build = checkpoint.get("hyper_parameters", {}).get("net_config")
-    if not build:
-        print(f"error: --checkpoint {args.checkpoint}: no `net_config` in its hyper-parameters (it was not written "
-              "by experiments.run); load it in Python with SelfRegSegModule.load_from_checkpoint(path, net=...)",
-              file=sys.stderr)
-        return 2
-    build = {k: v for k, v in build.items() if k != "pretrained"}  # the weights come from the checkpoint
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module = SelfRegSegModule.load_from_checkpoint(args.checkpoint, net=create_model(**build), map_location=device,
-                                                   prediction_dir=None)
-    module.eval()
+    device = resolve_device(args.device)
+    module, build = load_module(args.checkpoint, device)
     try:
         if is_volume:
             volume, affine, _ = load_nifti(args.input)
-            if not args.no_window:
-                low, high = args.window
-                volume = (np.clip(volume, low, high) - low) / (high - low)
-            pred = module.predict_volume(torch.from_numpy(volume)).cpu().numpy()
-            save_nifti(pred, args.output, affine=affine)
+            image = torch.from_numpy(volume)  # (D, H, W): one channel
+            found, what = 1, "a NIfTI volume has one channel"
         else:
-            image = load_image_2d(args.input)
-            pred = module.predict_volume(torch.from_numpy(image).permute(2, 0, 1)[None]).cpu().numpy()[0]
-            scale = 255 if module.hparams.num_classes == 2 else 1
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((pred * scale).astype(np.uint8)).save(args.output)
+            rgb = load_image_2d(args.input)
+            image = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W)
+            found, what = 3, "the image is read as RGB"
     except ValueError as err:
-        print(f"error: --input: {err}", file=sys.stderr)
-        return 2
+        raise PredictError(f"--input: {err}") from err
+    _check_channels(args.input, found, what, build)
+    if is_volume:
+        _check_finite(args.input, volume)
+        if not args.no_window:
+            low, high = args.window
+            image = (image.clamp(low, high) - low) / (high - low)
+        pred = module.predict_volume(image).cpu().numpy()
+        save_nifti(pred, args.output, affine=affine)
+    else:
+        pred = module.predict_volume(image).cpu().numpy()[0]
+        scale = 255 if module.hparams.num_classes == 2 else 1
+        mask = Image.fromarray((pred * scale).astype(np.uint8))
+        atomic_write(args.output, lambda tmp: mask.save(tmp, format="PNG"))
     names = ["background", *module.class_names]
-    found = {names[c]: int((pred == c).sum()) for c in np.unique(pred)}
-    print(f"wrote {args.output} (voxels per class: {found})")
+    found_classes = {names[c]: int((pred == c).sum()) for c in np.unique(pred)}
+    return f"wrote {args.output} (voxels per class: {found_classes})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Segment one file; returns the exit status (2 with one line on stderr for a bad argument or input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        print(predict(args))
+    except PredictError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

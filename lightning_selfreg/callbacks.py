@@ -211,9 +211,12 @@ class FiniteLossGuard(pl.Callback):
 class RNGStateCheckpoint(pl.Callback):
     """Save the Python, NumPy and torch (CPU and CUDA) RNG states in checkpoints and restore them on resume.
 
-    With it (and the :class:`~lightning_selfreg.data.ResumableDataLoader` of the DataModules, which restores the
-    position in the epoch), a resumed run draws the same on-device augmentations, dropout masks and SelfReg
-    channel pairings as an uninterrupted run of the same seed, from an end-of-epoch or a mid-epoch checkpoint.
+    The data pipeline does not need it: its draws derive from ``(seed, epoch, sample index)``
+    (:func:`~lightning_selfreg.data.derive_seed`) and the :class:`~lightning_selfreg.data.ResumableDataLoader`
+    restores the position in the epoch; SelfReg's pairing has its own generator in its own state. What it covers
+    is everything else that draws from the global generators (dropout masks, a user's augmentation or callback),
+    so that a resumed run continues them as an uninterrupted run of the same seed would, from an end-of-epoch or
+    a mid-epoch checkpoint.
     """
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,14 @@
 import json
 import math
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
+import lightning_selfreg.io
 from lightning_selfreg.compare import (
     format_comparison_markdown,
     load_results,
@@ -71,6 +77,61 @@ def test_markdown_table_and_atomic_write(tmp_path):
     assert json.loads(paths["json"].read_text()) == summary
     assert paths["markdown"].read_text() == table
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json", "summary.md"]  # no temp files
+
+
+def test_a_write_failing_midway_keeps_the_previous_summary(tmp_path, monkeypatch):
+    """Rewriting a summary whose write fails half-way leaves the old files whole and no temporary file."""
+    paths = write_comparison(summarize_comparison(runs()), tmp_path / "out")
+    before = {key: path.read_text() for key, path in paths.items()}
+    real_write_text = Path.write_text
+
+    def write_half_then_fail(self, data, *args, **kwargs):
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+    other = summarize_comparison([run(False, 7, 0.8, 10.0, 0.7), run(True, 7, 0.9, 8.0, 0.8)])
+    with pytest.raises(OSError, match="No space left"):
+        write_comparison(other, tmp_path / "out")
+    monkeypatch.undo()
+    assert {key: path.read_text() for key, path in paths.items()} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json", "summary.md"]
+
+
+# A writer killed (SIGKILL) in the middle of an atomic write: it has written part of the new text when it says so.
+# lightning_selfreg/io.py is loaded on its own (it needs NumPy and Pillow only), sparing the child the torch import.
+KILLED_WRITER = textwrap.dedent("""
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("selfreg_io", sys.argv[2])
+    io = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(io)
+    atomic_write = io.atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write('{"partial": ')
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(120)
+
+    atomic_write(sys.argv[1], write)
+""")
+
+
+def test_a_writer_killed_midway_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "summary.json"
+    target.write_text('{"complete": true}\n')
+    io_path = Path(lightning_selfreg.io.__file__)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target), str(io_path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert target.read_text() == '{"complete": true}\n'
+    # what the kill leaves is the temporary file, named .tmp<pid>.<name> (the pattern the run test looks for)
+    assert [p.name for p in tmp_path.glob(".tmp*")] == [f".tmp{proc.pid}.summary.json"]
 
 
 def test_one_seed_has_no_interval():

@@ -224,7 +224,8 @@ def test_acdc_layout_splits_and_items(tmp_path):
     case = dm.test_dataloader().dataset[0]
     assert case["image"].shape == (3, 1, 20, 24) and case["label"].shape == (3, 20, 24)
     (root / "lists_ACDC" / "valid.txt").unlink()
-    with pytest.raises(DataError, match="lacks lists_ACDC/valid.txt"):
+    with pytest.raises(DataError, match=r"no folder with train.txt and valid.txt and test.txt .*found lists_ACDC/ "
+                       r"holds test.txt, train.txt"):
         ACDCDataModule(root).check_layout()
 
 

@@ -1,3 +1,6 @@
+import json
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -22,6 +25,33 @@ def _module(seed=0):
     return SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9, input_size=32)
 
 
+class SaveTestResults(pl.Callback):
+    """Write rank 0's gathered test results (both protocols, per class) to JSON, for the parent process to read."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_test_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.path.write_text(json.dumps(pl_module.test_results_by_protocol))
+
+
+def assert_same_results(found: dict, expected: dict) -> None:
+    """Every number of two ``test_results_by_protocol`` dicts agrees: case counts, means, per-class values."""
+    assert found.keys() == expected.keys() == {"strict", "transunet"}
+    for protocol, results in expected.items():
+        other = found[protocol]
+        assert other["num_cases"] == results["num_cases"], protocol
+        assert other["per_class"].keys() == results["per_class"].keys(), protocol
+        pairs = [(key, other[key], results[key]) for key in ("dice_mean", "iou_mean", "hd95_mean")]
+        pairs += [(f"{name}/{key}", other["per_class"][name][key], value)
+                  for name, values in results["per_class"].items() for key, value in values.items()]
+        for where, a, b in pairs:
+            assert (a is None) == (b is None), (protocol, where, a, b)
+            if b is not None:
+                assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12), (protocol, where, a, b)
+
+
 @pytest.mark.timeout(180)
 def test_ddp_fit_and_test_gather_every_case_once(tmp_path):
     """2 CPU processes (gloo, ddp_fork): 3 test volumes are split 2/1, gathered, each counted once."""
@@ -30,18 +60,25 @@ def test_ddp_fit_and_test_gather_every_case_once(tmp_path):
     dm = SynapseDataModule(root, image_size=32, batch_size=2, val_cases=())
     module = _module()
     trainer = pl.Trainer(devices=2, strategy="ddp_fork", max_steps=2, limit_val_batches=0,
-                         callbacks=[SelfReg()], default_root_dir=tmp_path, **common)
+                         callbacks=[SelfReg(), SaveTestResults(tmp_path / "ddp.json")], default_root_dir=tmp_path,
+                         **common)
     trainer.fit(module, dm)
     ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
     trainer.test(module, dm, ckpt_path=ckpt, verbose=False)
-    ddp = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    assert ddp["test/num_cases"] == 3
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    assert ddp["strict"]["num_cases"] == ddp["transunet"]["num_cases"] == 3
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    assert logged["test/num_cases"] == 3
 
-    # the same checkpoint evaluated in one process gives the same numbers
+    # the same checkpoint evaluated in one process gives the same numbers: every per-class value, both protocols
     single = pl.Trainer(devices=1, **common, enable_checkpointing=False)
     reference = _module(seed=1)
     single.test(reference, SynapseDataModule(root, image_size=32, val_cases=()), ckpt_path=ckpt, verbose=False)
-    assert reference.test_results["num_cases"] == 3
-    for key in ("dice_mean", "hd95_mean"):
-        if reference.test_results[key] is not None:
-            assert ddp[f"test/{key}"] == pytest.approx(reference.test_results[key], abs=1e-6)
+    expected = reference.test_results_by_protocol
+    assert expected["strict"]["num_cases"] == 3
+    # not vacuous: the strict protocol scores every class present in the prediction or the truth
+    assert sum(v["dice"] is not None for v in expected["strict"]["per_class"].values()) >= 1
+    assert_same_results(ddp, expected)
+    for key in ("dice_mean", "iou_mean", "hd95_mean"):  # what rank 0 logged is what it gathered
+        if expected["strict"][key] is not None:
+            assert logged[f"test/{key}"] == pytest.approx(expected["strict"][key], rel=1e-9)

@@ -148,6 +148,115 @@ def test_poly_schedule_matches_the_authors_formula(synapse_dir):
     assert lr == pytest.approx(0.1 * (1 - t.global_step / total) ** 0.9)
 
 
+# ---------------------------------------------------------------- test metrics of a known prediction
+
+
+class FixedPrediction(nn.Module):
+    """A 'network' that returns stored logits: slice ``d`` of the test image is filled with the value ``d``."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", logits)  # (D, K, h, w), at the module's input size
+
+    def forward(self, x):
+        return self.logits[x[:, 0, 0, 0].round().long()]
+
+
+def score_known_prediction(logits, label, spacing=(3.0, 0.8, 0.6)):
+    """Test metrics by protocol of one case whose network outputs ``logits`` (D, K, h, w) at input size (h, w)."""
+    d, k, h, w = logits.shape
+    image = torch.arange(d, dtype=torch.float32)[:, None, None, None].expand(d, 1, *label.shape[-2:]).clone()
+    case = {"image": image, "label": label, "case": "case0001", "spacing": torch.tensor(spacing)}
+    module = SelfRegSegModule(FixedPrediction(logits), k, input_size=(h, w))
+    trainer().test(module, torch.utils.data.DataLoader([case], batch_size=None), verbose=False)
+    return module.test_results_by_protocol
+
+
+def one_hot_logits(mask, k):
+    """Logits (D, K, h, w) of a label mask (D, h, w): 10 for its class, 0 for the others."""
+    return 10.0 * torch.nn.functional.one_hot(mask, k).permute(0, 3, 1, 2).float()
+
+
+def upsample2(mask):
+    """Nearest-neighbour x2 in-plane (what the transunet protocol's nearest resize does at an integer factor)."""
+    return mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+
+
+def per_class(results, key):
+    return [v[key] for v in results["per_class"].values()]
+
+
+@pytest.mark.parametrize("depth", [3, 1])  # a volume, and a 2D image (D = 1: the UCTransNet rules)
+def test_perfect_prediction_scores_dice_1_hd95_0_in_both_protocols(depth):
+    small = torch.zeros(depth, 6, 8, dtype=torch.long)  # input size (6, 8), native (12, 16)
+    small[:, 1:3, 1:4] = 1
+    small[:, 3:5, 2:6] = 2  # touches class 1
+    small[-1, 0:2, 5:8] = 3
+    results = score_known_prediction(one_hot_logits(small, 4), upsample2(small))
+    for protocol in ("strict", "transunet"):
+        assert per_class(results[protocol], "dice") == [1.0, 1.0, 1.0], protocol
+        assert per_class(results[protocol], "hd95") == [0.0, 0.0, 0.0], protocol
+
+
+def test_shifted_prediction_scores_the_hand_computed_hd95():
+    # gt: a 4 x 6 rectangle on both slices of a 2-slice volume, so every voxel is a surface voxel (z border);
+    # prediction: the same rectangle 2 native columns (1 input pixel) to the right.
+    small = torch.zeros(2, 4, 8, dtype=torch.long)
+    small[:, 1:3, 1:4] = 1
+    gt = upsample2(small)
+    results = score_known_prediction(one_hot_logits(torch.roll(small, 1, dims=-1), 2), gt, spacing=(3.0, 0.8, 0.6))
+    # per row of 6 voxels each way: 4 at distance 0, one at 1 column, one at 2 columns; both directions pooled over
+    # 8 rows: 64 zeros, 16 ones, 16 twos -> p95 (position 0.95 * 95 = 90.25) = 2 columns; Dice = 2 * 4 / 12
+    for protocol, column in (("strict", 0.6), ("transunet", 1.0)):  # mm (x spacing 0.6) / voxels
+        assert results[protocol]["per_class"]["class_1"]["hd95"] == pytest.approx(2 * column), protocol
+        assert results[protocol]["per_class"]["class_1"]["dice"] == pytest.approx(2 / 3), protocol
+
+
+@pytest.mark.parametrize(("depth", "strict_hd95"), [(2, 0.8), (1, 1.0)])
+def test_each_protocol_scores_its_own_prediction(depth, strict_hd95):
+    """strict: bilinear logits at native size; transunet: argmax at input size, resized with nearest neighbour."""
+    small = torch.zeros(depth, 4, 8, dtype=torch.long)
+    small[:, 1:3, 2:4] = 1
+    gt = upsample2(small)  # a 4 x 4 square per slice
+    # class-1 logit +5 inside, -1 outside (background 0): the bilinear x2 upsampling is positive one native pixel
+    # beyond each edge (0.75 * -1 + 0.25 * 5), so the strict prediction is the square grown by one pixel on each
+    # side (corners excluded, 16 + 16 pixels), while the nearest-resized argmax is the square itself.
+    logits = torch.zeros(depth, 2, 4, 8)
+    logits[:, 1] = torch.where(small == 1, 5.0, -1.0)
+    results = score_known_prediction(logits, gt, spacing=(3.0, 0.8, 0.6))
+    transunet, strict = results["transunet"]["per_class"]["class_1"], results["strict"]["per_class"]["class_1"]
+    assert (transunet["dice"], transunet["hd95"]) == (1.0, 0.0)
+    assert strict["dice"] == pytest.approx(2 * 16 / (16 + 32))
+    # 2 slices (mm): every voxel is a surface voxel (z border); the 16 grown voxels are 0.8 (rows) or 0.6 mm
+    # (columns) from the square, all others at 0: 64 zeros, 16 x 0.6, 16 x 0.8 -> p95 (position 90.25) = 0.8.
+    # 1 slice (a 2D image, voxels): pred surface = the 16 grown pixels, all at 1; gt surface = 12 pixels at 1 ->
+    # 28 ones -> 1.
+    assert strict["hd95"] == pytest.approx(strict_hd95)
+
+
+def test_missed_and_spurious_organs_are_scored_as_each_protocol_defines():
+    # class 1 right, class 2 predicted but absent from gt, class 3 in gt but missed, class 4 in neither
+    small_gt = torch.zeros(2, 4, 8, dtype=torch.long)
+    small_gt[:, 0:2, 0:3] = 1
+    small_gt[1, 2:4, 5:8] = 3
+    small_pred = small_gt.clone()
+    small_pred[small_pred == 3] = 0
+    small_pred[0, 3, 0:2] = 2
+    spacing = (3.0, 0.8, 0.6)
+    results = score_known_prediction(one_hot_logits(small_pred, 5), upsample2(small_gt), spacing)
+    # transunet (calculate_metric_percase): pred-only -> (1, 0); empty prediction -> (0, 0), missed or not
+    assert per_class(results["transunet"], "dice") == [1.0, 1.0, 0.0, 0.0]
+    assert per_class(results["transunet"], "hd95") == [0.0, 0.0, 0.0, 0.0]
+    assert results["transunet"]["dice_mean"] == pytest.approx(0.5)
+    # strict: present in exactly one volume -> Dice 0 and the worst case (field-of-view diagonal, mm); neither ->
+    # excluded (None), and left out of the class means
+    worst = math.sqrt((2 * 3.0) ** 2 + (8 * 0.8) ** 2 + (16 * 0.6) ** 2)
+    assert per_class(results["strict"], "dice") == [1.0, 0.0, 0.0, None]
+    assert per_class(results["strict"], "hd95") == [0.0, pytest.approx(worst), pytest.approx(worst), None]
+    assert results["strict"]["dice_mean"] == pytest.approx(1 / 3)
+    assert results["strict"]["hd95_mean"] == pytest.approx(2 * worst / 3)
+
+
 # ---------------------------------------------------------------- data errors
 
 
@@ -180,12 +289,12 @@ def test_layout_errors(synapse_dir, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         SynapseDataModule(tmp_path / "nowhere").check_layout()
     (synapse_dir / "lists" / "test_vol.txt").unlink()
-    with pytest.raises(DataError, match="lacks lists/test_vol.txt"):
+    with pytest.raises(DataError, match="no folder with train.txt and test_vol.txt .* found lists/ holds train.txt"):
         SynapseDataModule(synapse_dir, val_cases=()).check_layout()
     (synapse_dir / "lists" / "test_vol.txt").write_text("\n")
     with pytest.raises(DataError, match="is empty"):
         SynapseDataModule(synapse_dir, val_cases=()).setup("test")
-    with pytest.raises(DataError, match="not cases"):
+    with pytest.raises(DataError, match="`val_cases` case9999 is not among"):
         SynapseDataModule(synapse_dir, val_cases=["case9999"]).setup("fit")
     (synapse_dir / "test_vol_h5" / "case0100.npy.h5").write_bytes(b"not hdf5")
     (synapse_dir / "lists" / "test_vol.txt").write_text("case0100\n")

@@ -151,14 +151,40 @@ def test_predict_cli_on_a_user_nifti(tmp_path):
     hu = np.random.default_rng(0).integers(-1000, 400, size=(40, 36, 3)).astype(np.int16)
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
-    res = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint",
-                          str(out / "p" / "checkpoints" / "last.ckpt"), "--input", str(tmp_path / "ct.nii.gz"),
-                          "--output", str(tmp_path / "seg.nii.gz")], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=120)
+    low, high = -125.0, 275.0  # the default --window
+    volume = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0)).astype(np.float32))  # (D, H, W) axial
+    windowed = (volume.clamp(low, high) - low) / (high - low)
+    # The tiny trained model predicts one class everywhere (its last features are nearly constant), which an
+    # all-background predictor would match almost as well. Give it a random 1x1 head on the centred features
+    # (bias = -W @ mean feature), so that its own prediction varies from voxel to voxel, and save that model.
+    from lightning_selfreg.models import create_model
+
+    checkpoint = torch.load(out / "p" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    build = {k: v for k, v in checkpoint["hyper_parameters"]["net_config"].items() if k != "pretrained"}
+    module = SelfRegSegModule.load_from_checkpoint(out / "p" / "checkpoints" / "last.ckpt",
+                                                   net=create_model(**build), map_location="cpu")
+    features = []
+    hook = module.net.outc.register_forward_pre_hook(lambda _, args: features.append(args[0]))
+    module.predict_volume(windowed)
+    hook.remove()
+    mean = torch.cat(features).mean((0, 2, 3))
+    head = torch.randn(module.net.outc.weight.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module.net.outc.weight.copy_(head)
+        module.net.outc.bias.copy_(-(head.flatten(1) @ mean))
+    checkpoint["state_dict"] = module.state_dict()
+    torch.save(checkpoint, tmp_path / "varied.ckpt")
+    expected = module.predict_volume(windowed).numpy().transpose(2, 1, 0)  # back to the file's (x, y, z)
+    assert len(np.unique(expected)) >= 3, np.unique(expected)  # a prediction no constant predictor matches
+
+    res = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path / "varied.ckpt"),
+                          "--input", str(tmp_path / "ct.nii.gz"), "--output", str(tmp_path / "seg.nii.gz")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     seg = nib.load(tmp_path / "seg.nii.gz")
     assert seg.shape == (40, 36, 3) and np.allclose(seg.affine, affine)
-    assert set(np.unique(np.asarray(seg.dataobj))) <= set(range(9))
+    # the CLI's output is the model's own slice-wise prediction of the same windowed volume
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
     bad = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path / "no.ckpt"),
                           "--input", str(tmp_path / "ct.nii.gz"), "--output", str(tmp_path / "x.nii.gz")],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)

@@ -77,7 +77,7 @@ def test_run_writes_metrics_and_config(tmp_path, capsys):
     config = yaml.safe_load((out / "tiny" / "config.yaml").read_text())
     assert config["max_epochs"] == 1 and config["width"] == 4
     assert (out / "tiny" / "checkpoints" / "last.ckpt").is_file()
-    assert not list((out / "tiny").glob(".*.tmp"))
+    assert not list((out / "tiny").rglob(".tmp*"))  # atomic_write's temporary files are .tmp<pid>.<name>
     printed = capsys.readouterr().out
     assert "| liver |" in printed and "| **mean** |" in printed
 

@@ -2,12 +2,15 @@
 
 Layout read as is::
 
-    <data_dir>/lists_ACDC/train.txt   slice file names (with extension), one per line
-    <data_dir>/lists_ACDC/valid.txt   slice file names
-    <data_dir>/lists_ACDC/test.txt    volume file names
+    <list_dir>/train.txt              slice file names (with extension), one per line
+    <list_dir>/valid.txt              slice file names
+    <list_dir>/test.txt               volume file names
     <data_dir>/train/<name>           2D slice .npz with keys `img` (H, W), `label` (H, W)
     <data_dir>/valid/<name>           2D slice .npz
     <data_dir>/test/<name>            3D volume .npz with keys `img` (D, H, W), `label` (D, H, W)
+
+The list folder is ``list_dir`` if given, else the first of :data:`ACDC_LIST_DIRS` that holds the three lists
+(``<data_dir>/lists_ACDC`` in the MT-UNet copy; ``lists/lists_ACDC`` as some repositories keep it).
 
 Classes: background, RV (1), Myo (2), LV (3).
 """
@@ -15,14 +18,16 @@ Classes: background, RV (1), Myo (2), LV (3).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lightning_selfreg.data.base import DataError, Item, SegDataModule, check_arrays
-from lightning_selfreg.data.synapse import read_list, read_slice
+from lightning_selfreg.data.preflight import READ_ERRORS, check_pair_header, npz_headers
+from lightning_selfreg.data.synapse import check_slice, find_list_dir, read_list, read_slice
 
-__all__ = ["ACDC_CLASS_NAMES", "ACDCDataModule"]
+__all__ = ["ACDC_CLASS_NAMES", "ACDC_LIST_DIRS", "ACDCDataModule"]
 
 ACDC_CLASS_NAMES = ("RV", "Myo", "LV")
 
@@ -30,6 +35,8 @@ ACDC_LAYOUT = (
     "lists_ACDC/{train,valid,test}.txt (file names with extension); train/<name>.npz and valid/<name>.npz "
     "(keys img, label; 2D slices); test/<name>.npz (keys img, label; D x H x W volumes)"
 )
+ACDC_LIST_FILES = ("train.txt", "valid.txt", "test.txt")
+ACDC_LIST_DIRS = ("lists_ACDC", "lists/lists_ACDC", "../lists_ACDC", "../lists/lists_ACDC")
 
 
 def _patient(name: str) -> str:
@@ -40,10 +47,13 @@ def _patient(name: str) -> str:
 class ACDCDataModule(SegDataModule):
     """ACDC (70 train / 10 valid / 20 test patients in the standard split); 4 classes.
 
-    Validation uses ``valid/`` by default; ``fold`` / ``num_folds`` re-split train + valid by patient.
+    Validation uses ``valid/`` by default; ``val_cases`` (patients) or ``fold`` / ``num_folds`` re-split
+    train + valid by patient.
 
     Args:
         data_dir: Root of the layout (see the module docstring).
+        list_dir: Folder with ``train.txt``, ``valid.txt``, ``test.txt`` (default: the first of
+            :data:`ACDC_LIST_DIRS` under ``data_dir`` that has them).
         **kwargs: See :class:`~lightning_selfreg.data.base.SegDataModule` (``image_size`` 224, ``batch_size`` 24
             (the authors use 12), ``transform="paper"``, ...).
     """
@@ -53,18 +63,36 @@ class ACDCDataModule(SegDataModule):
     in_channels = 1
     layout_help = ACDC_LAYOUT
 
+    def __init__(self, data_dir: str | Path, list_dir: str | Path | None = None, **kwargs) -> None:
+        super().__init__(data_dir, **kwargs)
+        if isinstance(list_dir, str) and not list_dir:
+            raise ValueError("`list_dir` must be a folder path or None, found ''.")
+        self.list_dir = None if list_dir is None else Path(list_dir)
+
+    @property
+    def lists(self) -> Path:
+        """The folder the list files are read from (``list_dir`` or the first match of the search)."""
+        return find_list_dir(self.data_dir, ACDC_LIST_DIRS, ACDC_LIST_FILES, self.list_dir)
+
     def check_layout(self) -> None:
-        """The lists and the three folders exist."""
-        self._require("lists_ACDC/train.txt", "lists_ACDC/valid.txt", "lists_ACDC/test.txt", "train", "valid",
-                      "test")
+        """The three data folders exist and the list folder is found."""
+        self._require("train", "valid", "test")
+        _ = self.lists
 
     def _index(self, split: str) -> list[Item] | None:
         folder = {"train": "train", "val": "valid", "test": "test"}[split]
-        names = read_list(self.data_dir / "lists_ACDC" / f"{folder}.txt")
+        names = read_list(self.lists / f"{folder}.txt")
         return [Item(_patient(n), self.data_dir / folder / n, name=n) for n in names]
+
+    def _check_header(self, item: Item) -> None:
+        ndim = 3 if item.path.parent.name == "test" else 2
+        check_pair_header(item.path, npz_headers(item.path), ("img", "label"), (ndim,), ndim)
 
     def _read_sample(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         return read_slice(item.path, self.num_classes, keys=("img", "label"))
+
+    def _check_sample(self, item: Item) -> None:
+        check_slice(item.path, self.num_classes, keys=("img", "label"))
 
     def _read_case(self, item: Item) -> dict[str, Any]:
         try:
@@ -75,7 +103,7 @@ class ACDCDataModule(SegDataModule):
                 image, label = data["img"], data["label"]
         except DataError:
             raise
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"{item.path}: cannot be read as .npz ({err}).") from err
+        except READ_ERRORS as err:
+            raise DataError(f"{item.path}: cannot be read as .npz ({type(err).__name__}: {err}).") from err
         check_arrays(item.path, image, label, self.num_classes, image_ndim=(3,), label_ndim=3)
         return {"image": image.astype(np.float32), "label": label.astype(np.int64), "spacing": None}

@@ -13,8 +13,12 @@ A dataset module only declares what differs (:class:`SegDataModule` subclasses i
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,25 +29,62 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_selfreg.data.transforms import RandomAffine, resize_image, resize_label
+from lightning_selfreg.data.transforms import RandomAffine, derive_seed, resize_image, resize_label
 
 __all__ = [
     "DataError",
     "Item",
     "ResumableDataLoader",
     "ResumableSampler",
+    "SampleKey",
     "SegDataModule",
     "UnpaddedDistributedSampler",
     "check_arrays",
+    "check_cases",
+    "check_fold",
+    "check_image_size",
+    "check_num_classes",
     "paper_augmentation",
     "split_cases",
 ]
 
 PairTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+_BATCH_SEED = "_augment_seed"  # batch key of the on-device augmentation's seed, between the two transfer hooks
+
+
+def _default_seed() -> int:
+    """The run's seed: Lightning's ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def _accepts_seed(fn: Callable) -> bool:
+    """Whether ``fn`` takes a ``seed`` keyword (then it is given each sample's or batch's seed)."""
+    try:
+        return "seed" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class DataError(ValueError):
-    """A data file or folder does not match the expected layout or content; the message names the file."""
+    """A data file or folder does not match the expected layout or content; the message names the file.
+
+    The message is always one line. A DataError raised in a DataLoader worker comes back to the main process
+    re-created from the worker's formatted traceback ("Caught DataError in DataLoader worker process 0. ..."); the
+    original one-line message is recovered from its last line.
+
+    Args:
+        message: What is wrong, naming the file or argument, what was expected and what was found.
+        argument: The constructor argument the problem is about (e.g. ``"val_cases"``, ``"list_dir"``), if any;
+            a command line names its flag instead of the data directory.
+    """
+
+    def __init__(self, message: str = "", argument: str | None = None) -> None:
+        message = str(message)
+        if message.startswith("Caught DataError") and "Original Traceback" in message:
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split("DataError: ", 1)[-1]
+        super().__init__(" ".join(line.strip() for line in message.splitlines() if line.strip()))
+        self.argument = argument
 
 
 @dataclass(frozen=True)
@@ -61,6 +102,67 @@ class Item:
         return self.name or self.path.name
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _shorten(names: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _run_all(check: Callable[[Item], Any], items: Sequence[Item], workers: int) -> None:
+    """``check`` every item, ``workers`` threads at a time; the first failure in item order is raised."""
+    if workers <= 1 or len(items) < 2:
+        for item in items:
+            check(item)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for _ in pool.map(check, items):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
+    """``num_classes`` as an int >= 2 (background + at least one class); ValueError naming ``name`` otherwise."""
+    if not _is_int(num_classes) or num_classes < 2:
+        raise ValueError(f"`{name}` must be an int >= 2 (background included), found {num_classes!r}.")
+    return int(num_classes)
+
+
+def check_image_size(image_size: Any) -> int | tuple[int, int]:
+    """``image_size`` as a positive int or an ``(H, W)`` pair of positive ints; ValueError naming it otherwise."""
+    if _is_int(image_size) and image_size > 0:
+        return int(image_size)
+    if (isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2
+            and all(_is_int(s) and s > 0 for s in image_size)):
+        return int(image_size[0]), int(image_size[1])
+    raise ValueError(f"`image_size` must be a positive int or an (H, W) pair of positive ints, found "
+                     f"{image_size!r}.")
+
+
+def check_cases(cases: Any, name: str = "val_cases") -> tuple[str, ...] | None:
+    """A list of case names as a tuple (``None`` stays ``None``); a bare string is an error, not ``list(str)``."""
+    if cases is None:
+        return None
+    if isinstance(cases, str | bytes):
+        raise ValueError(f"`{name}` must be a list of case names, found the string {cases!r} "
+                         f"(for one case write [{cases!r}]).")
+    if not isinstance(cases, Sequence | set | frozenset) or not all(isinstance(c, str) and c for c in cases):
+        raise ValueError(f"`{name}` must be a list of non-empty case-name strings, found {cases!r}.")
+    return tuple(cases)
+
+
+def check_fold(fold: Any, num_folds: Any) -> None:
+    """``num_folds`` an int >= 2 and ``fold`` None or an int in ``[0, num_folds)``; ValueError naming them."""
+    if not _is_int(num_folds) or num_folds < 2:
+        raise ValueError(f"`num_folds` must be an int >= 2, found {num_folds!r}.")
+    if fold is not None and (not _is_int(fold) or not 0 <= fold < num_folds):
+        raise ValueError(f"`fold` must be None or an int in [0, {num_folds}) (`num_folds`={num_folds}), "
+                         f"found {fold!r}.")
+
+
 def check_arrays(source: Any, image: np.ndarray, label: np.ndarray, num_classes: int, image_ndim: Sequence[int],
                  label_ndim: int) -> None:
     """Check one image/label pair; raise :class:`DataError` naming ``source`` and the problem.
@@ -73,13 +175,19 @@ def check_arrays(source: Any, image: np.ndarray, label: np.ndarray, num_classes:
         image_ndim: Allowed image dimensionalities.
         label_ndim: Required label dimensionality.
     """
+    check_num_classes(num_classes)
     if image.ndim not in image_ndim:
         raise DataError(f"{source}: image must have {' or '.join(map(str, image_ndim))} dimensions, "
                         f"found shape {image.shape}.")
     if label.ndim != label_ndim or image.shape[:label_ndim] != label.shape:
         raise DataError(f"{source}: image shape {image.shape} does not match label shape {label.shape}.")
-    if not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all():
-        raise DataError(f"{source}: image contains NaN/infinite or non-numeric values (dtype {image.dtype}).")
+    if not np.issubdtype(image.dtype, np.number):
+        raise DataError(f"{source}: expected a numeric image, found dtype {image.dtype}.")
+    finite = np.isfinite(image)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise DataError(f"{source}: expected finite image values, found {int(finite.size - finite.sum())} "
+                        f"NaN/infinite value(s) (first at index {first}).")
     if not np.issubdtype(label.dtype, np.number):
         raise DataError(f"{source}: label has non-numeric dtype {label.dtype}.")
     if label.size:
@@ -100,11 +208,9 @@ def split_cases(cases: Sequence[str], fold: int, num_folds: int) -> tuple[list[s
         ValueError: If ``fold`` is not in ``[0, num_folds)`` or there are fewer cases than folds.
     """
     unique = sorted(set(cases))
-    if num_folds < 2 or not 0 <= fold < num_folds:
-        raise ValueError(f"`fold` must be in [0, num_folds) with num_folds >= 2, found fold={fold}, "
-                         f"num_folds={num_folds}.")
+    check_fold(fold, num_folds)
     if len(unique) < num_folds:
-        raise ValueError(f"{num_folds} folds need at least {num_folds} cases, found {len(unique)}.")
+        raise ValueError(f"`num_folds`={num_folds} needs at least {num_folds} cases, found {len(unique)}.")
     val = unique[fold::num_folds]
     return [c for c in unique if c not in set(val)], val
 
@@ -119,11 +225,13 @@ def paper_augmentation(image_size: int | Sequence[int], seed: int | None = None)
 
     Args:
         image_size: Output side or ``(H, W)``.
-        seed: Seed of the albumentations pipeline (``None``: albumentations seeds itself; in DataLoader workers
-            Lightning's ``seed_everything(workers=True)`` makes that reproducible).
+        seed: Seed of the pipeline's own stream, used by calls without a ``seed`` (``None``: albumentations
+            seeds itself, not reproducibly).
 
     Returns:
-        ``f(image (H, W[, C]) float32, label (H, W) int) -> (image, label)`` at ``image_size``.
+        ``f(image (H, W[, C]) float32, label (H, W) int, seed=None) -> (image, label)`` at ``image_size``. With a
+        ``seed`` (the training dataset passes each sample's, see :class:`SampleKey`) the draws are re-seeded from
+        it first, so the output is a pure function of the inputs and the seed, whichever process calls it.
     """
     import albumentations as A
     import cv2
@@ -140,11 +248,36 @@ def paper_augmentation(image_size: int | Sequence[int], seed: int | None = None)
         A.Resize(h, w, interpolation=cv2.INTER_CUBIC, mask_interpolation=nearest),
     ], seed=seed)
 
-    def transform(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = pipeline(image=image, mask=label.astype(np.uint8))
+    return _SeededAlbumentations(pipeline)
+
+
+class _SeededAlbumentations:
+    """An albumentations pipeline as a ``(image, label, seed=None)`` pair transform (picklable for workers)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if seed is not None:
+            # one NumPy and one Python generator shared by every transform of the pipeline: ~70 us, about 3 % of
+            # the pipeline at 512 -> 224 px (set_random_seed, a generator pair per transform, costs ~450 us)
+            self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = self.pipeline(image=image, mask=label.astype(np.uint8))
         return out["image"], out["mask"]
 
-    return transform
+
+def _call_with_global_rngs_seeded(fn: Callable, seed: int, *args: Any) -> Any:
+    """``fn(*args)`` with the Python, NumPy and torch CPU RNGs seeded from ``seed``, restored afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.default_generator.manual_seed(seed)
+            return fn(*args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _to_chw(image: np.ndarray) -> Tensor:
@@ -153,11 +286,21 @@ def _to_chw(image: np.ndarray) -> Tensor:
 
 
 class _SampleDataset(Dataset):
-    """2D samples: read -> (optional cache) -> per-sample transform or plain resize -> tensors."""
+    """2D samples: read -> (optional cache) -> per-sample transform or plain resize -> tensors.
+
+    Item ``i`` is ``{"image": (C, H, W) float32, "label": (H, W) uint8, "seed": () int64}``. ``seed`` is the
+    sample's seed: the one its :class:`SampleKey` carries (``derive_seed(seed, epoch, index)``, from
+    :class:`ResumableSampler`), else ``derive_seed(seed, 0, i)`` for a plain index. The transform draws from it
+    (passed as ``seed=`` when the transform takes one, else through the Python / NumPy / torch CPU RNGs, seeded
+    for that call and restored after), so an item is a pure function of (seed, epoch, index) in any process.
+    """
 
     def __init__(self, items: Sequence[Item], read: Callable[[Item], tuple[np.ndarray, np.ndarray]],
-                 image_size: int | Sequence[int], transform: PairTransform | None, cache: bool) -> None:
+                 image_size: int | Sequence[int], transform: PairTransform | None, cache: bool,
+                 seed: int | None = None) -> None:
         self.items, self.read, self.image_size, self.transform = list(items), read, image_size, transform
+        self.seed = _default_seed() if seed is None else seed
+        self._transform_takes_seed = transform is not None and _accepts_seed(transform)
         self._cache: dict[int, Any] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -168,7 +311,11 @@ class _SampleDataset(Dataset):
         y = resize_label(torch.from_numpy(label.astype(np.int64))[None], self.image_size)[0]
         return x, y
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def __getitem__(self, key: int) -> dict[str, Tensor]:
+        i = int(key)
+        seed = getattr(key, "seed", None)
+        if seed is None:
+            seed = derive_seed(self.seed, 0, i)
         if self._cache is not None and i in self._cache:
             cached = self._cache[i]
         else:
@@ -180,9 +327,12 @@ class _SampleDataset(Dataset):
         if self.transform is None:
             x, y = cached
         else:
-            image, label = self.transform(*cached)
+            if self._transform_takes_seed:
+                image, label = self.transform(*cached, seed=seed)
+            else:
+                image, label = _call_with_global_rngs_seeded(self.transform, seed, *cached)
             x, y = _to_chw(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
-        return {"image": x, "label": y.to(torch.uint8)}
+        return {"image": x, "label": y.to(torch.uint8), "seed": torch.tensor(seed, dtype=torch.int64)}
 
 
 class _CaseDataset(Dataset):
@@ -231,13 +381,39 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
+class SampleKey(int):
+    """A sample index (an ``int``, usable wherever one is) that also carries the ``seed`` of that sample's draws.
+
+    :class:`ResumableSampler` yields ``SampleKey(index, derive_seed(seed, epoch, index))``; the key travels with
+    the index to whichever DataLoader worker reads the sample, so the sample's augmentation depends on
+    ``(seed, epoch, index)`` only, not on the number of workers, which worker reads it, or a resume.
+    """
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> SampleKey:
+        """The index ``index`` carrying ``seed``."""
+        key = super().__new__(cls, index)
+        key.seed = seed
+        return key
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:
+        return SampleKey, (int(self), self.seed)
+
+    def __repr__(self) -> str:
+        return f"SampleKey({int(self)}, seed={self.seed})"
+
+
 class ResumableSampler(DistributedSampler):
     """Shuffled training order that is a pure function of ``(seed, epoch, rank)`` and can start mid-epoch.
 
     A ``DistributedSampler`` (so Lightning keeps it under DDP instead of wrapping it) whose permutation is drawn
-    from ``seed + epoch``, never from the global RNG, and which can skip the first samples of its next pass: a run
-    resumed from a mid-epoch checkpoint then sees exactly the samples the interrupted run had not seen yet, in the
-    same order. On one device use ``num_replicas=1, rank=0``.
+    from ``derive_seed(seed, epoch)``, never from the global RNG, and which can skip the first samples of its next
+    pass: a run resumed from a mid-epoch checkpoint then sees exactly the samples the interrupted run had not seen
+    yet, in the same order. It yields :class:`SampleKey` indices that carry each sample's seed
+    ``derive_seed(seed, epoch, index)``, from which the dataset draws that sample's augmentation. As in
+    ``DistributedSampler``, the last ranks repeat a few samples when the set does not divide evenly. On one device
+    use ``num_replicas=1, rank=0``.
 
     Args:
         dataset: The training dataset.
@@ -248,7 +424,7 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int | None = None) -> None:
         if seed is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            seed = _default_seed()
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.skip = 0
 
@@ -259,10 +435,17 @@ class ResumableSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.skip = skip
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())[self.skip:]
+    def __iter__(self) -> Iterator[SampleKey]:
+        # DistributedSampler draws from seed + epoch, which makes epoch 1 of seed 0 the order of epoch 0 of seed 1
+        order = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        indices = torch.randperm(len(self.dataset), generator=order).tolist()
+        if self.drop_last:
+            indices = indices[:self.total_size]
+        else:  # pad so that every rank gets num_samples
+            indices = (indices * -(-self.total_size // max(len(indices), 1)))[:self.total_size]
+        indices = indices[self.rank:self.total_size:self.num_replicas][self.skip:]
         self.skip = 0  # one pass only
-        return iter(indices)
+        return iter([SampleKey(i, derive_seed(self.seed, self.epoch, i)) for i in indices])
 
 
 class ResumableDataLoader(DataLoader):
@@ -275,9 +458,8 @@ class ResumableDataLoader(DataLoader):
     sampler (Lightning swaps in a ``SequentialSampler`` for ``overfit_batches``) it is a plain ``DataLoader``
     with an empty state.
 
-    With ``num_workers=0`` (and :class:`~lightning_selfreg.callbacks.RNGStateCheckpoint` for the on-device
-    augmentation), a resumed run sees the same batches as an uninterrupted one. With workers the order is the same,
-    but per-sample CPU augmentation draws come from worker RNG streams that restart with the resumed epoch.
+    Since every sample's draws come from the seed its :class:`SampleKey` carries, a resumed run sees the same
+    (augmented) batches as an uninterrupted one, with or without workers.
     """
 
     def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
@@ -326,13 +508,22 @@ class SegDataModule(pl.LightningDataModule):
         image_size: Side (or ``(H, W)``) the network is trained at.
         batch_size: Training batch size (per device).
         num_workers: DataLoader workers (``persistent_workers`` when > 0).
-        transform: Per-sample CPU augmentation ``f(image, label) -> (image, label)`` that ends at ``image_size``;
-            ``"paper"`` = :func:`paper_augmentation`; ``None`` = resize only.
-        batch_transform: Batched on-device augmentation of training batches (e.g. ``RandomAffine()``), or None.
+        transform: Per-sample CPU augmentation ``f(image, label[, seed]) -> (image, label)`` that ends at
+            ``image_size``; ``"paper"`` = :func:`paper_augmentation`; ``None`` = resize only. It is given each
+            sample's seed (``derive_seed(seed, epoch, index)``) as ``seed=`` if it takes one; otherwise the global
+            Python / NumPy / torch CPU RNGs are seeded with it for the call.
+        batch_transform: Batched on-device augmentation of training batches (e.g. ``RandomAffine()``), or None;
+            one that takes ``seed=`` gets the batch's seed (:meth:`on_before_batch_transfer`).
         cache: Keep decoded samples in RAM (resized ones when ``transform`` is None).
-        val_cases: Cases held out of the training split for validation (overrides the dataset's default split).
-        fold: With ``num_folds``, validate on fold ``fold`` of the training cases (ignores ``val_cases``).
-        num_folds: Number of folds for cross-validation.
+        val_cases: Cases held out of the training split for validation (overrides the dataset's default split);
+            a list of names, ``()`` for no validation.
+        fold: With ``num_folds``, validate on fold ``fold`` of the training cases (the alternative to
+            ``val_cases``: give one or the other).
+        num_folds: Number of folds for cross-validation (>= 2).
+
+    Raises:
+        ValueError: A bad argument (``image_size <= 0``, a string for ``val_cases``, ``fold`` outside
+            ``[0, num_folds)``, both ``val_cases`` and ``fold``, ...), naming it.
     """
 
     num_classes: int = 2
@@ -356,14 +547,24 @@ class SegDataModule(pl.LightningDataModule):
         num_folds: int = 5,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, found {batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, found {num_workers}.")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an int >= 1, found {batch_size!r}.")
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an int >= 0, found {num_workers!r}.")
         if isinstance(transform, str) and transform != "paper":
             raise ValueError(f"`transform` must be 'paper', None or a callable, found {transform!r}.")
-        if fold is not None and not 0 <= fold < num_folds:
-            raise ValueError(f"`fold` must be in [0, {num_folds}), found {fold}.")
+        check_num_classes(self.num_classes, f"{type(self).__name__}.num_classes")
+        if len(self.class_names) != self.num_classes - 1:
+            raise ValueError(f"`{type(self).__name__}.class_names` must name the {self.num_classes - 1} "
+                             f"non-background classes, found {len(self.class_names)}: {self.class_names}.")
+        image_size = check_image_size(image_size)
+        check_fold(fold, num_folds)
+        val_cases = check_cases(val_cases)
+        if val_cases is not None and fold is not None:
+            raise ValueError(f"give `val_cases` or `fold` / `num_folds`, not both; found val_cases={list(val_cases)}, "
+                             f"fold={fold}.")
+        if data_dir is None or (isinstance(data_dir, str) and not data_dir):
+            raise ValueError(f"`data_dir` must be a folder path, found {data_dir!r}.")
         self.data_dir = Path(data_dir)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -371,7 +572,7 @@ class SegDataModule(pl.LightningDataModule):
         self.transform = paper_augmentation(image_size) if transform == "paper" else transform
         self.batch_transform = batch_transform
         self.cache = cache
-        self.val_cases = None if val_cases is None else tuple(val_cases)
+        self.val_cases = val_cases
         self.fold, self.num_folds = fold, num_folds
         self._train: _SampleDataset | None = None
         self._val: _SampleDataset | None = None
@@ -400,6 +601,21 @@ class SegDataModule(pl.LightningDataModule):
         """
         raise NotImplementedError
 
+    def _check_header(self, item: Item) -> None:
+        """Pre-flight check of one item from what can be read cheaply (array or image headers, no pixel data).
+
+        Called by :meth:`validate` for every item of every split. Raise :class:`DataError` naming the file, what
+        was expected and what was found. The default checks nothing.
+        """
+
+    def _check_sample(self, item: Item) -> None:
+        """Pre-flight full check of one validation sample (label range, finite values, shapes); default: read it."""
+        self._read_sample(item)
+
+    def _check_case(self, item: Item) -> None:
+        """Pre-flight full check of one evaluation case (label range, finite values, shapes); default: read it."""
+        self._read_case(item)
+
     # ------------------------------------------------------------------ splits
     def _missing_error(self, what: str) -> DataError:
         return DataError(f"Data directory {self.data_dir} {what}. Expected layout: {self.layout_help}")
@@ -409,7 +625,9 @@ class SegDataModule(pl.LightningDataModule):
             raise self._missing_error("does not exist")
         missing = [r for r in relative if not (self.data_dir / r).exists()]
         if missing:
-            raise self._missing_error(f"lacks {', '.join(missing)}")
+            found = sorted(p.name + ("/" if p.is_dir() else "") for p in self.data_dir.iterdir())
+            shown = ", ".join(found[:12]) + (f" and {len(found) - 12} more" if len(found) > 12 else "")
+            raise self._missing_error(f"lacks {', '.join(missing)} (found: {shown or 'nothing'})")
 
     def splits(self) -> dict[str, list[Item]]:
         """The resolved ``train`` / ``val`` / ``test`` items (val may be empty)."""
@@ -421,13 +639,19 @@ class SegDataModule(pl.LightningDataModule):
         if fold is not None or self.val_cases is not None:
             pool = train + (val or [])
             cases = [item.case for item in pool]
+            known = sorted(set(cases))
             if fold is not None:
+                if len(known) < self.num_folds:
+                    raise DataError(f"`num_folds`={self.num_folds} needs at least {self.num_folds} training cases, "
+                                    f"found {len(known)} in {self.data_dir}: {_shorten(known)}.", argument="num_folds")
                 _, held_out = split_cases(cases, fold, self.num_folds)
             else:
-                unknown = sorted(set(self.val_cases) - set(cases))
+                unknown = [c for c in self.val_cases if c not in set(known)]
                 if unknown:
-                    raise DataError(f"`val_cases` {unknown} are not cases of {self.data_dir} "
-                                    f"(cases: {sorted(set(cases))}).")
+                    raise DataError(f"`val_cases` {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                                    f"among the {len(known)} training cases of {self.data_dir} ({_shorten(known)}); "
+                                    f"expected held-out cases present in the data (or `fold` / `num_folds`).",
+                                    argument="val_cases")
                 held_out = self.val_cases
             held = set(held_out)
             train = [i for i in pool if i.case not in held]
@@ -439,17 +663,29 @@ class SegDataModule(pl.LightningDataModule):
         """Whether a validation split exists (checks the layout)."""
         return bool(self.splits()["val"])
 
-    def validate(self) -> dict[str, int]:
-        """Fast pass over the file index before training: every listed file exists and is non-empty.
+    def validate(self, workers: int | None = None) -> dict[str, int]:
+        """Pre-flight pass over every file the run will use, before the first training step.
 
-        Content (keys, shapes, label range, finite values) is checked when each file is read, with an error that
-        names the file.
+        1. The layout and the splits resolve, every listed file exists and is non-empty (all missing files listed).
+        2. Every file's cheap part is checked (:meth:`_check_header`: ``.npz`` keys, shapes and dtypes from the
+           zip directory and ``.npy`` headers, ``.h5`` datasets, image headers; see
+           :mod:`~lightning_selfreg.data.preflight`).
+        3. Validation samples and evaluation cases are read in full (:meth:`_check_sample`, :meth:`_check_case`):
+           label range ``[0, num_classes)``, finite values, image/label shape agreement.
+
+        Training files are only read in full when training reads them; a corrupt one that passes (2) still
+        raises a :class:`DataError` naming it then.
+
+        Args:
+            workers: Threads for steps 2-3 (default: ``min(4, CPU count)``; the readers release the GIL while
+                decompressing and checking).
 
         Returns:
             Number of items per split.
 
         Raises:
-            DataError: Layout problems or missing/empty files (all of them listed, up to 20).
+            DataError: One line naming the first bad file (or all missing ones), what was expected and what was
+                found.
         """
         self.check_layout()
         splits = self.splits()
@@ -464,6 +700,10 @@ class SegDataModule(pl.LightningDataModule):
         if bad:
             more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
             raise DataError(f"Listed files are missing or empty: {', '.join(bad[:20])}{more}.")
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        _run_all(self._check_header, [i for items in splits.values() for i in items], workers)
+        _run_all(self._check_sample, splits["val"], workers)
+        _run_all(self._check_case, splits["test"], workers)
         return {name: len(items) for name, items in splits.items()}
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -533,11 +773,29 @@ class SegDataModule(pl.LightningDataModule):
         """Same cases as :meth:`test_dataloader`."""
         return self.test_dataloader()
 
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Replace the samples' seeds by the seed of the batch's on-device draws.
+
+        ``batch["seed"]`` (``(B,)`` int64, still on the CPU here: no device sync) becomes ``derive_seed(*seeds)``.
+        """
+        if isinstance(batch, dict) and "seed" in batch:
+            batch[_BATCH_SEED] = derive_seed(*batch.pop("seed").tolist())
+        return batch
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Labels to int64; on-device augmentation of training batches."""
+        """Labels to int64; on-device augmentation of training batches, seeded from the batch's samples.
+
+        A ``batch_transform`` that takes a ``seed`` keyword (:class:`RandomAffine`) gets the batch's seed (see
+        :meth:`on_before_batch_transfer`), so its draws follow from (seed, epoch, the batch's sample indices) and
+        not from the global RNG; any other is called as ``f(image, label)``.
+        """
+        seed = batch.pop(_BATCH_SEED, None) if isinstance(batch, dict) else None
         if "label" in batch:
             batch["label"] = batch["label"].long()
         trainer = self.trainer
         if self.batch_transform is not None and trainer is not None and trainer.training:
-            batch["image"], batch["label"] = self.batch_transform(batch["image"], batch["label"])
+            if seed is not None and _accepts_seed(self.batch_transform):
+                batch["image"], batch["label"] = self.batch_transform(batch["image"], batch["label"], seed=seed)
+            else:
+                batch["image"], batch["label"] = self.batch_transform(batch["image"], batch["label"])
         return batch

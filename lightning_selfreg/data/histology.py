@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lightning_selfreg.data.base import DataError, Item, SegDataModule, check_arrays
+from lightning_selfreg.data.preflight import READ_ERRORS, image_header
 
 __all__ = ["GlaSDataModule", "MoNuSegDataModule", "rasterize_monuseg_xml", "read_image_mask"]
 
@@ -73,8 +74,8 @@ def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read as an image ({err}).") from err
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from err
 
 
 def read_image_mask(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +94,8 @@ def read_image_mask(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.n
         try:
             with Image.open(mask_path) as img:
                 mask = np.asarray(img)
-        except OSError as err:
-            raise DataError(f"{mask_path}: cannot be read as an image ({err}).") from err
+        except READ_ERRORS as err:
+            raise DataError(f"{mask_path}: cannot be read as an image ({type(err).__name__}: {err}).") from err
         if mask.ndim == 3:
             mask = mask[..., :3].max(axis=2)
         label = (mask > 0).astype(np.int64)
@@ -158,6 +159,16 @@ class _HistologyDataModule(SegDataModule):
         if split == "val" and not folder.is_dir():
             return None
         return index_split_folder(folder)
+
+    def _check_header(self, item: Item) -> None:
+        size, _ = image_header(item.path)
+        if item.label_path.suffix.lower() == ".xml":
+            rasterize_monuseg_xml(item.label_path, size)  # parses the polygons; no pixel data is decoded
+            return
+        mask_size, _ = image_header(item.label_path)
+        if mask_size != size:
+            raise DataError(f"{item.label_path}: expected a mask of the size of {item.path.name} (H, W) = {size}, "
+                            f"found {mask_size}.")
 
     def _read_sample(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         return read_image_mask(item.path, item.label_path)

@@ -4,8 +4,12 @@ Layout read as is::
 
     <data_dir>/train_npz/<case>_slice<NNN>.npz   keys `image` (H, W) float in [0, 1], `label` (H, W)
     <data_dir>/test_vol_h5/<case>.npy.h5         datasets `image`, `label` (D, H, W); optional attr `spacing` (z, y, x)
-    <data_dir>/lists/train.txt                   slice names without extension, one per line
-    <data_dir>/lists/test_vol.txt                case names, one per line
+    <list_dir>/train.txt                         slice names without extension, one per line
+    <list_dir>/test_vol.txt                      case names, one per line
+
+The list folder is ``list_dir`` if given, else the first of :data:`SYNAPSE_LIST_DIRS` (relative to ``data_dir``)
+that holds both lists: ``<data_dir>/lists``, or ``lists/lists_Synapse`` as TransUNet's and Swin-Unet's
+repositories ship it, next to or above the data folder.
 """
 
 from __future__ import annotations
@@ -17,16 +21,20 @@ from typing import Any
 import h5py
 import numpy as np
 
-from lightning_selfreg.data.base import DataError, Item, SegDataModule, check_arrays
+from lightning_selfreg.data.base import DataError, Item, SegDataModule, check_arrays, check_num_classes
+from lightning_selfreg.data.preflight import READ_ERRORS, check_h5_volume, check_pair_header, h5_headers, npz_headers
 from lightning_selfreg.data.transforms import RandomAffine
 
 __all__ = [
     "SAMPLE_CLASS_NAMES",
     "SAMPLE_DIR",
     "SYNAPSE_CLASS_NAMES",
+    "SYNAPSE_LIST_DIRS",
     "SYNAPSE_VAL_CASES",
     "SampleCTDataModule",
     "SynapseDataModule",
+    "check_slice",
+    "find_list_dir",
     "read_list",
     "read_slice",
     "read_volume",
@@ -42,7 +50,16 @@ SYNAPSE_VAL_CASES = ("case0006", "case0010", "case0026", "case0031")
 
 SYNAPSE_LAYOUT = (
     "train_npz/<case>_slice<NNN>.npz (keys image, label; 2D); test_vol_h5/<case>.npy.h5 (datasets image, label; "
-    "D x H x W; optional attribute spacing = z, y, x mm); lists/train.txt (slice names); lists/test_vol.txt (cases)"
+    "D x H x W; optional attribute spacing = z, y, x mm); lists/train.txt (slice names) and lists/test_vol.txt "
+    "(cases), or TransUNet's lists/lists_Synapse/ beside or above the data folder"
+)
+SYNAPSE_LIST_FILES = ("train.txt", "test_vol.txt")
+# where users keep the lists, relative to the data folder: our layout; TransUNet's / Swin-Unet's repository folder
+# `lists/lists_Synapse` copied into, next to, or one level above the data folder, or the repository itself beside it
+SYNAPSE_LIST_DIRS = (
+    "lists", "lists/lists_Synapse", "lists_Synapse", "../lists/lists_Synapse", "../lists_Synapse",
+    "../../lists/lists_Synapse", "../TransUNet/lists/lists_Synapse", "../../TransUNet/lists/lists_Synapse",
+    "../Swin-Unet/lists/lists_Synapse", "../../Swin-Unet/lists/lists_Synapse",
 )
 
 
@@ -60,6 +77,46 @@ def read_list(path: Path) -> list[str]:
     return names
 
 
+def _contents(folder: Path, limit: int = 6) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") or "empty"
+
+
+def find_list_dir(data_dir: str | Path, candidates: Sequence[str], required: Sequence[str],
+                  list_dir: str | Path | None = None) -> Path:
+    """The folder holding the list files: ``list_dir`` if given, else the first candidate that has all of them.
+
+    Args:
+        data_dir: The dataset root; ``candidates`` are relative to it.
+        candidates: Folders to search, in order (e.g. :data:`SYNAPSE_LIST_DIRS`).
+        required: File names the folder must hold.
+        list_dir: An explicit folder (then nothing is searched).
+
+    Raises:
+        DataError: (``argument="list_dir"``) The given folder lacks a list, or no candidate holds them all; the
+            message names what was searched and what was found.
+    """
+    need = " and ".join(required)
+    if list_dir is not None:
+        folder = Path(list_dir)
+        missing = [n for n in required if not (folder / n).is_file()]
+        if missing:
+            found = _contents(folder) if folder.is_dir() else "the folder does not exist"
+            raise DataError(f"`list_dir` {folder}: expected {need}, found {found}.", argument="list_dir")
+        return folder
+    data_dir = Path(data_dir)
+    existing, absent = [], []
+    for relative in candidates:
+        folder = data_dir / relative
+        if all((folder / n).is_file() for n in required):
+            return folder
+        (existing if folder.is_dir() else absent).append(relative)
+    found = "; ".join(f"{r}/ holds {_contents(data_dir / r)}" for r in existing)
+    raise DataError(f"no folder with {need} under {data_dir}: searched {', '.join(candidates)}; "
+                    f"{'found ' + found if found else 'none of them exists'}. Expected the lists in one of these "
+                    f"(or give `list_dir`).", argument="list_dir")
+
+
 def read_slice(path: str | Path, num_classes: int, keys: tuple[str, str] = ("image", "label")) -> tuple:
     """Read and check one 2D ``.npz`` slice.
 
@@ -74,7 +131,14 @@ def read_slice(path: str | Path, num_classes: int, keys: tuple[str, str] = ("ima
     Raises:
         DataError: Unreadable file, missing key, shape mismatch, non-finite image or out-of-range label.
     """
+    image, label = check_slice(path, num_classes, keys)
+    return image.astype(np.float32), label.astype(np.int64)
+
+
+def check_slice(path: str | Path, num_classes: int, keys: tuple[str, str] = ("image", "label")) -> tuple:
+    """:func:`read_slice` without the dtype conversions: ``(image, label)`` as stored, checked."""
     path = Path(path)
+    check_num_classes(num_classes)
     try:
         with np.load(path) as data:
             missing = [k for k in keys if k not in data.files]
@@ -83,10 +147,10 @@ def read_slice(path: str | Path, num_classes: int, keys: tuple[str, str] = ("ima
             image, label = data[keys[0]], data[keys[1]]
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{path}: cannot be read as .npz ({err}).") from err
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot be read as .npz ({type(err).__name__}: {err}).") from err
     check_arrays(path, image, label, num_classes, image_ndim=(2,), label_ndim=2)
-    return image.astype(np.float32), label.astype(np.int64)
+    return image, label
 
 
 def read_volume(path: str | Path, num_classes: int) -> dict[str, Any]:
@@ -99,6 +163,7 @@ def read_volume(path: str | Path, num_classes: int) -> dict[str, Any]:
         DataError: Unreadable file, missing dataset, shape mismatch, non-finite image or out-of-range label.
     """
     path = Path(path)
+    check_num_classes(num_classes)
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("image", "label") if k not in f]
@@ -106,14 +171,25 @@ def read_volume(path: str | Path, num_classes: int) -> dict[str, Any]:
                 raise DataError(f"{path}: missing dataset(s) {missing}; found {list(f.keys())}.")
             image, label = f["image"][()], f["label"][()]
             spacing = f.attrs.get("spacing")
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read as HDF5 ({err}).") from err
+    except DataError:
+        raise
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot be read as HDF5 ({type(err).__name__}: {err}).") from err
     check_arrays(path, image, label, num_classes, image_ndim=(3,), label_ndim=3)
-    if spacing is not None:
-        spacing = np.asarray(spacing, dtype=np.float64).reshape(-1)
-        if spacing.shape != (3,) or not (spacing > 0).all():
-            raise DataError(f"{path}: attribute `spacing` must be 3 positive numbers (z, y, x), found {spacing}.")
-    return {"image": image.astype(np.float32), "label": label.astype(np.int64), "spacing": spacing}
+    return {"image": image.astype(np.float32), "label": label.astype(np.int64), "spacing": _spacing(path, spacing)}
+
+
+def _spacing(path: Path, spacing: Any) -> np.ndarray | None:
+    """The ``spacing`` attribute as float64 ``(3,)`` (z, y, x) or None; DataError naming ``path`` if malformed."""
+    if spacing is None:
+        return None
+    try:
+        values = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.shape != (3,) or not (np.isfinite(values) & (values > 0)).all():
+        raise DataError(f"{path}: attribute `spacing` must be 3 positive numbers (z, y, x), found {spacing!r}.")
+    return values
 
 
 def _case_of(slice_name: str) -> str:
@@ -124,12 +200,16 @@ class SynapseDataModule(SegDataModule):
     """Synapse multi-organ CT (TransUNet preprocessing): 2D training slices, 3D test volumes, 9 classes.
 
     Validation holds out :data:`SYNAPSE_VAL_CASES` of the 18 training cases by default (the standard protocol
-    has no validation list); pass ``val_cases=()`` for none, or ``fold`` / ``num_folds`` for cross-validation
-    over the training cases. The 12 test volumes are only read by the test stage.
+    has no validation list); pass other ``val_cases``, ``val_cases=()`` for none, or ``fold`` / ``num_folds``
+    for cross-validation over the training cases. The 12 test volumes are only read by the test stage (and in
+    full by the pre-flight :meth:`validate`).
 
     Args:
         data_dir: Root of the layout (see the module docstring).
-        val_cases: Held-out training cases for validation (default :data:`SYNAPSE_VAL_CASES`).
+        val_cases: Held-out training cases for validation (default :data:`SYNAPSE_VAL_CASES`, or none when
+            ``fold`` is given).
+        list_dir: Folder with ``train.txt`` and ``test_vol.txt`` (default: the first of
+            :data:`SYNAPSE_LIST_DIRS` under ``data_dir`` that has both, e.g. TransUNet's ``lists/lists_Synapse``).
         **kwargs: See :class:`~lightning_selfreg.data.base.SegDataModule` (``image_size`` 224, ``batch_size``
             24, ``transform="paper"``, ``cache``, ``fold``, ...).
     """
@@ -139,21 +219,47 @@ class SynapseDataModule(SegDataModule):
     in_channels = 1
     layout_help = SYNAPSE_LAYOUT
 
-    def __init__(self, data_dir: str | Path, val_cases: Sequence[str] | None = SYNAPSE_VAL_CASES, **kwargs) -> None:
+    def __init__(self, data_dir: str | Path, val_cases: Sequence[str] | None = None,
+                 list_dir: str | Path | None = None, **kwargs) -> None:
+        if val_cases is None and kwargs.get("fold") is None:
+            val_cases = SYNAPSE_VAL_CASES
         super().__init__(data_dir, val_cases=val_cases, **kwargs)
+        if isinstance(list_dir, str) and not list_dir:
+            raise ValueError("`list_dir` must be a folder path or None, found ''.")
+        self.list_dir = None if list_dir is None else Path(list_dir)
+
+    @property
+    def lists(self) -> Path:
+        """The folder the list files are read from (``list_dir`` or the first match of the search)."""
+        return find_list_dir(self.data_dir, SYNAPSE_LIST_DIRS, SYNAPSE_LIST_FILES, self.list_dir)
 
     def check_layout(self) -> None:
-        """Every folder and list of the TransUNet layout exists."""
-        self._require("train_npz", "test_vol_h5", "lists/train.txt", "lists/test_vol.txt")
+        """The data folders of the TransUNet layout exist and the list folder is found."""
+        self._require("train_npz", "test_vol_h5")
+        _ = self.lists
 
     def _index(self, split: str) -> list[Item] | None:
         if split == "train":
-            names = read_list(self.data_dir / "lists" / "train.txt")
+            names = read_list(self.lists / "train.txt")
             return [Item(_case_of(n), self.data_dir / "train_npz" / f"{n}.npz", name=n) for n in names]
         if split == "test":
-            cases = read_list(self.data_dir / "lists" / "test_vol.txt")
+            cases = read_list(self.lists / "test_vol.txt")
             return [Item(c, self.data_dir / "test_vol_h5" / f"{c}.npy.h5", name=c) for c in cases]
         return None
+
+    def _check_header(self, item: Item) -> None:
+        if item.path.suffix == ".npz":
+            check_pair_header(item.path, npz_headers(item.path), ("image", "label"), (2,), 2)
+        else:
+            datasets, attrs = h5_headers(item.path)
+            check_pair_header(item.path, datasets, ("image", "label"), (3,), 3, kind="datasets")
+            _spacing(item.path, attrs.get("spacing"))
+
+    def _check_sample(self, item: Item) -> None:
+        check_slice(item.path, self.num_classes)
+
+    def _check_case(self, item: Item) -> None:
+        check_h5_volume(item.path, self.num_classes)
 
     def _read_sample(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         return read_slice(item.path, self.num_classes)
@@ -187,4 +293,4 @@ class SampleCTDataModule(SynapseDataModule):
         data_dir: str | Path = SAMPLE_DIR,
     ) -> None:
         super().__init__(data_dir, image_size=image_size, batch_size=batch_size, transform=None,
-                         batch_transform=batch_transform, cache=True, val_cases=None)
+                         batch_transform=batch_transform, cache=True, val_cases=())

@@ -1,4 +1,11 @@
-"""Tensor transforms shared by the data modules and the model's volume inference (batched, device-agnostic)."""
+"""Tensor transforms shared by the data modules and the model's volume inference (batched, device-agnostic).
+
+Also :func:`derive_seed`, the one rule by which every random draw of the data pipeline gets its seed: the
+sampler gives each training sample the seed ``derive_seed(seed, epoch, index)``, the per-sample CPU augmentation
+draws from it, and the on-device :class:`RandomAffine` draws from ``derive_seed(*seeds of the batch's samples)``.
+No draw of the data pipeline touches the global RNGs, so the batches depend on neither the number of workers,
+nor the rank count, nor what else (SelfReg, dropout) draws from the global RNG.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RandomAffine", "resize_image", "resize_label"]
+__all__ = ["RandomAffine", "derive_seed", "resize_image", "resize_label"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*values: int) -> int:
+    """A seed in ``[0, 2**63)`` that is a pure, well-mixed function of the integers ``values`` (in order).
+
+    ``derive_seed(seed, epoch, index)`` is the seed of one training sample; nearby inputs give unrelated seeds
+    (SplitMix64 chained over the values), and the result fits an int64 tensor.
+
+    Example:
+        >>> derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
+        True
+    """
+    state = _splitmix64(len(values))
+    for value in values:
+        state = _splitmix64(state ^ (int(value) & _MASK64))
+    return state >> 1
 
 
 def _size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -35,9 +67,12 @@ def resize_label(label: Tensor, size: int | Sequence[int]) -> Tensor:
 class RandomAffine:
     """Batched random rotation, isotropic zoom, shift and intensity jitter of image/label pairs, on any device.
 
-    Each sample gets its own parameters, drawn from the torch RNG (seeded by ``seed_everything``); images are
-    sampled bilinearly, labels with nearest neighbour, and out-of-field pixels become 0 (air/background). No
-    flips or 90-degree rotations: abdominal anatomy has a fixed orientation and left/right labels depend on it.
+    Each sample gets its own parameters. With a ``seed`` (the DataModules pass ``derive_seed`` of the batch's
+    sample seeds, so the draws follow from the run's seed, the epoch and the batch's samples) they come from a
+    ``torch.Generator`` on the batch's device seeded with it, without a host sync; without one, from the global
+    torch RNG. Images are sampled bilinearly, labels with nearest neighbour, and out-of-field pixels become 0
+    (air/background). No flips or 90-degree rotations: abdominal anatomy has a fixed orientation and left/right
+    labels depend on it.
 
     Args:
         degrees: Rotation range ``[-degrees, degrees]``.
@@ -63,22 +98,25 @@ class RandomAffine:
             raise ValueError(f"`p` must be in [0, 1], found {p}.")
         self.degrees, self.zoom, self.shift, self.gain, self.offset, self.p = degrees, zoom, shift, gain, offset, p
 
-    def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, image: Tensor, label: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
         """Transform a batch.
 
         Args:
             image: ``(B, C, H, W)`` float images.
             label: ``(B, H, W)`` integer labels.
+            seed: Seed of this batch's draws (an int in ``[0, 2**63)``); ``None`` draws from the global torch RNG.
 
         Returns:
             The transformed ``(image, label)`` with the same shapes and dtypes.
         """
         b, device = image.shape[0], image.device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+        draws = iter(torch.rand(7, b, device=device, generator=generator))  # one draw for all parameters
 
         def uniform(low: float, high: float) -> Tensor:
-            return torch.rand(b, device=device) * (high - low) + low
+            return next(draws) * (high - low) + low
 
-        on = (torch.rand(b, device=device) < self.p).float()
+        on = (next(draws) < self.p).float()
         angle = uniform(-self.degrees, self.degrees) * math.pi / 180 * on
         scale = torch.exp(uniform(-math.log(self.zoom), math.log(self.zoom)) * on)
         tx, ty = (uniform(-2 * self.shift, 2 * self.shift) * on for _ in range(2))  # grid units span 2
