@@ -373,6 +373,7 @@ def convert_test(ref: Path) -> dict[str, Any]:
     counts = {c: int((label == c).sum()) for c in SYNAPSE_NAMES}
     return {
         "image": window_hu(hu),
+        "hu": hu.astype(np.int16),
         "label": label,
         "spacing": spacing,
         "check": check,
@@ -536,6 +537,125 @@ The sdist contains no NOTICE file.
     (out / "README.md").write_text(text, encoding="utf-8")
 
 
+BODY_MARGIN = 8  # voxels kept around the body's bounding box in the nnU-Net copy of the test patient
+
+
+def body_box(hu: Any, margin: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """In-plane bounding box of the largest connected region above -300 HU (the body), plus ``margin`` voxels.
+
+    Args:
+        hu: ``(i, j, k)`` HU volume, ``k`` the slice axis.
+        margin: Voxels added on every side (clipped to the volume).
+
+    Returns:
+        ``((i0, j0), (i1, j1))``, half-open.
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    body = ndimage.binary_opening(hu > -300, iterations=2)
+    regions, n = ndimage.label(body)
+    _check(n > 0, "no body found in the test CT")
+    sizes = ndimage.sum(body, regions, range(1, n + 1))
+    idx = np.argwhere(regions == int(np.argmax(sizes)) + 1)
+    lo = np.maximum(idx.min(0)[:2] - margin, 0)
+    hi = np.minimum(idx.max(0)[:2] + 1 + margin, hu.shape[:2])
+    return (int(lo[0]), int(lo[1])), (int(hi[0]), int(hi[1]))
+
+
+def nnunet_images(ref: Path, test: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The two patients as NIfTI images for the nnU-Net copy: raw HU (int16) and Synapse labels (uint8), in RAS.
+
+    The train patient is the sdist's NIfTI cut to the labelled axial slices of the Synapse copy (the same slices as
+    ``train_npz``), with its affine moved accordingly. The test patient's DICOM HU are put on its mask's voxel grid
+    (``ct[:, :, k] = dicom_k.T[:, ::-1]``, the alignment :func:`convert_test` verifies) with the mask's affine, and
+    cut in-plane to the body's bounding box (:func:`body_box`; the 500 mm field of view is mostly air, table and
+    arms, and its noise would make the file 4.7 MB instead of 2.3 MB); every HU value and label is kept as is.
+    Both are then reoriented to RAS (the train patient already is; the test mask is LAS), so that the arrays of
+    the two cases share one orientation: nnU-Net's default readers use the arrays as stored.
+
+    Args:
+        ref: The sdist's ``tests/reference_files`` directory.
+        test: Result of :func:`convert_test` (its ``hu`` and ``label``).
+
+    Returns:
+        ``{case: (ct_image, label_image)}`` for ``TRAIN_PREFIX`` and ``TEST_CASE``.
+
+    Raises:
+        SampleCheckError: If the result is not RAS or fails the liver HU check.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    ct_img, seg_img = nib.load(ref / TRAIN_CT), nib.load(ref / TRAIN_SEG)
+    seg = map_labels(np.asanyarray(seg_img.dataobj))
+    keep = np.flatnonzero(seg.any(axis=(0, 1)))
+    lo, hi = int(keep[0]), int(keep[-1]) + 1
+    _check(np.array_equal(keep, np.arange(lo, hi)), "train labelled slices are not contiguous")
+    train_ct = nib.Nifti1Image(np.asanyarray(ct_img.dataobj).astype(np.int16), ct_img.affine).slicer[:, :, lo:hi]
+    train_seg = nib.Nifti1Image(seg.astype(np.uint8), ct_img.affine).slicer[:, :, lo:hi]  # slicer moves the origin
+
+    test_seg_img = nib.load(ref / TEST_SEG)
+    hu_grid = np.ascontiguousarray(test["hu"].transpose(2, 1, 0)[:, ::-1, :])  # (D, row, col) -> mask (i, j, k)
+    test_label = map_labels(np.asanyarray(test_seg_img.dataobj))
+    _check(hu_grid.shape == test_label.shape, f"test HU grid {hu_grid.shape} != mask {test_label.shape}")
+    (i0, j0), (i1, j1) = body_box(hu_grid, BODY_MARGIN)
+    _check(test_label[:i0].sum() + test_label[i1:].sum() + test_label[:, :j0].sum() + test_label[:, j1:].sum() == 0,
+           "test labels extend beyond the body box")
+    test_ct = nib.Nifti1Image(hu_grid.astype(np.int16), test_seg_img.affine).slicer[i0:i1, j0:j1, :]
+    test_seg = nib.Nifti1Image(test_label.astype(np.uint8), test_seg_img.affine).slicer[i0:i1, j0:j1, :]
+
+    out = {}
+    for case, (ct, lab) in {TRAIN_PREFIX: (train_ct, train_seg), TEST_CASE: (test_ct, test_seg)}.items():
+        ct, lab = nib.as_closest_canonical(ct), nib.as_closest_canonical(lab)
+        _check(nib.aff2axcodes(ct.affine) == ("R", "A", "S"), f"{case}: nnU-Net copy is not RAS")
+        _check(np.allclose(ct.affine, lab.affine), f"{case}: nnU-Net image and label affines differ")
+        hu, label = np.asanyarray(ct.dataobj), np.asanyarray(lab.dataobj)
+        share = liver_hu_share(hu, label)
+        _check(share > LIVER_HU_SHARE_MIN, f"{case}: nnU-Net copy liver HU share {share:.3f} <= {LIVER_HU_SHARE_MIN}")
+        for img, dtype in ((ct, np.int16), (lab, np.uint8)):
+            img.set_data_dtype(dtype)
+            img.header.set_xyzt_units("mm", "sec")
+        out[case] = (ct, lab)
+    return out
+
+
+def write_nnunet(out: Path, images: dict[str, tuple[Any, Any]]) -> None:
+    """Write the nnU-Net v2 raw copy ``out`` (e.g. ``.../Dataset900_TotalSegSample``).
+
+    ``imagesTr/totalseg_ct_0000.nii.gz`` + ``labelsTr/totalseg_ct.nii.gz`` (train patient),
+    ``imagesTs/totalseg_dicom_0000.nii.gz`` + ``labelsTs/totalseg_dicom.nii.gz`` (test patient) and
+    ``dataset.json`` (one CT channel, the 8 Synapse organs, ``numTraining`` 1, ``.nii.gz``).
+
+    Args:
+        out: The dataset folder (replaced).
+        images: Result of :func:`nnunet_images`.
+    """
+    import json
+
+    import nibabel as nib
+
+    if out.exists():
+        shutil.rmtree(out)
+    for split, case in (("Tr", TRAIN_PREFIX), ("Ts", TEST_CASE)):
+        ct, lab = images[case]
+        (out / f"images{split}").mkdir(parents=True)
+        (out / f"labels{split}").mkdir(parents=True)
+        nib.save(ct, out / f"images{split}" / f"{case}_0000.nii.gz")
+        nib.save(lab, out / f"labels{split}" / f"{case}.nii.gz")
+    meta = {
+        "name": "TotalSegSample",
+        "description": "Two abdominal CTs from the TotalSegmentator 2.18.0 sdist test data, Synapse organ labels "
+                       "(TotalSegmentator predictions, not manual annotations). Apache-2.0.",
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, **{name: value for value, name in SYNAPSE_NAMES.items()}},
+        "numTraining": 1,
+        "file_ending": ".nii.gz",
+        "licence": "Apache-2.0 (TotalSegmentator)",
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the conversion.
 
@@ -547,6 +667,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory (e.g. lightning_selfreg/data/sample)")
     parser.add_argument("--sdist-sha256", default=None, help="sdist digest to record when --source is a directory")
     parser.add_argument("--shuffle", action="store_true", help="use the HDF5 shuffle filter (larger for this data)")
+    parser.add_argument("--nnunet-out", type=Path, default=None,
+                        help="also write the nnU-Net v2 raw copy here (e.g. "
+                             "lightning_selfreg/data/sample_nnunet/Dataset900_TotalSegSample)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -561,6 +684,9 @@ def main(argv: list[str] | None = None) -> None:
         notices = sorted(p for p in root.iterdir() if p.is_file() and p.name.upper().startswith("NOTICE"))
         _check(not notices, f"sdist has NOTICE file(s) {notices}; copy them and update the README")
         shutil.copyfile(root / "LICENSE", args.out / "LICENSE-TotalSegmentator.txt")
+        if args.nnunet_out is not None:
+            write_nnunet(args.nnunet_out, nnunet_images(ref, test))
+            shutil.copyfile(root / "LICENSE", args.nnunet_out.parent / "LICENSE-TotalSegmentator.txt")
 
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     tc, sc = train["check"], test["check"]

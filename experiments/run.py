@@ -30,7 +30,7 @@ import yaml
 from lightning_selfreg.io import atomic_write_text
 
 RUN_NAME_ENV = "LIGHTNING_SELFREG_RUN_NAME"  # shared with the DDP worker processes Lightning re-launches
-DATASETS = ("sample", "synapse", "acdc", "glas", "monuseg")
+DATASETS = ("sample", "synapse", "acdc", "glas", "monuseg", "nnunet")
 BACKBONES = ("unet", "swinunet", "monai-basicunet", "monai-swinunetr", "smp-unet")
 
 
@@ -59,6 +59,21 @@ def _non_negative(kind: type) -> Callable[[Any], Any]:
     return _bounded(kind, 0, strict=False)
 
 
+def _cases(value: Any) -> list[str]:
+    """Case names from a list, or from one string of names separated by spaces or commas (YAML)."""
+    values = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    return [str(v) for v in values]
+
+
+def _sizes(value: Any) -> list[int]:
+    """Positive ints from a list, one int, or a string of ints separated by spaces or commas (YAML)."""
+    values = value.replace(",", " ").split() if isinstance(value, str) else value
+    values = [int(v) for v in (values if isinstance(values, list | tuple) else [values])]
+    if not values or min(values) < 1:
+        raise ValueError("must be positive integers")
+    return values
+
+
 def _seeds(value: Any) -> list[int]:
     values = value if isinstance(value, list | tuple) else [value]
     return [int(v) for v in values]
@@ -67,7 +82,8 @@ def _seeds(value: Any) -> list[int]:
 # name -> (parser of a value, allowed choices or None, help)
 OPTIONS: dict[str, tuple[Callable[[Any], Any], tuple | None, str]] = {
     "dataset": (str, DATASETS, "dataset to train and test on"),
-    "data_dir": (str, None, "dataset root (required except for `sample`, which defaults to the bundled copy)"),
+    "data_dir": (str, None, "dataset root (required except for `sample` and `nnunet`, which default to the bundled "
+                 "sample / its nnU-Net copy)"),
     "backbone": (str, BACKBONES, "network (monai-* need `pip install .[monai]`)"),
     "pretrained": (str, None, "local ImageNet Swin-T checkpoint for --backbone swinunet (nothing is downloaded)"),
     "selfreg": (bool, None, "add the SelfReg losses (--no-selfreg trains the baseline)"),
@@ -88,6 +104,15 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], tuple | None, str]] = {
     "augment": (str, ("paper", "none"), "per-sample augmentation of the real datasets (paper: rot90/flip/rotate)"),
     "fold": (_non_negative(int), None, "validate on this fold of the training cases (k-fold cross-validation)"),
     "num_folds": (_positive(int), None, "number of folds for --fold"),
+    "configuration": (str, ("2d", "3d"), "nnunet: 2d (slices, in-plane resampling) or 3d (patches, sliding window)"),
+    "patch_size": (_sizes, None, "nnunet: training patch, D H W (3d) or H W (2d); default from the median shape"),
+    "samples_per_epoch": (_positive(int), None, "nnunet: training patches per epoch (default 250 x batch size)"),
+    "intensity_shift": (_non_negative(float), None, "nnunet: max additive intensity jitter of training patches, in "
+                        "normalised units (0 = off; stands in for contrast-phase differences)"),
+    "val_cases": (_cases, None, "training cases held out for validation, the alternative to --fold (Synapse "
+                  "default: case0006 case0010 case0026 case0031; --val-cases with no name: no validation)"),
+    "list_dir": (str, None, "folder with the list files of synapse / acdc (default: searched under --data-dir, "
+                 "e.g. TransUNet's lists/lists_Synapse)"),
     "num_workers": (_non_negative(int), None, "DataLoader workers (default: 0 on CPU, 8 on GPU)"),
     "cache": (bool, None, "keep decoded training samples in RAM"),
     "precision": (str, ("32", "32-true", "16-mixed", "bf16-mixed"), "Lightning precision"),
@@ -99,7 +124,8 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], tuple | None, str]] = {
     "run_name": (str, None, "run folder / W&B run name (default: dataset-backbone-arm-seed-time)"),
     "resume": (bool, None, "continue the run --run-name from its checkpoints/last.ckpt"),
     "checkpoint_every_n_steps": (_non_negative(int), None, "also write last.ckpt every N steps (0 = per epoch only)"),
-    "wandb": (str, ("auto", "offline", "online", "disabled"), "W&B mode; auto = online if WANDB_API_KEY is set"),
+    "wandb": (str, ("auto", "offline", "online", "disabled"),
+              "W&B mode; auto = online if W&B credentials are set and the server answers within 3 s, else offline"),
     "wandb_project": (str, None, "W&B project"),
     "redundancy_every_n_epochs": (_non_negative(int), None, "log channel-redundancy heatmaps every N epochs (0=off)"),
     "eval_protocol": (str, ("strict", "transunet"), "protocol reported as `test` (both are always computed)"),
@@ -116,6 +142,8 @@ DEFAULTS: dict[str, Any] = {
     "lr_schedule": "poly", "optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "ce_weight": 0.4,
     "dice_weight": 0.6, "width": 64, "image_size": 224, "batch_size": 24, "max_epochs": 150, "augment": "paper",
     "fold": None, "num_folds": 5, "num_workers": None, "cache": False, "precision": "32", "gpus": None,
+    "val_cases": None, "list_dir": None, "configuration": "3d", "patch_size": None, "samples_per_epoch": None,
+    "intensity_shift": 0.0,
     "num_nodes": 1, "sync_batchnorm": False, "seed": 0, "output_dir": "runs", "run_name": None, "resume": False,
     "checkpoint_every_n_steps": 0, "wandb": "auto", "wandb_project": "lightning_selfreg",
     "redundancy_every_n_epochs": 10, "eval_protocol": "strict", "save_predictions": False, "channels_last": False,
@@ -141,8 +169,12 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
                       "ce_weight": 0.5, "dice_weight": 0.5},
     ("monuseg", "any"): {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 4,
                          "max_epochs": 300, "ce_weight": 0.5, "dice_weight": 0.5},
+    # nnU-Net's trainer: batch 2, Dice + CE with equal weights, SGD 0.01 poly (the defaults); 250 patches x batch
+    # per epoch (samples_per_epoch); nnU-Net trains 1000 such epochs
+    ("nnunet", "any"): {"batch_size": 2, "ce_weight": 0.5, "dice_weight": 0.5},
 }
-NULLABLE = {"data_dir", "gpus", "run_name", "pretrained", "fold", "num_workers"}
+NULLABLE = {"data_dir", "gpus", "run_name", "pretrained", "fold", "num_workers", "val_cases", "list_dir",
+            "patch_size", "samples_per_epoch"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         flag = f"--{name.replace('_', '-')}"
         if kind is bool:  # --selfreg / --no-selfreg, --channels-last / --no-channels-last, ...
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif name == "val_cases":
+            parser.add_argument(flag, dest=name, nargs="*", metavar="CASE", help=help_text)
         elif name == "seeds":
             parser.add_argument(flag, dest=name, type=int, nargs="+", metavar="SEED", help=help_text)
+        elif name == "patch_size":
+            parser.add_argument(flag, dest=name, type=int, nargs="+", metavar="SIZE", help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=kind, choices=choices,
                                 metavar=None if choices else name.upper(), help=help_text)
@@ -214,10 +250,20 @@ def resolve_config(argv: list[str] | None = None) -> dict[str, Any]:
     preset = {**PRESETS.get((dataset, "any"), {}), **PRESETS.get((dataset, "gpu" if gpus > 0 else "cpu"), {})}
     config = {**DEFAULTS, **preset, **chosen, "gpus": gpus}
     config = {k: _coerce(k, v) for k, v in config.items()}
-    if config["dataset"] != "sample" and not config["data_dir"]:
+    if config["dataset"] not in ("sample", "nnunet") and not config["data_dir"]:
         raise ConfigError(f"--data-dir is required for --dataset {config['dataset']} (nothing is downloaded)")
     if config["resume"] and not config["run_name"]:
         raise ConfigError("--resume needs --run-name (the run folder to continue)")
+    if config["val_cases"] is not None and config["fold"] is not None:
+        raise ConfigError("give --val-cases or --fold / --num-folds, not both")
+    if config["val_cases"] is not None and config["dataset"] == "sample":
+        raise ConfigError("--val-cases: the sample has one training patient and no validation split")
+    if config["list_dir"] is not None and config["dataset"] not in ("synapse", "acdc"):
+        raise ConfigError(f"--list-dir is only used by --dataset synapse and acdc, not {config['dataset']}")
+    nnunet_only = [k for k in ("configuration", "patch_size", "samples_per_epoch", "intensity_shift")
+                   if chosen.get(k) is not None]
+    if nnunet_only and config["dataset"] != "nnunet":
+        raise ConfigError(f"--{nnunet_only[0].replace('_', '-')} is only used by --dataset nnunet")
     if config["fold"] is not None and config["fold"] >= config["num_folds"]:
         raise ConfigError(f"--fold must be < --num-folds ({config['num_folds']}), found {config['fold']}")
     if config["pretrained"] and config["backbone"] != "swinunet":
@@ -227,10 +273,14 @@ def resolve_config(argv: list[str] | None = None) -> dict[str, Any]:
     return config
 
 
-def _wandb_mode(mode: str) -> str:
-    if mode != "auto":
-        return mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+def _wandb_mode(mode: str, run_dir: Path) -> str:
+    """The W&B mode this machine allows (see :func:`lightning_selfreg.wandb_mode.resolve_wandb_mode`)."""
+    from lightning_selfreg.wandb_mode import WandbUnavailable, resolve_wandb_mode
+
+    try:
+        return resolve_wandb_mode(mode, sync_hint=str(run_dir / "wandb" / "offline-run-*"))
+    except WandbUnavailable as err:
+        raise ConfigError(f"--wandb {mode}: {err}") from err
 
 
 def _run_name(config: dict[str, Any]) -> str:
@@ -292,11 +342,21 @@ def build_datamodule(config: dict[str, Any]):
     if config["dataset"] == "sample":
         return SampleCTDataModule(image_size=config["image_size"], batch_size=config["batch_size"],
                                   data_dir=config["data_dir"] or SAMPLE_DIR)
+    if config["dataset"] == "nnunet":
+        from lightning_selfreg.data import SAMPLE_NNUNET_DIR, NnUNetDataModule
+
+        return NnUNetDataModule(config["data_dir"] or SAMPLE_NNUNET_DIR, configuration=config["configuration"],
+                                patch_size=config["patch_size"], batch_size=config["batch_size"],
+                                samples_per_epoch=config["samples_per_epoch"], num_workers=config["num_workers"],
+                                fold=config["fold"], val_cases=config["val_cases"],
+                                intensity_shift=config["intensity_shift"])
     cls = {"synapse": SynapseDataModule, "acdc": ACDCDataModule, "glas": GlaSDataModule,
            "monuseg": MoNuSegDataModule}[config["dataset"]]
+    layout = {"list_dir": config["list_dir"]} if config["dataset"] in ("synapse", "acdc") else {}
     return cls(config["data_dir"], image_size=config["image_size"], batch_size=config["batch_size"],
                num_workers=config["num_workers"], transform="paper" if config["augment"] == "paper" else None,
-               cache=config["cache"], fold=config["fold"], num_folds=config["num_folds"])
+               cache=config["cache"], fold=config["fold"], num_folds=config["num_folds"],
+               val_cases=config["val_cases"], **layout)
 
 
 def net_config(config: dict[str, Any], in_channels: int, num_classes: int) -> dict[str, Any]:
@@ -319,7 +379,8 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
 
     from lightning_selfreg import SelfReg, SelfRegSegModule
     from lightning_selfreg.callbacks import FiniteLossGuard, RNGStateCheckpoint
-    from lightning_selfreg.checkpoint import AtomicCheckpointIO
+    from lightning_selfreg.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint_file
+    from lightning_selfreg.io import remove_orphaned_temp_files
     from lightning_selfreg.models import create_model
     from lightning_selfreg.tracking import (
         RedundancyMonitor,
@@ -339,18 +400,33 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
     if config["resume"] and not resume_from.is_file():
         raise FileNotFoundError(f"--resume: {resume_from} does not exist")
     if config["resume"]:
+        try:
+            check_checkpoint_file(resume_from)  # empty / truncated / corrupt: named now, not mid-setup
+        except CheckpointError as err:
+            raise ConfigError(f"--resume: {err}") from err
+    mode = _wandb_mode(config["wandb"], run_dir)  # before anything is written: may fall back to offline
+    if config["resume"]:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         different = {k for k in ("dataset", "backbone", "selfreg", "seed", "width", "image_size")
                      if saved.get(k) != config[k]}
         if different:
             raise ConfigError(f"--resume: settings {sorted(different)} differ from {run_dir / 'config.yaml'}")
     build = net_config(config, datamodule.in_channels, datamodule.num_classes)
+    # nnU-Net data: the network runs at the preprocessed grid (no resize), 3D with a sliding window of the patch
+    spatial_dims = getattr(datamodule, "spatial_dims", 2)
+    grid = {"input_size": config["image_size"]}
+    if config["dataset"] == "nnunet":
+        grid = {"input_size": None, "spatial_dims": spatial_dims,
+                "roi_size": datamodule.patch_size if spatial_dims == 3 else None}
+        if spatial_dims == 3:
+            build["spatial_dims"] = 3
     net = create_model(**build)
     module = SelfRegSegModule(
         net, datamodule.num_classes, datamodule.class_names, ce_weight=config["ce_weight"],
         dice_weight=config["dice_weight"], optimizer=config["optimizer"], lr=config["lr"],
-        weight_decay=config["weight_decay"], lr_schedule=config["lr_schedule"], input_size=config["image_size"],
-        eval_protocol=config["eval_protocol"], channels_last=config["channels_last"] and config["backbone"] == "unet",
+        weight_decay=config["weight_decay"], lr_schedule=config["lr_schedule"], **grid,
+        eval_protocol=config["eval_protocol"],
+        channels_last=config["channels_last"] and config["backbone"] == "unet" and spatial_dims == 2,
         prediction_dir=str(run_dir / "predictions") if config["save_predictions"] else None, net_config=build,
     )
     checkpoint_dir = run_dir / "checkpoints"
@@ -376,7 +452,6 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
     if config["selfreg"]:
         callbacks.append(SelfReg(lambda_scr=config["lambda_scr"], lambda_ifd=config["lambda_ifd"],
                                  pairing=config["pairing"], warmup_steps=config["warmup_steps"]))
-    mode = _wandb_mode(config["wandb"])
     if mode == "disabled":
         logger = CSVLogger(save_dir=run_dir, name="csv", version="")
     else:
@@ -403,6 +478,8 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, checkpoint_dir):  # temporary files of writes killed in an earlier run here
+            remove_orphaned_temp_files(folder)
         if not config["resume"]:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         log_run_environment(logger)
@@ -419,7 +496,7 @@ def train_and_test(config: dict[str, Any]) -> dict[str, Any] | None:
         "protocols": module.test_results_by_protocol,
         "checkpoint": best and trainer.checkpoint_callback and str(trainer.checkpoint_callback.best_model_path),
     }
-    volumetric = config["dataset"] in ("sample", "synapse", "acdc")
+    volumetric = config["dataset"] in ("sample", "synapse", "acdc", "nnunet")
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write_text(run_dir / "metrics.md", format_paper_table(module.test_results_by_protocol, volumetric) + "\n")
     print(f"\nTest results ({config['dataset']}, {config['backbone']}, "
@@ -461,6 +538,7 @@ def compare(config: dict[str, Any], argv: list[str]) -> int:
         if arg in ("--selfreg", "--no-selfreg", "--no-compare"):
             continue
         cleaned.append(arg)
+    mode = _wandb_mode(config["wandb"], out_dir)  # of the summary run; each child run decides its own
     runs = []
     for seed in config["seeds"]:
         for arm in ("baseline", "selfreg"):
@@ -480,7 +558,6 @@ def compare(config: dict[str, Any], argv: list[str]) -> int:
     markdown = format_comparison_markdown(summary)
     print(markdown)
     print(f"\nsummary: {out_dir / 'summary.md'}")
-    mode = _wandb_mode(config["wandb"])
     if mode != "disabled":
         import wandb
 
@@ -502,14 +579,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if config["compare"]:
-        return compare(config, argv)
+        try:
+            return compare(config, argv)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from lightning_selfreg.data import DataError
 
     try:
         train_and_test(config)
     except (DataError, ConfigError, FileNotFoundError, ImportError, KeyError) as err:
         message = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-        flag = "--data-dir: " if isinstance(err, DataError) else ""
+        flag = ""
+        if isinstance(err, DataError):  # about a file under --data-dir, or about the flag of `err.argument`
+            flag = f"--{err.argument.replace('_', '-')}: " if getattr(err, "argument", None) else "--data-dir: "
         print(f"error: {flag}{message}", file=sys.stderr)
         return 2
     return 0

@@ -38,13 +38,13 @@ _CONSTANT_RTOL = 1e-5
 def channel_correlation(feature: Tensor, max_channels: int | None = 64) -> Tensor:
     """Absolute Pearson correlation between the channels of a feature map, over batch and space.
 
-    Each channel is one variable observed at the ``B * H * W`` positions; the result is ``|corr(c_i, c_j)|``
-    (the "channel corr." of the paper's Fig. 1c), computed with one matrix product in float32. A constant
-    channel (e.g. a dead ReLU channel) has zero variance and gets correlation 0 with every channel, itself
-    included, instead of NaN; every other channel has 1 on the diagonal.
+    Each channel is one variable observed at the ``B * H * W`` (3D: ``B * D * H * W``) positions; the result is
+    ``|corr(c_i, c_j)|`` (the "channel corr." of the paper's Fig. 1c), computed with one matrix product in
+    float32. A constant channel (e.g. a dead ReLU channel) has zero variance and gets correlation 0 with every
+    channel, itself included, instead of NaN; every other channel has 1 on the diagonal.
 
     Args:
-        feature: Block output, shape ``(B, C, H, W)``.
+        feature: Block output, shape ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
         max_channels: Keep only the first ``max_channels`` channels (a deterministic subsample that keeps heat-maps
             of wide blocks readable and the cost at ``O(max_channels^2 * B * H * W)``); ``None`` keeps all.
 
@@ -53,7 +53,7 @@ def channel_correlation(feature: Tensor, max_channels: int | None = 64) -> Tenso
         device of ``feature``.
 
     Raises:
-        ValueError: If ``feature`` is not 4-D or ``max_channels`` is not None or a positive integer.
+        ValueError: If ``feature`` is not 4-D or 5-D or ``max_channels`` is not None or a positive integer.
 
     Example:
         >>> x = torch.randn(2, 1, 8, 8)
@@ -62,14 +62,14 @@ def channel_correlation(feature: Tensor, max_channels: int | None = 64) -> Tenso
                 [1., 1., 0.],
                 [0., 0., 0.]])
     """
-    if not isinstance(feature, Tensor) or feature.ndim != 4:
+    if not isinstance(feature, Tensor) or feature.ndim not in (4, 5):
         found = tuple(feature.shape) if isinstance(feature, Tensor) else type(feature).__name__
-        raise ValueError(f"`feature` must be a (B, C, H, W) feature map, found {found}.")
+        raise ValueError(f"`feature` must be a (B, C, H, W) or (B, C, D, H, W) feature map, found {found}.")
     if max_channels is not None and (isinstance(max_channels, bool) or not isinstance(max_channels, int)
                                      or max_channels < 1):
         raise ValueError(f"`max_channels` must be None or a positive integer, found {max_channels!r}.")
     x = feature.detach()[:, :max_channels].float()
-    x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C', N) with N = B * H * W
+    x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C', N) with N = B * H * W (or B * D * H * W)
     centred = x - x.mean(dim=1, keepdim=True)
     scale = x.abs().amax(dim=1)
     constant = centred.abs().amax(dim=1) <= _CONSTANT_RTOL * scale  # also catches all-zero channels
@@ -138,13 +138,14 @@ def collect_block_features(
         model: The network whose submodules are tapped (for a ``SelfRegSegModule``, pass ``module.net``).
         tap_spec: A :class:`~lightning_selfreg.taps.TapSpec`, its mapping form, a list of module paths, or None
             for ``model.tap_spec``.
-        images: Input batch ``(B, C, H, W)``; moved to the device of the model's parameters.
+        images: Input batch ``(B, C, H, W)`` (3D networks: ``(B, C, D, H, W)``); moved to the device of the
+            model's parameters.
 
     Returns:
-        ``{path: detached feature (B, C, H, W)}`` in tap order (for a TapSpec: student taps, then ``final``).
+        ``{path: detached feature (B, C, *spatial)}`` in tap order (for a TapSpec: student taps, then ``final``).
 
     Raises:
-        ValueError: If ``images`` is not 4-D, no spec is given or found, or a path is not a submodule.
+        ValueError: If ``images`` is not 4-D or 5-D, no spec is given or found, or a path is not a submodule.
 
     Example:
         >>> from lightning_selfreg.models import UNet
@@ -153,9 +154,9 @@ def collect_block_features(
         >>> {k: tuple(v.shape) for k, v in feats.items()}
         {'down1': (2, 8, 8, 8), 'down2': (2, 8, 4, 4), 'up1': (2, 4, 8, 8), 'up2': (2, 4, 16, 16)}
     """
-    if not isinstance(images, Tensor) or images.ndim != 4:
+    if not isinstance(images, Tensor) or images.ndim not in (4, 5):
         found = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"`images` must be a (B, C, H, W) batch, found {found}.")
+        raise ValueError(f"`images` must be a (B, C, H, W) or (B, C, D, H, W) batch, found {found}.")
     paths, nhwc = _resolve_spec(model, tap_spec)
     param = next(model.parameters(), None)
     if param is not None:

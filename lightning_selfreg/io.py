@@ -2,30 +2,90 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["atomic_write", "atomic_write_text", "load_image_2d", "load_nifti", "save_nifti", "save_prediction"]
+__all__ = [
+    "atomic_write", "atomic_write_text", "load_image_2d", "load_nifti", "remove_orphaned_temp_files", "save_nifti",
+    "save_prediction",
+]
+
+log = logging.getLogger(__name__)
+TEMP_NAME = re.compile(r"\.tmp(?P<pid>\d+)\.(?P<name>.+)")  # the temporary names of atomic_write: .tmp<pid>.<name>
+
+
+def _temp_path(path: Path, pid: int) -> Path:
+    return path.with_name(f".tmp{pid}.{path.name}")  # keeps the suffix: writers that infer the format work
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Run ``write(tmp)`` on a temporary path next to ``path``, then rename it into place.
 
     ``os.replace`` is atomic, so readers see the old complete file or the new complete file, never a partial one,
-    and a failed or killed write leaves no half-written ``path``.
+    and a failed or killed write leaves no half-written ``path``. The temporary file is ``.tmp<pid>.<name>``; a
+    failed write removes it, a killed one (SIGKILL, power loss) cannot: :func:`remove_orphaned_temp_files` does.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix: writers that infer the format work
+    tmp = _temp_path(path, os.getpid())
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except (OverflowError, OSError):  # not a valid pid here
+        return False
+    return True
+
+
+def remove_orphaned_temp_files(folder: str | os.PathLike, include_own: bool = True) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder`` (not recursive).
+
+    A write killed between creating its ``.tmp<pid>.<name>`` file and renaming it leaves that file behind (a
+    checkpoint's is as large as the checkpoint). Only files of exactly that name pattern are considered, and only
+    those whose writer process no longer exists on this machine: a live process may still be writing its file.
+    A file carrying this process's own pid is an orphan of an earlier process that had the same pid (containers
+    and job restarts reuse pids) as long as this process has not started writing there; ``include_own=False``
+    keeps such files, for calls made while this process may have writes in flight in that folder.
+
+    Args:
+        folder: The folder to clean; a missing folder is fine.
+        include_own: Also delete files carrying this process's pid.
+
+    Returns:
+        The deleted paths (each is also logged at INFO level).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = TEMP_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_file():
+            continue
+        pid = int(match["pid"])
+        if (pid == os.getpid() and not include_own) or (pid != os.getpid() and _process_alive(pid)):
+            continue
+        size = entry.stat().st_size
+        entry.unlink(missing_ok=True)
+        log.info("removed %s (%d bytes), left by an interrupted write of %s", entry, size, match["name"])
+        removed.append(entry)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -52,10 +112,12 @@ def save_nifti(array_dhw: np.ndarray, path: str | Path, spacing: Sequence[float]
 
 
 def save_prediction(pred: np.ndarray, out_dir: Path, case: str, spacing: Sequence[float] | None,
-                    num_classes: int) -> Path:
+                    num_classes: int, affine: np.ndarray | None = None) -> Path:
     """Save one case's ``(D, H, W)`` prediction: ``<case>.nii.gz`` for volumes, ``<case>.png`` for ``D = 1``.
 
-    Binary PNG masks are written as 0/255 so that they are visible; multi-class ones hold the class index.
+    Binary PNG masks are written as 0/255 so that they are visible; multi-class ones hold the class index. A
+    volume is written with ``affine`` when given (the input file's, e.g. an nnU-Net case item's ``"affine"``: the
+    prediction then has the input's geometry voxel for voxel), else with ``diag(spacing)``.
 
     Returns:
         The written path.
@@ -66,7 +128,7 @@ def save_prediction(pred: np.ndarray, out_dir: Path, case: str, spacing: Sequenc
         atomic_write(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
         return path
     path = out_dir / f"{case}.nii.gz"
-    save_nifti(pred, path, spacing)
+    save_nifti(pred, path, spacing, affine)
     return path
 
 

@@ -39,8 +39,8 @@ class TapSpec:
         ifd_groups: Group name -> module paths; IFD is averaged within a group and summed over groups.
         scr_groups: Group name -> module paths; SCR (against ``final``) is averaged within a group and summed over
             groups.
-        nhwc: Paths whose output is channels-last ``(B, H, W, C)`` (e.g. Swin blocks); they are permuted to
-            ``(B, C, H, W)`` when captured.
+        nhwc: Paths whose output is channels-last ``(B, H, W, C)`` or ``(B, D, H, W, C)`` (e.g. Swin blocks); they
+            are permuted to ``(B, C, H, W)`` / ``(B, C, D, H, W)`` when captured.
 
     Example:
         >>> spec = TapSpec.unet(encoder=["down1", "down2"], decoder=["up1"], final="up2")
@@ -62,6 +62,12 @@ class TapSpec:
         object.__setattr__(self, "scr_groups", _as_groups(self.scr_groups, "scr_groups"))
         if not self.ifd_groups and not self.scr_groups:
             raise ValueError("A TapSpec needs at least one IFD or SCR group.")
+        if len(self.paths) == 1:
+            raise ValueError(
+                f"A TapSpec needs student taps besides `final` ({self.final!r}): `ifd_groups` and `scr_groups` (or "
+                f"`encoder` and `decoder`) name no module path, found ifd_groups={self.ifd_groups}, "
+                f"scr_groups={self.scr_groups}."
+            )
         if self.final in self.paths[:-1]:
             raise ValueError(f"`final` ({self.final!r}) must not also be a student tap.")
         if isinstance(self.nhwc, str):
@@ -139,13 +145,15 @@ def _unknown_paths_error(missing: Sequence[str], available: Sequence[str]) -> Va
 class FeatureTaps:
     """Forward hooks on named submodules that capture their outputs while :meth:`capture` is active.
 
-    The backbone is not modified. Outputs are stored as they are (not detached: the losses decide what gets
-    gradient) and released by :meth:`pop`. Call :meth:`remove` (or use as a context manager) to take the hooks off.
+    The backbone is not modified. Outputs (2D ``(B, C, H, W)`` or 3D ``(B, C, D, H, W)`` maps) are stored as they
+    are (not detached: the losses decide what gets gradient) and released by :meth:`pop`. Call :meth:`remove` (or
+    use as a context manager) to take the hooks off.
 
     Args:
         model: The network to tap.
         paths: Module paths as in ``dict(model.named_modules())``.
-        nhwc: Paths whose ``(B, H, W, C)`` outputs are permuted to ``(B, C, H, W)``.
+        nhwc: Paths whose channels-last ``(B, H, W, C)`` / ``(B, D, H, W, C)`` outputs are permuted to
+            ``(B, C, H, W)`` / ``(B, C, D, H, W)``.
 
     Raises:
         ValueError: If a path is not a submodule of ``model``; the message lists the available paths.
@@ -184,9 +192,12 @@ class FeatureTaps:
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"Tapped module {path!r} ({type(module).__name__}) returned {type(output).__name__}; taps need "
-                    "a module whose output is one (B, C, H, W) tensor. Tap a submodule that returns a tensor."
+                    "a module whose output is one (B, C, H, W) or (B, C, D, H, W) tensor. Tap a submodule that "
+                    "returns a tensor."
                 )
-            self._features[path] = output.permute(0, 3, 1, 2) if path in self.nhwc else output
+            if path in self.nhwc:  # (B, [D,] H, W, C) -> (B, C, [D,] H, W)
+                output = output.permute(0, output.ndim - 1, *range(1, output.ndim - 1))
+            self._features[path] = output
 
         return hook
 
@@ -227,21 +238,34 @@ class FeatureTaps:
 def list_tap_candidates(
     model: nn.Module, input_shape: Sequence[int], leaf_only: bool = False
 ) -> list[tuple[str, str, tuple[int, ...]]]:
-    """List every submodule that outputs a 4-D tensor, with its output shape, from one dry-run forward pass.
+    """List every submodule whose output is a map of the input's rank, with its shape, from one dry-run forward pass.
+
+    A 2D network (input ``(B, C, H, W)``) lists its 4-D outputs, a 3D network (input ``(B, C, D, H, W)``) its 5-D
+    outputs; channels-last blocks (``(B, [D,] H, W, C)``) are listed as they are (name them in ``nhwc``).
 
     Args:
         model: The network; the dry run is in eval mode (BatchNorm statistics untouched), the mode is restored.
-        input_shape: Input shape ``(B, C, H, W)`` for the dry run (zeros).
+        input_shape: Input shape ``(B, C, H, W)`` or ``(B, C, D, H, W)`` for the dry run (zeros).
         leaf_only: Only list modules without children.
 
     Returns:
         ``[(path, class name, output shape), ...]`` in execution order.
+
+    Raises:
+        ValueError: If ``input_shape`` has neither 4 nor 5 entries.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2))
         >>> list_tap_candidates(net, (1, 1, 8, 8))
         [('0', 'Conv2d', (1, 4, 8, 8)), ('1', 'MaxPool2d', (1, 4, 4, 4))]
     """
+    input_shape = tuple(input_shape)
+    if len(input_shape) not in (4, 5):
+        raise ValueError(
+            f"`input_shape` must be (B, C, H, W) or (B, C, D, H, W), found {input_shape!r} "
+            f"({len(input_shape)} entries)."
+        )
+    rank = len(input_shape)
     found: list[tuple[str, str, tuple[int, ...]]] = []
     handles = []
     for name, module in model.named_modules():
@@ -249,7 +273,7 @@ def list_tap_candidates(
             continue
 
         def hook(mod, args, output, name=name):
-            if isinstance(output, Tensor) and output.ndim == 4:
+            if isinstance(output, Tensor) and output.ndim == rank:
                 found.append((name, type(mod).__name__, tuple(output.shape)))
 
         handles.append(module.register_forward_hook(hook))

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lightning_selfreg.callbacks import SelfReg
+from lightning_selfreg.data.transforms import resize_image
 from lightning_selfreg.diagnostics import block_correlations, collect_block_features, redundancy_score
 from lightning_selfreg.taps import TapSpec
 
@@ -102,6 +103,11 @@ class _Panel:
     label: np.ndarray  # (H, W) int
     pred: np.ndarray  # (H, W) int
     caption: str
+
+
+def _spatial_dims(pl_module: pl.LightningModule) -> int:
+    """2 for slice-wise networks, 3 for volumetric ones (``hparams.spatial_dims`` of the module, default 2)."""
+    return int(getattr(getattr(pl_module, "hparams", None), "spatial_dims", 2) or 2)
 
 
 def _image_and_label(batch: Any) -> tuple[Tensor, Tensor] | None:
@@ -199,7 +205,12 @@ class SegmentationPanels(pl.Callback):
         if not self._val_enabled(trainer) or len(self._foreground) >= self.num_images:
             return
         pair = _image_and_label(batch)
-        if pair is None or pair[0].ndim != 4:
+        if pair is None:
+            return
+        if _spatial_dims(pl_module) == 3:  # whole validation cases: show the step's own native-grid prediction
+            self._add_case(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if pair[0].ndim != 4:
             return
         image, label = pair
         has_fg = label.flatten(1).any(1).tolist()
@@ -232,27 +243,55 @@ class SegmentationPanels(pl.Callback):
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         """Pick foreground slices of the volume (evenly spaced) and predict them."""
-        remaining = self.num_images - len(self._foreground)
-        if not self.on_test or remaining <= 0 or not _wandb_loggers(trainer):
+        if not self.on_test or not _wandb_loggers(trainer):
             return
+        self._add_case(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _add_case(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                  batch_idx: int) -> None:
+        """Add evenly spaced foreground slices of one whole case (test, or validation in 3D).
+
+        The prediction is the step's ``outputs["prediction"]`` ``(D, H, W)`` at the label's grid when the module
+        returns one (:class:`~lightning_selfreg.module.SelfRegSegModule` does), else ``predict_volume`` of the
+        chosen slices. The image is shown at the label's grid: a 3D ``(C, D', H', W')`` or slice-wise
+        ``(D', C, H', W')`` image at another (preprocessed) grid is sampled at the nearest depth and resized
+        in-plane.
+        """
+        remaining = self.num_images - len(self._foreground)
         pair = _image_and_label(batch)
-        if pair is None or pair[0].ndim not in (3, 4):
+        if remaining <= 0 or pair is None or pair[0].ndim not in (3, 4):
             return
         image, label = pair
+        if label.ndim == 2:
+            label = label[None]
+        if _spatial_dims(pl_module) == 3:
+            image = image.transpose(0, 1)  # (C, D', H', W') -> (D', C, H', W')
+        elif image.ndim == 3:
+            image = image[:, None]
         slices = label.flatten(1).any(1).nonzero().flatten()
         if slices.numel() == 0:
             return
         slices = slices[torch.linspace(0, slices.numel() - 1, min(remaining, slices.numel())).round().long()]
         slices = slices.unique().tolist()
-        with torch.no_grad():
-            if hasattr(pl_module, "predict_volume"):
-                pred = pl_module.predict_volume(image[slices])
-            else:
-                x = image[slices] if image.ndim == 4 else image[slices][:, None]
-                pred = pl_module(x.to(pl_module.device, torch.float32)).argmax(1)
+        depth = label.shape[0]
+        rows = [min(image.shape[0] - 1, int((z + 0.5) * image.shape[0] / depth)) for z in slices]
+        shown = image[rows]
+        if tuple(shown.shape[-2:]) != tuple(label.shape[-2:]):
+            shown = resize_image(shown.float(), tuple(label.shape[-2:]))
+        prediction = outputs.get("prediction") if isinstance(outputs, Mapping) else None
+        if prediction is not None:
+            pred = prediction.reshape(label.shape)[slices]
+        elif tuple(image.shape[-2:]) == tuple(label.shape[-2:]) and image.shape[0] == depth:
+            with torch.no_grad():
+                if hasattr(pl_module, "predict_volume"):
+                    pred = pl_module.predict_volume(image[slices])
+                else:
+                    pred = pl_module(image[slices].to(pl_module.device, torch.float32)).argmax(1)
+        else:
+            return  # no prediction at the label's grid to show
         case = batch.get("case", f"volume {batch_idx}") if isinstance(batch, Mapping) else f"volume {batch_idx}"
         captions = [f"{case} slice {z}" for z in slices]
-        self._add(_displayable(image[slices]), label[slices], pred, range(len(slices)), captions, True)
+        self._add(_displayable(shown), label[slices], pred, range(len(slices)), captions, True)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the test panels as ``test/segmentation``."""
@@ -366,7 +405,7 @@ class RedundancyMonitor(pl.Callback):
         if self.images is None:
             pair = _image_and_label(batch)
             image = pair[0] if pair is not None else batch if isinstance(batch, Tensor) else None
-            if image is not None and image.ndim == 4:
+            if image is not None and image.ndim in (4, 5):
                 self.images = image[: self.num_images].detach().cpu().clone()
 
     def _due(self, trainer: pl.Trainer) -> bool:

@@ -177,7 +177,7 @@ def test_smp_unet_taps():
 
 
 def test_registry_names_and_unknown_name():
-    assert list_models() == ["monai-basicunet", "monai-swinunetr", "smp-unet", "swinunet", "unet"]
+    assert list_models() == ["monai-basicunet", "monai-dynunet", "monai-swinunetr", "smp-unet", "swinunet", "unet"]
     with pytest.raises(KeyError, match="Unknown model 'unte'; available models: monai-basicunet, .*unet"):
         create_model("unte", 1, 3)
 

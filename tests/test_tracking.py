@@ -239,3 +239,24 @@ def test_log_run_environment_never_fails_without_git(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable
     info = log_run_environment(None, cwd=ROOT)
     assert info["git_commit"] is None and info["torch"] == torch.__version__
+
+
+def test_segmentation_panels_show_3d_cases_at_the_label_grid():
+    """A 3D case (C, D', H', W') at a preprocessed grid is shown at the label's grid with the step's prediction."""
+    from types import SimpleNamespace
+
+    from lightning_selfreg.tracking import SegmentationPanels
+
+    panels = SegmentationPanels(num_images=2)
+    module = SimpleNamespace(hparams=SimpleNamespace(spatial_dims=3))
+    label = torch.zeros(6, 8, 10, dtype=torch.long)
+    label[1:5, 2:6, 3:7] = 1
+    image = torch.rand(2, 3, 4, 5)  # (C, D', H', W'): half the label grid on every axis
+    prediction = torch.randint(0, 2, (6, 8, 10))
+    batch = {"image": image, "label": label, "case": "c0"}
+    panels._add_case(None, module, {"prediction": prediction}, batch, 0)
+    shown = panels._collected()
+    assert [p.caption for p in shown] == ["c0 slice 1", "c0 slice 4"]
+    for panel, z in zip(shown, (1, 4), strict=True):
+        assert panel.image.shape == (8, 10) and panel.label.shape == (8, 10)
+        assert (panel.pred == prediction[z].numpy()).all() and (panel.label == label[z].numpy()).all()

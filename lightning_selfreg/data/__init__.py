@@ -1,15 +1,17 @@
-"""DataModules for Synapse, ACDC, GlaS, MoNuSeg and the bundled CT sample; readers; batched transforms."""
+"""DataModules for Synapse, ACDC, GlaS, MoNuSeg, nnU-Net raw datasets and the bundled CT sample; readers; transforms."""
 
 from lightning_selfreg.data.acdc import ACDC_CLASS_NAMES, ACDCDataModule
 from lightning_selfreg.data.base import (
     DataError,
     ResumableDataLoader,
     ResumableSampler,
+    SampleKey,
     SegDataModule,
     UnpaddedDistributedSampler,
     paper_augmentation,
 )
 from lightning_selfreg.data.histology import GlaSDataModule, MoNuSegDataModule, rasterize_monuseg_xml
+from lightning_selfreg.data.nnunet import SAMPLE_NNUNET_DIR, NnUNetDataModule
 from lightning_selfreg.data.synapse import (
     SAMPLE_CLASS_NAMES,
     SAMPLE_DIR,
@@ -20,25 +22,29 @@ from lightning_selfreg.data.synapse import (
     read_slice,
     read_volume,
 )
-from lightning_selfreg.data.transforms import RandomAffine, resize_image, resize_label
+from lightning_selfreg.data.transforms import RandomAffine, derive_seed, resize_image, resize_label
 
 __all__ = [
     "ACDC_CLASS_NAMES",
     "SAMPLE_CLASS_NAMES",
     "SAMPLE_DIR",
+    "SAMPLE_NNUNET_DIR",
     "SYNAPSE_CLASS_NAMES",
     "SYNAPSE_VAL_CASES",
     "ACDCDataModule",
     "DataError",
     "GlaSDataModule",
     "MoNuSegDataModule",
+    "NnUNetDataModule",
     "RandomAffine",
     "ResumableDataLoader",
     "ResumableSampler",
     "SampleCTDataModule",
+    "SampleKey",
     "SegDataModule",
     "SynapseDataModule",
     "UnpaddedDistributedSampler",
+    "derive_seed",
     "paper_augmentation",
     "rasterize_monuseg_xml",
     "read_slice",

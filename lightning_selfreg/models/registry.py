@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from lightning_selfreg.models.swin_unet import SwinUnet
-from lightning_selfreg.models.third_party import monai_basic_unet, monai_swin_unetr, smp_unet
+from lightning_selfreg.models.third_party import monai_basic_unet, monai_dynunet, monai_swin_unetr, smp_unet
 from lightning_selfreg.models.unet import UNet
 
 __all__ = ["create_model", "list_models"]
@@ -37,6 +37,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": _unet,
     "swinunet": _swinunet,
     "monai-basicunet": monai_basic_unet,
+    "monai-dynunet": monai_dynunet,
     "monai-swinunetr": monai_swin_unetr,
     "smp-unet": smp_unet,
 }
@@ -50,16 +51,22 @@ def list_models() -> list[str]:
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build a registered backbone with its SelfReg ``tap_spec``.
 
+    3D networks are the same names with ``spatial_dims=3`` (every backbone but ``"swinunet"`` takes it; default 2).
+
     ========================  ==========================================================================
     name                      network and main keyword arguments
     ========================  ==========================================================================
-    ``"unet"``                :class:`~lightning_selfreg.models.UNet` (``base_channels``, ``depth``)
+    ``"unet"``                :class:`~lightning_selfreg.models.UNet` (``base_channels``, ``depth``,
+                              ``spatial_dims``)
     ``"swinunet"``            :class:`~lightning_selfreg.models.SwinUnet` (``img_size`` = the exact input
                               side, 224 by default; ``pretrained`` = path of a local ImageNet Swin
                               checkpoint; ``patch_size``, ``embed_dim``, ``depths``, ``num_heads``,
                               ``window_size``, ``drop_path_rate``). A 1-channel input is repeated to 3.
-    ``"monai-basicunet"``     MONAI ``BasicUNet``, 2D (``features``); needs MONAI
-    ``"monai-swinunetr"``     MONAI ``SwinUNETR``, 2D (``feature_size``, ``depths``); sides multiple of 32
+    ``"monai-basicunet"``     MONAI ``BasicUNet`` (``features``, ``spatial_dims``); needs MONAI
+    ``"monai-dynunet"``       MONAI ``DynUNet``, nnU-Net's network (``strides``, ``kernel_size``,
+                              ``filters``, ``spatial_dims``); needs MONAI
+    ``"monai-swinunetr"``     MONAI ``SwinUNETR`` (``feature_size``, ``depths``, ``spatial_dims``); sides
+                              multiple of 32
     ``"smp-unet"``            segmentation_models_pytorch ``Unet`` (``encoder_name`` resnet*/resnext*)
     ========================  ==========================================================================
 
@@ -70,7 +77,7 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
         **kwargs: Passed to the backbone's constructor (see the table).
 
     Returns:
-        The network; ``forward(x)`` returns logits ``(B, num_classes, H, W)``.
+        The network; ``forward(x)`` returns logits ``(B, num_classes, H, W)`` (``(B, num_classes, D, H, W)`` in 3D).
 
     Raises:
         KeyError: For an unknown ``name`` (the message lists the available ones).

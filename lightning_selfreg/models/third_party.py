@@ -1,10 +1,14 @@
 """SelfReg tap specs for third-party UNets, and factories that build them with ``tap_spec`` attached.
 
-The networks are used as their libraries ship them (2D); SelfReg only reads named submodules through hooks:
+The networks are used as their libraries ship them, 2D or 3D (``spatial_dims``, the same taps in both); SelfReg only
+reads named submodules through hooks:
 
 * MONAI ``BasicUNet``: encoder ``down_1..down_4``, decoder ``upcat_4, upcat_3, upcat_2``, ``F_final`` =
   ``upcat_1`` (the last decoder map, before ``final_conv``); the authors' UNet aggregation.
-* MONAI ``SwinUNETR`` (``spatial_dims=2``): every Swin block of the four encoder stages
+* MONAI ``DynUNet`` (nnU-Net's network) with ``L`` levels (``len(strides)``): encoder ``downsamples.0..{L-3}`` and
+  ``bottleneck``, decoder ``upsamples.0..{L-3}`` (deep to shallow), ``F_final`` = ``upsamples.{L-2}`` (the last
+  decoder map, before ``output_block``); the full-resolution ``input_block`` is left out like the paper's ``inc``.
+* MONAI ``SwinUNETR``: every Swin block of the four encoder stages
   (``swinViT.layers{1..4}.0.blocks.{j}``, channels-last) and the convolutional decoder stages
   ``decoder5..decoder2``; ``F_final`` = ``decoder1`` (full resolution, before the ``out`` head). Grouped as the
   authors' Swin aggregation, each decoder stage being one block (its first and its last).
@@ -30,6 +34,8 @@ __all__ = [
     "MONAI_INSTALL_HINT",
     "monai_basic_unet",
     "monai_basic_unet_tap_spec",
+    "monai_dynunet",
+    "monai_dynunet_tap_spec",
     "monai_swin_unetr",
     "monai_swin_unetr_tap_spec",
     "smp_unet",
@@ -61,34 +67,112 @@ def monai_basic_unet_tap_spec() -> TapSpec:
     )
 
 
+def _check_spatial_dims(spatial_dims: Any) -> None:
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+
+
 def monai_basic_unet(
-    in_channels: int, num_classes: int, features: Sequence[int] = (32, 32, 64, 128, 256, 32), **kwargs: Any
+    in_channels: int, num_classes: int, features: Sequence[int] = (32, 32, 64, 128, 256, 32), spatial_dims: int = 2,
+    **kwargs: Any
 ) -> nn.Module:
-    """A 2D MONAI ``BasicUNet`` with :func:`monai_basic_unet_tap_spec` attached as ``tap_spec``.
+    """A MONAI ``BasicUNet`` (2D or 3D) with :func:`monai_basic_unet_tap_spec` attached as ``tap_spec``.
 
     Args:
         in_channels: Input channels.
         num_classes: Output classes (background included).
         features: The six widths of ``BasicUNet`` (encoder ``conv_0, down_1..down_4``, last decoder stage).
+        spatial_dims: 2 (``(B, C, H, W)`` inputs) or 3 (``(B, C, D, H, W)``); the taps are the same modules.
         **kwargs: Further ``BasicUNet`` arguments (``act``, ``norm``, ``dropout``, ``upsample``...).
 
     Returns:
         ``monai.networks.nets.BasicUNet``; at 224x224 with the default ``features`` the taps are ``down_1`` 32x112x112
-        ... ``down_4`` 256x14x14, ``upcat_4`` 128x28x28 ... ``upcat_2`` 32x112x112 and ``F_final`` 32x224x224.
-        Inputs whose sides are multiples of 16 keep every map aligned.
+        ... ``down_4`` 256x14x14, ``upcat_4`` 128x28x28 ... ``upcat_2`` 32x112x112 and ``F_final`` 32x224x224 (in 3D
+        each side is halved per level alike). Inputs whose sides are multiples of 16 keep every map aligned.
 
     Raises:
         ImportError: If MONAI is not installed (with the install command).
+        ValueError: If ``spatial_dims`` is not 2 or 3.
     """
+    _check_spatial_dims(spatial_dims)
     nets = _require("monai.networks.nets", "monai-basicunet", MONAI_INSTALL_HINT)
-    net = nets.BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, features=features,
-                         **kwargs)
+    net = nets.BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                         features=features, **kwargs)
     net.tap_spec = monai_basic_unet_tap_spec()
     return net
 
 
+def monai_dynunet_tap_spec(num_levels: int = 5) -> TapSpec:
+    """Taps of a MONAI ``DynUNet`` with ``num_levels = len(strides)`` levels (2D or 3D): the authors' UNet aggregation.
+
+    ``DynUNet`` runs ``input_block`` (level 0), ``downsamples.0..{L-3}`` (levels 1..L-2), ``bottleneck`` (level
+    L-1), then ``upsamples.0`` (deepest) .. ``upsamples.{L-2}`` (level 0, the map ``output_block`` reads). As in the
+    paper's UNet (paper.md §3.1) every encoder block below the input block and every decoder block is tapped:
+
+    * IFD groups ``encoder`` = ``downsamples.0..{L-3}, bottleneck`` and ``decoder`` = ``upsamples.0..{L-3}``;
+    * one SCR group of all of them, against ``F_final`` = ``upsamples.{L-2}``.
+
+    Args:
+        num_levels: ``len(strides)`` of the ``DynUNet`` (at least 3); nnU-Net's 3D plans have 5 to 7.
+
+    Raises:
+        ValueError: If ``num_levels`` is not an integer >= 3.
+    """
+    if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 3:
+        raise ValueError(f"`num_levels` (len(strides) of the DynUNet) must be an integer >= 3, found {num_levels!r}.")
+    return TapSpec.unet(
+        encoder=[*(f"downsamples.{i}" for i in range(num_levels - 2)), "bottleneck"],
+        decoder=[f"upsamples.{i}" for i in range(num_levels - 2)],
+        final=f"upsamples.{num_levels - 2}",
+    )
+
+
+def monai_dynunet(
+    in_channels: int, num_classes: int, spatial_dims: int = 2, strides: Sequence[int | Sequence[int]] = (1, 2, 2, 2, 2),
+    kernel_size: Sequence[int | Sequence[int]] | None = None,
+    upsample_kernel_size: Sequence[int | Sequence[int]] | None = None, **kwargs: Any
+) -> nn.Module:
+    """A MONAI ``DynUNet`` (nnU-Net's network; 2D or 3D) with :func:`monai_dynunet_tap_spec` attached as ``tap_spec``.
+
+    Args:
+        in_channels: Input channels.
+        num_classes: Output classes (background included).
+        spatial_dims: 2 (``(B, C, H, W)`` inputs) or 3 (``(B, C, D, H, W)``).
+        strides: Per-level strides (``int`` or one per axis, e.g. ``(1, 2, 2)`` for an anisotropic level);
+            ``strides[0]`` should be 1 so that the output is at the input's resolution.
+        kernel_size: Per-level kernel sizes; ``None`` = 3 at every level.
+        upsample_kernel_size: Transposed-convolution kernels of the ``L - 1`` decoder levels; ``None`` =
+            ``strides[1:]`` (as nnU-Net).
+        **kwargs: Further ``DynUNet`` arguments (``filters``, ``norm_name``, ``act_name``, ``res_block``,
+            ``dropout``...). ``deep_supervision`` is not supported (the module trains on one logits map).
+
+    Returns:
+        ``monai.networks.nets.DynUNet``; with the default strides input sides should be multiples of 16. The taps
+        of level ``l`` have ``filters[l]`` channels at ``1 / prod(strides[:l+1])`` of the input (MONAI's default
+        ``filters`` are 32, 64, 128, 256, 320 in 3D and 32 ... 512 in 2D).
+
+    Raises:
+        ImportError: If MONAI is not installed (with the install command).
+        ValueError: If ``spatial_dims`` is not 2 or 3, or ``deep_supervision=True`` is asked for.
+    """
+    _check_spatial_dims(spatial_dims)
+    if kwargs.get("deep_supervision"):
+        raise ValueError(
+            "`deep_supervision=True` is not supported: SelfRegSegModule trains on one logits map, and DynUNet's "
+            "deep-supervision output stacks the heads."
+        )
+    nets = _require("monai.networks.nets", "monai-dynunet", MONAI_INSTALL_HINT)
+    strides = list(strides)
+    kernel_size = [3] * len(strides) if kernel_size is None else list(kernel_size)
+    upsample_kernel_size = strides[1:] if upsample_kernel_size is None else list(upsample_kernel_size)
+    net = nets.DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                       kernel_size=kernel_size, strides=strides, upsample_kernel_size=upsample_kernel_size, **kwargs)
+    net.tap_spec = monai_dynunet_tap_spec(len(strides))
+    return net
+
+
 def monai_swin_unetr_tap_spec(depths: Sequence[int] = (2, 2, 2, 2)) -> TapSpec:
-    """Taps of a 2D MONAI ``SwinUNETR`` with ``depths`` Swin blocks per encoder stage.
+    """Taps of a MONAI ``SwinUNETR`` (2D or 3D) with ``depths`` Swin blocks per encoder stage.
 
     The authors' Swin aggregation (paper.md §2.3) with SwinUNETR's one-block convolutional decoder stages
     (``decoder5`` at 1/16 of the input ... ``decoder2`` at 1/2): IFD over ``encoder_last``, ``encoder_first``,
@@ -118,15 +202,18 @@ def monai_swin_unetr_tap_spec(depths: Sequence[int] = (2, 2, 2, 2)) -> TapSpec:
 
 
 def monai_swin_unetr(
-    in_channels: int, num_classes: int, feature_size: int = 24, depths: Sequence[int] = (2, 2, 2, 2), **kwargs: Any
+    in_channels: int, num_classes: int, feature_size: int = 24, depths: Sequence[int] = (2, 2, 2, 2),
+    spatial_dims: int = 2, **kwargs: Any
 ) -> nn.Module:
-    """A 2D MONAI ``SwinUNETR`` with :func:`monai_swin_unetr_tap_spec` attached as ``tap_spec``.
+    """A MONAI ``SwinUNETR`` (2D or 3D) with :func:`monai_swin_unetr_tap_spec` attached as ``tap_spec``.
 
     Args:
         in_channels: Input channels.
         num_classes: Output classes (background included).
         feature_size: Width of the first stage (a multiple of 12); stage ``i`` has ``feature_size * 2**i``.
         depths: Swin blocks per encoder stage.
+        spatial_dims: 2 or 3; in 3D the Swin blocks output ``(B, D, H, W, C)`` (permuted by the taps) and every
+            side follows the 2D sizes below.
         **kwargs: Further ``SwinUNETR`` arguments (``num_heads``, ``window_size``, ``dropout_path_rate``,
             ``use_v2``...).
 
@@ -137,10 +224,12 @@ def monai_swin_unetr(
 
     Raises:
         ImportError: If MONAI or einops is not installed (with the install command).
+        ValueError: If ``spatial_dims`` is not 2 or 3.
     """
+    _check_spatial_dims(spatial_dims)
     nets = _require("monai.networks.nets", "monai-swinunetr", MONAI_INSTALL_HINT)
     _require("einops", "monai-swinunetr", MONAI_INSTALL_HINT)
-    net = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=2,
+    net = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          feature_size=feature_size, depths=tuple(depths), **kwargs)
     net.tap_spec = monai_swin_unetr_tap_spec(depths)
     return net

@@ -1,4 +1,4 @@
-"""The CNN UNet of the SelfReg paper (milesial-style UNet with bilinear up-sampling), written cleanly.
+"""The CNN UNet of the SelfReg paper (milesial-style UNet with bilinear up-sampling), written cleanly, in 2D or 3D.
 
 At ``base_channels=64, depth=4`` and a 1-channel 224x224 input it matches the authors' ``UNet_hd`` layer for
 layer (17,262,345 parameters with 9 classes) and its SelfReg taps are the paper's (paper.md §3.1):
@@ -15,6 +15,9 @@ module      output (C x H x W)  SelfReg role
 ``up3``     64 x 112 x 112      decoder: IFD, SCR
 ``up4``     64 x 224 x 224      ``F_final`` (teacher)
 ==========  ==================  =================
+
+With ``spatial_dims=3`` every layer is its 3D counterpart (3x3x3 convolutions, ``BatchNorm3d``, 2x2x2 max-pooling,
+trilinear up-sampling) and the taps are the same modules, with ``(C, D, H, W)`` outputs.
 """
 
 from __future__ import annotations
@@ -28,83 +31,108 @@ from lightning_selfreg.taps import TapSpec
 __all__ = ["UNet"]
 
 
-class DoubleConv(nn.Sequential):
-    """(3x3 conv without bias -> BatchNorm -> ReLU) x 2."""
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_UPSAMPLE = {2: "bilinear", 3: "trilinear"}
 
-    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None) -> None:
+
+class DoubleConv(nn.Sequential):
+    """(3x3 (x3) conv without bias -> BatchNorm -> ReLU) x 2."""
+
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None,
+                 spatial_dims: int = 2) -> None:
         mid = mid_channels or out_channels
+        conv, norm = _CONV[spatial_dims], _NORM[spatial_dims]
         super().__init__(
-            nn.Conv2d(in_channels, mid, 3, padding=1, bias=False),
-            nn.BatchNorm2d(mid),
+            conv(in_channels, mid, 3, padding=1, bias=False),
+            norm(mid),
             nn.ReLU(inplace=True),
-            nn.Conv2d(mid, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            conv(mid, out_channels, 3, padding=1, bias=False),
+            norm(out_channels),
             nn.ReLU(inplace=True),
         )
 
 
 class Down(nn.Sequential):
-    """2x2 max-pool then :class:`DoubleConv`."""
+    """2x2 (x2) max-pool then :class:`DoubleConv`."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2) -> None:
+        super().__init__(_POOL[spatial_dims](2), DoubleConv(in_channels, out_channels, spatial_dims=spatial_dims))
 
 
 class Up(nn.Module):
-    """Bilinear 2x up-sampling (``align_corners=True``), pad to the skip's size, concat ``[skip, up]``, DoubleConv."""
+    """Bi/trilinear 2x up-sampling (``align_corners=True``), pad to the skip's size, concat ``[skip, up]``, conv."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.conv = DoubleConv(in_channels, out_channels, in_channels // 2)
+        self.mode = _UPSAMPLE[spatial_dims]
+        self.conv = DoubleConv(in_channels, out_channels, in_channels // 2, spatial_dims)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        """Fuse ``x`` (B, C1, h, w) into ``skip`` (B, C2, H, W); returns (B, out_channels, H, W)."""
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
-        if dy or dx:
-            x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        """Fuse ``x`` (B, C1, [d,] h, w) into ``skip`` (B, C2, [D,] H, W); returns (B, out_channels, [D,] H, W)."""
+        x = F.interpolate(x, scale_factor=2, mode=self.mode, align_corners=True)
+        pad: list[int] = []
+        for size, have in zip(reversed(skip.shape[2:]), reversed(x.shape[2:]), strict=True):  # last dim first
+            diff = size - have
+            pad += [diff // 2, diff - diff // 2]
+        if any(pad):
+            x = F.pad(x, pad)
         return self.conv(torch.cat([skip, x], dim=1))
 
 
 class UNet(nn.Module):
-    """UNet with ``depth`` max-pool levels, bilinear decoder and a 1x1 head; ``forward`` returns logits only.
+    """UNet with ``depth`` max-pool levels, bi/trilinear decoder and a 1x1 head; ``forward`` returns logits only.
 
     Submodules are ``inc``, ``down1..down{depth}``, ``up1..up{depth}`` and ``outc``; :attr:`tap_spec` names the
-    SelfReg taps (encoder ``down*``, decoder ``up1..up{depth-1}``, ``F_final`` = ``up{depth}``).
+    SelfReg taps (encoder ``down*``, decoder ``up1..up{depth-1}``, ``F_final`` = ``up{depth}``), in 2D and 3D alike.
 
     Args:
         in_channels: Input channels (1 for CT/MRI).
         num_classes: Output classes (background included).
         base_channels: Width of the first level (64 in the paper; 8-16 for tests and CPU runs).
         depth: Number of down-sampling levels (4 in the paper).
+        spatial_dims: 2 (the paper's network) or 3 (``Conv3d``, ``BatchNorm3d``, ``MaxPool3d``, trilinear
+            up-sampling; same widths and taps).
 
     Shape:
-        - Input: ``(B, in_channels, H, W)``; H and W need not be multiples of ``2**depth`` (skips are padded).
-        - Output: ``(B, num_classes, H, W)``.
+        - Input: ``(B, in_channels, H, W)``, or ``(B, in_channels, D, H, W)`` in 3D; the sides need not be multiples
+          of ``2**depth`` (skips are padded).
+        - Output: ``(B, num_classes, H, W)`` (``(B, num_classes, D, H, W)`` in 3D).
+
+    Raises:
+        ValueError: On a bad argument, or in ``forward`` on an input of the wrong rank.
 
     Example:
         >>> net = UNet(1, 3, base_channels=4, depth=2)
         >>> net(torch.zeros(2, 1, 16, 16)).shape
         torch.Size([2, 3, 16, 16])
+        >>> UNet(1, 3, base_channels=4, depth=2, spatial_dims=3)(torch.zeros(1, 1, 8, 16, 16)).shape
+        torch.Size([1, 3, 8, 16, 16])
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 9, base_channels: int = 64, depth: int = 4) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 9, base_channels: int = 64, depth: int = 4,
+                 spatial_dims: int = 2) -> None:
         super().__init__()
         for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2),
                                  ("base_channels", base_channels, 2), ("depth", depth, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, found {value!r}.")
+        if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+            raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
         self.depth = depth
+        self.spatial_dims = spatial_dims
+        nd = spatial_dims
         widths = [base_channels * 2**i for i in range(depth)]  # channels of inc, down1, ..., down{depth-1}
-        self.inc = DoubleConv(in_channels, widths[0])
+        self.inc = DoubleConv(in_channels, widths[0], spatial_dims=nd)
         for i in range(1, depth):
-            self.add_module(f"down{i}", Down(widths[i - 1], widths[i]))
-        self.add_module(f"down{depth}", Down(widths[-1], widths[-1]))  # bottleneck: 2*w // 2 with bilinear ups
+            self.add_module(f"down{i}", Down(widths[i - 1], widths[i], nd))
+        self.add_module(f"down{depth}", Down(widths[-1], widths[-1], nd))  # bottleneck: 2*w // 2 with bilinear ups
         for j in range(1, depth + 1):
             skip = widths[depth - j]
             out = base_channels if j == depth else skip // 2
-            self.add_module(f"up{j}", Up(2 * skip, out))
-        self.outc = nn.Conv2d(base_channels, num_classes, kernel_size=1)
+            self.add_module(f"up{j}", Up(2 * skip, out, nd))
+        self.outc = _CONV[nd](base_channels, num_classes, kernel_size=1)
         self.tap_spec = TapSpec.unet(
             encoder=[f"down{i}" for i in range(1, depth + 1)],
             decoder=[f"up{j}" for j in range(1, depth)],
@@ -112,7 +140,12 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return logits ``(B, num_classes, H, W)`` in train and eval mode alike."""
+        """Return logits ``(B, num_classes, [D,] H, W)`` in train and eval mode alike."""
+        if x.ndim != self.spatial_dims + 2:
+            layout = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, D, H, W)"
+            raise ValueError(
+                f"UNet(spatial_dims={self.spatial_dims}) expects {layout} inputs, found shape {tuple(x.shape)}."
+            )
         skips = [self.inc(x)]
         for i in range(1, self.depth + 1):
             skips.append(getattr(self, f"down{i}")(skips[-1]))
