@@ -55,3 +55,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def capture(net, x):
+    """Run ``net`` on ``x`` with its own ``tap_spec`` tapped; returns ``(features, logits)``."""
+    from lightning_selfreg import FeatureTaps
+
+    spec = net.tap_spec
+    with FeatureTaps(net, spec.paths, spec.nhwc) as taps:
+        with taps.capture():
+            logits = net(x)
+        return taps.pop(), logits

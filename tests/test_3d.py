@@ -16,20 +16,13 @@ from lightning_selfreg.io import load_nifti
 from lightning_selfreg.models import UNet, create_model
 from lightning_selfreg.models.third_party import monai_dynunet, monai_dynunet_tap_spec
 from lightning_selfreg.module import _linear_resize_argmax
+from tests.conftest import capture
 
 
 @pytest.fixture
 def needs_monai():
     pytest.importorskip("monai")
     pytest.importorskip("einops")
-
-
-def capture(net, x):
-    spec = net.tap_spec
-    with FeatureTaps(net, spec.paths, spec.nhwc) as taps:
-        with taps.capture():
-            logits = net(x)
-        return taps.pop(), logits
 
 
 def assert_selfreg_reaches_every_tap(net, feats):

@@ -18,6 +18,7 @@ from lightning_selfreg.models.third_party import (
     smp_unet_tap_spec,
 )
 from lightning_selfreg.models.unet import UNet
+from tests.conftest import capture
 
 
 @pytest.fixture
@@ -46,14 +47,6 @@ BACKBONES = {  # builder, input side, expected tap shapes (C, H, W)
         "decoder1": (12, 64, 64),
     }),
 }
-
-
-def capture(net, x):
-    spec = net.tap_spec
-    with FeatureTaps(net, spec.paths, spec.nhwc) as taps:
-        with taps.capture():
-            logits = net(x)
-        return taps.pop(), logits
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
