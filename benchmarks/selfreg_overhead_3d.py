@@ -33,16 +33,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from selfreg_overhead import summarise, time_interleaved  # the 2D benchmark's timing (run as a script)
 from torch import Tensor
 
 from lightning_selfreg import DiceCELoss, FeatureTaps, SelfRegLoss
 from lightning_selfreg.losses import IMPLEMENTATIONS
 from lightning_selfreg.models import create_model
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_net(args, device: torch.device, init: dict | None = None):
@@ -89,35 +85,13 @@ def build_arms(args, device: torch.device, init: dict, x: Tensor, y: Tensor):
     return arms, taps_list
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, block: int,
-                     device: torch.device) -> dict[str, list[float]]:
-    """Per-round ms per call of every fn (blocks of ``block`` calls, the order rotated every round)."""
-    names = list(fns)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(block):
-                fns[name]()
-            sync(device)
-            samples[name].append(1e3 * (time.perf_counter() - t0) / block)
-    return samples
-
-
-def summarise(samples: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
-    return {"median_ms": statistics.median(samples), "q1_ms": q[0], "q3_ms": q[2], "min_ms": min(samples)}
-
-
 def bench_steps(args, device: torch.device, init: dict, x: Tensor, y: Tensor) -> dict:
     arms, taps_list = build_arms(args, device, init, x, y)
     try:
         for _ in range(args.warmup):
             for step in arms.values():
                 step()
-        samples = time_interleaved(arms, args.rounds, max(1, args.steps // args.rounds), device)
+        samples, _ = time_interleaved(arms, args.rounds, max(1, args.steps // args.rounds), device)
     finally:
         for taps in taps_list:
             taps.remove()
@@ -154,7 +128,7 @@ def bench_loss_only(args, device: torch.device, init: dict, x: Tensor) -> dict:
     for _ in range(2):
         for fn in fns.values():
             fn()
-    samples = time_interleaved(fns, args.rounds, args.loss_reps, device)
+    samples, _ = time_interleaved(fns, args.rounds, args.loss_reps, device)
     shapes = {k: tuple(v.shape) for k, v in captured.items()}
     return {"parts": {name: summarise(s) for name, s in samples.items()}, "tap_shapes": shapes}
 

@@ -31,7 +31,8 @@ from lightning_selfreg.io import atomic_write_text
 
 RUN_NAME_ENV = "LIGHTNING_SELFREG_RUN_NAME"  # shared with the DDP worker processes Lightning re-launches
 DATASETS = ("sample", "synapse", "acdc", "glas", "monuseg", "nnunet")
-BACKBONES = ("unet", "swinunet", "monai-basicunet", "monai-swinunetr", "smp-unet")
+BACKBONES = ("unet", "swinunet", "monai-basicunet", "monai-dynunet", "monai-swinunetr", "smp-unet")
+BACKBONES_2D_ONLY = ("swinunet", "smp-unet")  # no `spatial_dims` keyword (see models.create_model)
 
 
 class ConfigError(ValueError):
@@ -264,6 +265,9 @@ def resolve_config(argv: list[str] | None = None) -> dict[str, Any]:
                    if chosen.get(k) is not None]
     if nnunet_only and config["dataset"] != "nnunet":
         raise ConfigError(f"--{nnunet_only[0].replace('_', '-')} is only used by --dataset nnunet")
+    if config["dataset"] == "nnunet" and config["configuration"] == "3d" and config["backbone"] in BACKBONES_2D_ONLY:
+        raise ConfigError(f"--backbone: {config['backbone']} is 2D only; --configuration 3d needs one of "
+                          f"{[b for b in BACKBONES if b not in BACKBONES_2D_ONLY]} (or --configuration 2d)")
     if config["fold"] is not None and config["fold"] >= config["num_folds"]:
         raise ConfigError(f"--fold must be < --num-folds ({config['num_folds']}), found {config['fold']}")
     if config["pretrained"] and config["backbone"] != "swinunet":

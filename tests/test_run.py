@@ -58,6 +58,10 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys):
     assert run.main(["--gpus", "0", "--data-dir", str(tmp_path / "missing")]) == 2
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: --data-dir") and "does not exist" in message and "\n" not in message
+    assert run.main(["--gpus", "0", "--dataset", "nnunet", "--backbone", "swinunet"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: --backbone: swinunet is 2D only") and "\n" not in message
+    assert "monai-dynunet" in run.BACKBONES
     if not __import__("torch").cuda.is_available():
         assert run.main(["--gpus", "2"]) == 2
         assert "CUDA device" in capsys.readouterr().err

@@ -51,7 +51,8 @@ def list_models() -> list[str]:
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build a registered backbone with its SelfReg ``tap_spec``.
 
-    3D networks are the same names with ``spatial_dims=3`` (every backbone but ``"swinunet"`` takes it; default 2).
+    3D networks are the same names with ``spatial_dims=3`` (every backbone but ``"swinunet"`` and
+    ``"smp-unet"`` takes it; default 2).
 
     ========================  ==========================================================================
     name                      network and main keyword arguments
