@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lightning_selfreg.data import SynapseDataModule
-    from lightning_selfreg.data.base import _run_all
+    from lightning_selfreg.data.preflight import run_checks
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="synapse_full_"))
     try:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.cold:
                 evict(root)
             start, start_cpu = time.perf_counter(), time.process_time()
-            _run_all(check, items, workers)
+            run_checks(check, items, workers)
             print(f"  {name}: {len(items)} items, wall {time.perf_counter() - start:.2f} s, CPU "
                   f"{time.process_time() - start_cpu:.2f} s")
     finally:

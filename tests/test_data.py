@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from lightning_selfreg import SelfReg, SelfRegSegModule
+from lightning_selfreg.callbacks import TestPredictionWriter
 from lightning_selfreg.data import (
     SYNAPSE_VAL_CASES,
     ACDCDataModule,
@@ -17,7 +18,7 @@ from lightning_selfreg.data import (
     paper_augmentation,
     rasterize_monuseg_xml,
 )
-from lightning_selfreg.data.base import split_cases
+from lightning_selfreg.data.splits import split_cases
 from lightning_selfreg.models import UNet
 
 from .conftest import write_synapse_layout
@@ -299,10 +300,10 @@ def test_fit_and_test_each_dataset(tmp_path, dataset):
     else:
         dm = MoNuSegDataModule(write_monuseg_original(tmp_path / "d"), image_size=32, batch_size=4)
     net = UNet(dm.in_channels, dm.num_classes, base_channels=4, depth=2)
-    module = SelfRegSegModule(net, dm.num_classes, dm.class_names, input_size=32,
-                              prediction_dir=str(tmp_path / "pred"))
+    module = SelfRegSegModule(net, dm.num_classes, dm.class_names, input_size=32)
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[SelfReg()],
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[SelfReg(), TestPredictionWriter(tmp_path / "pred")],
                          val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=0)
     trainer.fit(module, dm)
     assert "val/dice" in trainer.callback_metrics
@@ -320,3 +321,47 @@ def test_fit_and_test_each_dataset(tmp_path, dataset):
         image = nib.load(tmp_path / "pred" / "case0100.nii.gz")
         assert image.shape == (20, 24, 4) and np.allclose(image.header.get_zooms(), (1.0, 1.0, 2.0))
     assert torch.is_tensor(trainer.callback_metrics["test/num_cases"])
+
+
+# ---------------------------------------------------------------- command-line readiness (LightningCLI / jsonargparse)
+
+
+@pytest.mark.parametrize("name, args, expected", [
+    ("synapse", ["--data.image_size", "32", "--data.transform", "null"], (True, 2, 32, None)),
+    ("sample", [], (True, 2, 96, None)),
+    ("acdc", ["--data.image_size", "[32, 24]", "--data.transform", "paper"], (True, 2, (32, 24), None)),
+    ("glas", ["--data.image_size", "32"], (False, 2, 32, None)),
+    ("monuseg", ["--data.image_size", "32"], (False, 2, 32, None)),
+    ("nnunet_3d", ["--data.patch_size", "[8, 16, 16]"], (True, 3, None, (8, 16, 16))),
+    ("nnunet_2d", ["--data.configuration", "2d"], (True, 2, None, None)),
+])
+def test_datamodule_signatures_parse_and_describe_the_data(tmp_path, name, args, expected):
+    """Typed, documented constructors (jsonargparse), and what a CLI links to the model right after construction."""
+    from argparse import ArgumentError
+
+    from jsonargparse import ArgumentParser
+
+    from lightning_selfreg.data import SAMPLE_DIR, SAMPLE_NNUNET_DIR, NnUNetDataModule, SampleCTDataModule
+
+    root = {"synapse": lambda: write_synapse_layout(tmp_path / "d"), "acdc": lambda: write_acdc(tmp_path / "d"),
+            "glas": lambda: write_uctransnet(tmp_path / "d"), "monuseg": lambda: write_monuseg_original(tmp_path / "d"),
+            "sample": lambda: SAMPLE_DIR}.get(name, lambda: SAMPLE_NNUNET_DIR)()
+    cls = {"synapse": SynapseDataModule, "sample": SampleCTDataModule, "acdc": ACDCDataModule,
+           "glas": GlaSDataModule, "monuseg": MoNuSegDataModule}.get(name, NnUNetDataModule)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "data", fail_untyped=True)
+    options = [a for a in parser._actions if a.dest.startswith("data.") and a.dest.count(".") == 1]
+    assert options and all(a.help for a in options), [a.dest for a in options if not a.help]  # Google docstrings
+    cfg = parser.parse_args(["--data.data_dir", str(root), "--data.batch_size", "3", *args])
+    assert "batch_size: 3" in parser.dump(cfg)  # **kwargs resolved through super().__init__
+    dm = parser.instantiate_classes(cfg).data
+    assert type(dm) is cls and dm.batch_size == 3
+    assert (dm.volumetric, dm.spatial_dims, dm.input_size, dm.roi_size) == expected
+    assert len(dm.class_names) == dm.num_classes - 1 and dm.in_channels == (3 if name in ("glas", "monuseg") else 1)
+    if cls is NnUNetDataModule:
+        assert NnUNetDataModule(progress=False).data_dir == SAMPLE_NNUNET_DIR  # None: the bundled sample
+        with pytest.raises(ArgumentError, match="configuration"):
+            parser.parse_args(["--data.configuration", "4d"])  # a Literal: the choice is in the signature
+    elif cls is not SampleCTDataModule:
+        with pytest.raises(ArgumentError, match="transform"):
+            parser.parse_args(["--data.data_dir", str(root), "--data.transform", "bogus"])

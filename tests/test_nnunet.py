@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_selfreg.data.base import DataError, SampleKey
+from lightning_selfreg.data import DataError, SampleKey
 from lightning_selfreg.data.nnunet import NnUNetDataModule, crop_or_pad
 from lightning_selfreg.data.nnunet_format import crossval_split, read_dataset_json
 from lightning_selfreg.data.nnunet_preprocess import normalize, resample_image, resample_label
@@ -254,6 +254,7 @@ def test_fit_and_test_learns_the_organ_and_writes_native_predictions(dataset, tm
     import lightning.pytorch as pl
 
     from lightning_selfreg import SelfReg, SelfRegSegModule
+    from lightning_selfreg.callbacks import TestPredictionWriter
     from lightning_selfreg.models import create_model
 
     pl.seed_everything(0)
@@ -265,10 +266,10 @@ def test_fit_and_test_learns_the_organ_and_writes_native_predictions(dataset, tm
                        spatial_dims=dm.spatial_dims)
     grid = {"spatial_dims": 3, "roi_size": dm.patch_size} if configuration == "3d" else {}
     module = SelfRegSegModule(net, dm.num_classes, dm.class_names, optimizer="adam", lr=1e-2, weight_decay=0.0,
-                              lr_schedule="constant", prediction_dir=str(tmp_path / "pred"), **grid)
+                              lr_schedule="constant", **grid)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[SelfReg()],
-                         num_sanity_val_steps=0)
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[SelfReg(), TestPredictionWriter(tmp_path / "pred")], num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, verbose=False)
     assert module.test_results["num_cases"] == 1

@@ -11,8 +11,14 @@ import torch
 from PIL import Image
 
 from experiments.run import main
-from lightning_selfreg.data import ACDCDataModule, DataError, GlaSDataModule, SynapseDataModule, read_slice
-from lightning_selfreg.data.base import SegDataModule
+from lightning_selfreg.data import (
+    ACDCDataModule,
+    DataError,
+    GlaSDataModule,
+    SegDataModule,
+    SynapseDataModule,
+    read_slice,
+)
 from lightning_selfreg.data.preflight import npz_headers
 
 from .conftest import write_synapse_layout
@@ -290,7 +296,7 @@ def test_cli_bad_test_volume_exits_2_before_training(root, tmp_path, capsys):
     _write_volume(root / "test_vol_h5" / "case0100.npy.h5", np.zeros((4, 24, 20), np.float32), label)
     out = tmp_path / "runs"
     argv = ["--dataset", "synapse", "--data-dir", str(root), "--output-dir", str(out), "--max-epochs", "1",
-            "--image-size", "16", "--width", "4", "--batch-size", "2", "--wandb", "disabled", "--augment", "none"]
+            "--image-size", "32", "--width", "4", "--batch-size", "2", "--wandb", "disabled", "--augment", "none"]
     assert main([*argv, "--val-cases", "case0001"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: --data-dir: ")
@@ -298,10 +304,10 @@ def test_cli_bad_test_volume_exits_2_before_training(root, tmp_path, capsys):
     assert not out.exists()  # nothing written: no run folder, checkpoint or metrics
     assert main(argv) == 2  # the default validation cases are absent: the message names them and the flag
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --val-cases: `val_cases` case0006, case0010, case0026, case0031 are not among")
+    assert err.startswith("error: --data.val_cases: `val_cases` case0006, case0010, case0026, case0031 are not among")
     assert main([*argv, "--val-cases", "case0001", "--fold", "0"]) == 2
-    assert "give --val-cases or --fold / --num-folds, not both" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: --val-cases: `val_cases` or `fold` / `num_folds`, not both")
     (root / "lists").rename(root / "elsewhere")
     assert main([*argv, "--val-cases"]) == 2
-    assert capsys.readouterr().err.startswith("error: --list-dir: no folder with train.txt and test_vol.txt")
+    assert capsys.readouterr().err.startswith("error: --data.list_dir: no folder with train.txt and test_vol.txt")
     assert not out.exists()

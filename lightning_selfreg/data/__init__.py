@@ -1,17 +1,13 @@
 """DataModules for Synapse, ACDC, GlaS, MoNuSeg, nnU-Net raw datasets and the bundled CT sample; readers; transforms."""
 
 from lightning_selfreg.data.acdc import ACDC_CLASS_NAMES, ACDCDataModule
-from lightning_selfreg.data.base import (
-    DataError,
-    ResumableDataLoader,
-    ResumableSampler,
-    SampleKey,
-    SegDataModule,
-    UnpaddedDistributedSampler,
-    paper_augmentation,
-)
+from lightning_selfreg.data.augmentation import paper_augmentation
+from lightning_selfreg.data.contract import DataError
+from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.histology import GlaSDataModule, MoNuSegDataModule, rasterize_monuseg_xml
 from lightning_selfreg.data.nnunet import SAMPLE_NNUNET_DIR, NnUNetDataModule
+from lightning_selfreg.data.readers import read_slice, read_volume
+from lightning_selfreg.data.sampling import ResumableDataLoader, ResumableSampler, SampleKey, UnpaddedDistributedSampler
 from lightning_selfreg.data.synapse import (
     SAMPLE_CLASS_NAMES,
     SAMPLE_DIR,
@@ -19,8 +15,6 @@ from lightning_selfreg.data.synapse import (
     SYNAPSE_VAL_CASES,
     SampleCTDataModule,
     SynapseDataModule,
-    read_slice,
-    read_volume,
 )
 from lightning_selfreg.data.transforms import RandomAffine, derive_seed, resize_image, resize_label
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from lightning_selfreg.data.base import DataError, Item, SegDataModule, check_arrays
-from lightning_selfreg.data.preflight import READ_ERRORS, check_pair_header, npz_headers
-from lightning_selfreg.data.synapse import check_slice, find_list_dir, read_list, read_slice
+from lightning_selfreg.data.contract import Item
+from lightning_selfreg.data.datamodule import SegDataModule
+from lightning_selfreg.data.preflight import check_pair_header, npz_headers
+from lightning_selfreg.data.readers import check_slice, find_list_dir, read_list, read_npz_volume, read_slice
 
 __all__ = ["ACDC_CLASS_NAMES", "ACDC_LIST_DIRS", "ACDCDataModule"]
 
@@ -54,7 +55,7 @@ class ACDCDataModule(SegDataModule):
         data_dir: Root of the layout (see the module docstring).
         list_dir: Folder with ``train.txt``, ``valid.txt``, ``test.txt`` (default: the first of
             :data:`ACDC_LIST_DIRS` under ``data_dir`` that has them).
-        **kwargs: See :class:`~lightning_selfreg.data.base.SegDataModule` (``image_size`` 224, ``batch_size`` 24
+        **kwargs: See :class:`~lightning_selfreg.data.datamodule.SegDataModule` (``image_size`` 224, ``batch_size`` 24
             (the authors use 12), ``transform="paper"``, ...).
     """
 
@@ -95,15 +96,4 @@ class ACDCDataModule(SegDataModule):
         check_slice(item.path, self.num_classes, keys=("img", "label"))
 
     def _read_case(self, item: Item) -> dict[str, Any]:
-        try:
-            with np.load(item.path) as data:
-                missing = [k for k in ("img", "label") if k not in data.files]
-                if missing:
-                    raise DataError(f"{item.path}: missing key(s) {missing}; found keys {data.files}.")
-                image, label = data["img"], data["label"]
-        except DataError:
-            raise
-        except READ_ERRORS as err:
-            raise DataError(f"{item.path}: cannot be read as .npz ({type(err).__name__}: {err}).") from err
-        check_arrays(item.path, image, label, self.num_classes, image_ndim=(3,), label_ndim=3)
-        return {"image": image.astype(np.float32), "label": label.astype(np.int64), "spacing": None}
+        return read_npz_volume(item.path, self.num_classes, keys=("img", "label"))

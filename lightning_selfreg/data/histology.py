@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lightning_selfreg.data.base import DataError, Item, SegDataModule, check_arrays
+from lightning_selfreg.data.contract import DataError, Item, check_arrays
+from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.preflight import READ_ERRORS, image_header
+from lightning_selfreg.io import load_image_2d
 
 __all__ = ["GlaSDataModule", "MoNuSegDataModule", "rasterize_monuseg_xml", "read_image_mask"]
 
@@ -71,11 +73,16 @@ def rasterize_monuseg_xml(path: str | Path, shape: tuple[int, int]) -> np.ndarra
 
 
 def _read_rgb(path: Path) -> np.ndarray:
+    """:func:`~lightning_selfreg.io.load_image_2d` (RGB float32 ``(H, W, 3)`` in [0, 1]); DataError naming ``path``.
+
+    The message names the reader's own error (``UnidentifiedImageError: ...``), not the ``ValueError`` that
+    ``load_image_2d`` wraps it in.
+    """
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        return load_image_2d(path)
     except READ_ERRORS as err:
-        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from err
+        cause = err.__cause__ if isinstance(err, ValueError) and err.__cause__ is not None else err
+        raise DataError(f"{path}: cannot be read as an image ({type(cause).__name__}: {cause}).") from err
 
 
 def read_image_mask(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +157,11 @@ class _HistologyDataModule(SegDataModule):
     layout_help = UCTRANSNET_LAYOUT
     fallback_val_fold = 0  # no Val_Folder: validate on fold 0 of 5 of Train_Folder
 
+    @property
+    def volumetric(self) -> bool:
+        """False: every test case is one 2D image, scored on its own (no voxel spacing)."""
+        return False
+
     def check_layout(self) -> None:
         """``Train_Folder`` and ``Test_Folder`` exist."""
         self._require(SPLIT_FOLDERS["train"], SPLIT_FOLDERS["test"])
@@ -183,7 +195,7 @@ class GlaSDataModule(_HistologyDataModule):
 
     Args:
         data_dir: Root of the UCTransNet layout.
-        **kwargs: See :class:`~lightning_selfreg.data.base.SegDataModule` (UCTransNet trains at 224 with batch 4).
+        **kwargs: See :class:`~lightning_selfreg.data.datamodule.SegDataModule` (UCTransNet trains at 224 with batch 4).
     """
 
     class_names = ("gland",)
@@ -197,7 +209,7 @@ class MoNuSegDataModule(_HistologyDataModule):
 
     Args:
         data_dir: Root with ``Train_Folder`` / ``Test_Folder`` (and optionally ``Val_Folder``).
-        **kwargs: See :class:`~lightning_selfreg.data.base.SegDataModule`.
+        **kwargs: See :class:`~lightning_selfreg.data.datamodule.SegDataModule`.
     """
 
     class_names = ("nucleus",)

@@ -13,7 +13,7 @@ and serves:
   centre-cropped to ``patch_size``); test cases as ``(D, C, H', W')`` slice stacks with their native labels.
 
 Training sample ``i`` of an epoch draws everything (case, slice, patch position, foreground voxel) from its seed
-``derive_seed(seed, epoch, i)`` (the :class:`~lightning_selfreg.data.base.SampleKey` that the training sampler
+``derive_seed(seed, epoch, i)`` (the :class:`~lightning_selfreg.data.sampling.SampleKey` that the training sampler
 yields), so the batches depend on the seed, the epoch and the index only. Whether a sample is forced to
 foreground is a function of its index: exactly ``round(n * 0.33)`` of an epoch's ``n`` samples are.
 """
@@ -26,13 +26,14 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_selfreg.data.base import DataError, Item, SegDataModule, UnpaddedDistributedSampler
+from lightning_selfreg.data.contract import DataError, Item
+from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.nnunet_format import (
     NNUNET_LAYOUT,
     CaseFiles,
@@ -53,14 +54,16 @@ from lightning_selfreg.data.nnunet_preprocess import (
     preprocess_case,
     target_spacing,
 )
-from lightning_selfreg.data.transforms import RandomAffine, derive_seed
+from lightning_selfreg.data.sampling import UnpaddedDistributedSampler
+from lightning_selfreg.data.transforms import RandomAffine, default_seed, derive_seed
 
-__all__ = ["CONFIGURATIONS", "SAMPLE_NNUNET_DIR", "NnUNetDataModule", "crop_or_pad"]
+__all__ = ["CONFIGURATIONS", "SAMPLE_NNUNET_DIR", "Configuration", "NnUNetDataModule", "crop_or_pad"]
 
 #: The bundled CT sample in the nnU-Net v2 raw layout (one training and one test patient, raw HU).
 SAMPLE_NNUNET_DIR = Path(__file__).resolve().parent / "sample_nnunet" / "Dataset900_TotalSegSample"
 
-CONFIGURATIONS = ("2d", "3d")
+Configuration = Literal["2d", "3d"]  # "2d": slices of the volumes; "3d": patches, sliding-window evaluation
+CONFIGURATIONS: tuple[str, ...] = get_args(Configuration)
 OVERSAMPLE_FOREGROUND = 0.33  # nnU-Net's oversample_foreground_percent
 MAX_DEFAULT_PATCH = {"2d": 256, "3d": 128}
 DONE = "done.json"
@@ -228,12 +231,17 @@ class _VolumeDataset(Dataset):
 class NnUNetDataModule(SegDataModule):
     """An nnU-Net v2 raw dataset, preprocessed as nnU-Net does, for 2D (slice) or 3D (patch) training.
 
-    Classes, class names and channels come from ``dataset.json``. The splits: ``fold=None`` trains on every
-    training case without validation (nnU-Net's fold ``"all"``); ``fold=k`` validates on fold ``k`` of
-    ``splits_final.json`` (``splits_file``, default ``<data_dir>/splits_final.json`` when it exists), else of
-    nnU-Net's own default 5-fold split (:func:`~lightning_selfreg.data.nnunet_format.crossval_split`: the same
-    folds as an nnU-Net baseline), and ``fold >= number of folds`` uses nnU-Net's random 80:20 split;
-    ``val_cases`` overrides both. Test cases are the ``imagesTs`` cases that have a label in ``labelsTs``.
+    Classes, class names and channels come from ``dataset.json``, read at construction (nothing else is read
+    then), so :attr:`num_classes`, :attr:`class_names`, :attr:`in_channels`, :attr:`volumetric`,
+    :attr:`spatial_dims` and :attr:`input_size` (None: the network runs at the preprocessed grid) are known right
+    after it; :attr:`roi_size` (3D: the patch size) reads the image headers when ``patch_size`` is not given.
+
+    The splits: ``fold=None`` trains on every training case without validation (nnU-Net's fold ``"all"``);
+    ``fold=k`` validates on fold ``k`` of ``splits_final.json`` (``splits_file``, default
+    ``<data_dir>/splits_final.json`` when it exists), else of nnU-Net's own default 5-fold split
+    (:func:`~lightning_selfreg.data.nnunet_format.crossval_split`: the same folds as an nnU-Net baseline), and
+    ``fold >= number of folds`` uses nnU-Net's random 80:20 split; ``val_cases`` overrides both. Test cases are
+    the ``imagesTs`` cases that have a label in ``labelsTs``.
 
     Preprocessing (fingerprint, normalisation, resampling; see
     :mod:`~lightning_selfreg.data.nnunet_preprocess`) runs once, with a progress bar, in :meth:`prepare_data`
@@ -242,7 +250,7 @@ class NnUNetDataModule(SegDataModule):
     spacing) and every label's values before that.
 
     Args:
-        data_dir: The ``DatasetXXX_Name`` folder.
+        data_dir: The ``DatasetXXX_Name`` folder; None: the bundled CT sample (:data:`SAMPLE_NNUNET_DIR`).
         configuration: ``"3d"`` (patches, sliding-window evaluation) or ``"2d"`` (slices).
         patch_size: Training patch ``(D, H, W)`` in 3D or ``(H, W)`` in 2D (an int: the same on every axis).
             Default: the median preprocessed shape per axis, at most 128 (3D) / 256 (2D), rounded up to a multiple
@@ -278,8 +286,8 @@ class NnUNetDataModule(SegDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path,
-        configuration: str = "3d",
+        data_dir: str | Path | None = None,
+        configuration: Configuration = "3d",
         patch_size: int | Sequence[int] | None = None,
         batch_size: int = 2,
         samples_per_epoch: int | None = None,
@@ -315,9 +323,11 @@ class NnUNetDataModule(SegDataModule):
             raise ValueError(f"`target_spacing` must be 3 positive numbers (z, y, x) mm, found {target_spacing}.")
         if batch_transform is not None and dims == 3:
             raise ValueError("`batch_transform` augments 2D batches; use configuration='2d' or None.")
+        if data_dir is None:
+            data_dir = SAMPLE_NNUNET_DIR
         super().__init__(data_dir, image_size=1, batch_size=batch_size, num_workers=num_workers, transform=None,
                          batch_transform=batch_transform, cache=False, val_cases=val_cases)
-        self.configuration, self.spatial_dims = configuration, dims
+        self.configuration = configuration
         self._patch_arg = None if patch_size is None else tuple(int(p) for p in patch_size)
         self.samples_per_epoch = samples_per_epoch
         self.nnunet_fold = fold
@@ -339,6 +349,27 @@ class NnUNetDataModule(SegDataModule):
         self._headers: dict[str, Any] | None = None
         self._val_volumes: _VolumeDataset | None = None
         self._cache_dir: Path | None = None
+
+    # ------------------------------------------------------------------ what a model needs to know (read-only)
+    @property
+    def volumetric(self) -> bool:
+        """True for volumes (NIfTI), scored per case in 3D; False for a 2D-image dataset (``.png`` files)."""
+        return not self.meta.is_2d_format
+
+    @property
+    def spatial_dims(self) -> int:
+        """3 for ``configuration="3d"`` (``(B, C, D, H, W)`` patches), 2 for ``"2d"`` (slices)."""
+        return 3 if self.configuration == "3d" else 2
+
+    @property
+    def input_size(self) -> None:
+        """None: the network runs at the preprocessed grid (no resize), in 2D and 3D."""
+        return None
+
+    @property
+    def roi_size(self) -> tuple[int, int, int] | None:
+        """3D: the sliding window of evaluation, the training :attr:`patch_size` ``(D, H, W)``; 2D: None."""
+        return self.patch_size if self.spatial_dims == 3 else None
 
     # ------------------------------------------------------------------ layout, cases, splits
     def check_layout(self) -> None:
@@ -415,8 +446,8 @@ class NnUNetDataModule(SegDataModule):
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        """The training patch ``(D, H, W)`` (3D) or ``(H, W)`` (2D): the argument or the default from the headers."""
-        return self._read_headers()["patch"]
+        """The training patch ``(D, H, W)`` (3D) or ``(H, W)`` (2D): the argument, or the default from the headers."""
+        return self._patch_arg if self._patch_arg is not None else self._read_headers()["patch"]
 
     @property
     def target_spacing(self) -> tuple[float, ...]:
@@ -509,7 +540,7 @@ class NnUNetDataModule(SegDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def _seed(self) -> int:
-        return int(os.environ.get("PL_GLOBAL_SEED", 0)) if self.seed is None else self.seed
+        return default_seed() if self.seed is None else self.seed
 
     def setup(self, stage: str | None = None) -> None:
         """Preprocess if needed (a no-op when :meth:`prepare_data` ran), then build the stage's datasets."""

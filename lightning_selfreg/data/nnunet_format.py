@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_selfreg.data.base import DataError
+from lightning_selfreg.data.contract import DataError
 
 __all__ = [
     "IMAGE_2D_ENDINGS",

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from lightning_selfreg.data.base import DataError
+from lightning_selfreg.data.contract import DataError
 from lightning_selfreg.data.nnunet_format import CaseFiles, DatasetJson, read_case
 from lightning_selfreg.io import atomic_write, atomic_write_text
 

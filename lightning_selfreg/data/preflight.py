@@ -1,6 +1,6 @@
 """Cheap pre-flight reads of dataset files: array headers and image headers without decoding the data.
 
-:meth:`~lightning_selfreg.data.base.SegDataModule.validate` runs these over every file a run will use before the
+:meth:`~lightning_selfreg.data.datamodule.SegDataModule.validate` runs these over every file a run will use before the
 first training step, so that a missing key, a wrong dtype or shape, or a truncated archive is reported at once,
 with the file named, instead of hours into training:
 
@@ -12,7 +12,7 @@ with the file named, instead of hours into training:
   without decoding the pixels.
 
 Evaluation volumes are then read in full, a block of slices at a time (:func:`check_h5_volume`), for label range,
-finite values and shape agreement. Every problem is a one-line :class:`~lightning_selfreg.data.base.DataError`
+finite values and shape agreement. Every problem is a one-line :class:`~lightning_selfreg.data.contract.DataError`
 that names the file, what was expected and what was found.
 """
 
@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lightning_selfreg.data.base import DataError, check_arrays
+from lightning_selfreg.data.contract import DataError, Item, check_arrays
 
 __all__ = [
     "READ_ERRORS",
@@ -38,6 +39,7 @@ __all__ = [
     "h5_headers",
     "image_header",
     "npz_headers",
+    "run_checks",
 ]
 
 # What the readers (numpy, zipfile, zlib, h5py, PIL) raise on truncated or corrupt files; readers turn these into
@@ -219,3 +221,17 @@ def check_h5_volume(path: str | Path, num_classes: int, keys: tuple[str, str] = 
     except READ_ERRORS as err:
         raise DataError(f"{path}: expected a readable HDF5 volume, found a truncated or corrupt file "
                         f"({_describe(err)}).") from err
+
+
+def run_checks(check: Callable[[Item], Any], items: Sequence[Item], workers: int) -> None:
+    """``check`` every item, ``workers`` threads at a time; the first failure in item order is raised."""
+    if workers <= 1 or len(items) < 2:
+        for item in items:
+            check(item)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for _ in pool.map(check, items):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

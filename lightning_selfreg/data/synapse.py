@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import h5py
 import numpy as np
 
-from lightning_selfreg.data.base import DataError, Item, SegDataModule, check_arrays, check_num_classes
-from lightning_selfreg.data.preflight import READ_ERRORS, check_h5_volume, check_pair_header, h5_headers, npz_headers
+from lightning_selfreg.data.contract import Item
+from lightning_selfreg.data.datamodule import SegDataModule
+from lightning_selfreg.data.preflight import check_h5_volume, check_pair_header, h5_headers, npz_headers
+from lightning_selfreg.data.readers import check_slice, check_spacing, find_list_dir, read_list, read_slice, read_volume
 from lightning_selfreg.data.transforms import RandomAffine
 
 __all__ = [
@@ -33,11 +34,6 @@ __all__ = [
     "SYNAPSE_VAL_CASES",
     "SampleCTDataModule",
     "SynapseDataModule",
-    "check_slice",
-    "find_list_dir",
-    "read_list",
-    "read_slice",
-    "read_volume",
 ]
 
 SYNAPSE_CLASS_NAMES = ("aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas", "spleen", "stomach")
@@ -63,135 +59,6 @@ SYNAPSE_LIST_DIRS = (
 )
 
 
-def read_list(path: Path) -> list[str]:
-    """Non-empty stripped lines of a list file.
-
-    Raises:
-        DataError: Missing or empty file.
-    """
-    if not path.is_file():
-        raise DataError(f"List file {path} does not exist.")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise DataError(f"List file {path} is empty.")
-    return names
-
-
-def _contents(folder: Path, limit: int = 6) -> str:
-    names = sorted(p.name for p in folder.iterdir())
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") or "empty"
-
-
-def find_list_dir(data_dir: str | Path, candidates: Sequence[str], required: Sequence[str],
-                  list_dir: str | Path | None = None) -> Path:
-    """The folder holding the list files: ``list_dir`` if given, else the first candidate that has all of them.
-
-    Args:
-        data_dir: The dataset root; ``candidates`` are relative to it.
-        candidates: Folders to search, in order (e.g. :data:`SYNAPSE_LIST_DIRS`).
-        required: File names the folder must hold.
-        list_dir: An explicit folder (then nothing is searched).
-
-    Raises:
-        DataError: (``argument="list_dir"``) The given folder lacks a list, or no candidate holds them all; the
-            message names what was searched and what was found.
-    """
-    need = " and ".join(required)
-    if list_dir is not None:
-        folder = Path(list_dir)
-        missing = [n for n in required if not (folder / n).is_file()]
-        if missing:
-            found = _contents(folder) if folder.is_dir() else "the folder does not exist"
-            raise DataError(f"`list_dir` {folder}: expected {need}, found {found}.", argument="list_dir")
-        return folder
-    data_dir = Path(data_dir)
-    existing, absent = [], []
-    for relative in candidates:
-        folder = data_dir / relative
-        if all((folder / n).is_file() for n in required):
-            return folder
-        (existing if folder.is_dir() else absent).append(relative)
-    found = "; ".join(f"{r}/ holds {_contents(data_dir / r)}" for r in existing)
-    raise DataError(f"no folder with {need} under {data_dir}: searched {', '.join(candidates)}; "
-                    f"{'found ' + found if found else 'none of them exists'}. Expected the lists in one of these "
-                    f"(or give `list_dir`).", argument="list_dir")
-
-
-def read_slice(path: str | Path, num_classes: int, keys: tuple[str, str] = ("image", "label")) -> tuple:
-    """Read and check one 2D ``.npz`` slice.
-
-    Args:
-        path: The file.
-        num_classes: Labels must lie in ``[0, num_classes)``.
-        keys: Names of the image and label arrays (``("img", "label")`` for ACDC).
-
-    Returns:
-        ``(image float32 (H, W), label int64 (H, W))``.
-
-    Raises:
-        DataError: Unreadable file, missing key, shape mismatch, non-finite image or out-of-range label.
-    """
-    image, label = check_slice(path, num_classes, keys)
-    return image.astype(np.float32), label.astype(np.int64)
-
-
-def check_slice(path: str | Path, num_classes: int, keys: tuple[str, str] = ("image", "label")) -> tuple:
-    """:func:`read_slice` without the dtype conversions: ``(image, label)`` as stored, checked."""
-    path = Path(path)
-    check_num_classes(num_classes)
-    try:
-        with np.load(path) as data:
-            missing = [k for k in keys if k not in data.files]
-            if missing:
-                raise DataError(f"{path}: missing key(s) {missing}; found keys {data.files}.")
-            image, label = data[keys[0]], data[keys[1]]
-    except DataError:
-        raise
-    except READ_ERRORS as err:
-        raise DataError(f"{path}: cannot be read as .npz ({type(err).__name__}: {err}).") from err
-    check_arrays(path, image, label, num_classes, image_ndim=(2,), label_ndim=2)
-    return image, label
-
-
-def read_volume(path: str | Path, num_classes: int) -> dict[str, Any]:
-    """Read and check one ``.npy.h5`` test volume (datasets ``image``, ``label``; optional attr ``spacing``).
-
-    Returns:
-        ``{"image": float32 (D, H, W), "label": int64 (D, H, W), "spacing": float64 (3,) or None}``.
-
-    Raises:
-        DataError: Unreadable file, missing dataset, shape mismatch, non-finite image or out-of-range label.
-    """
-    path = Path(path)
-    check_num_classes(num_classes)
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("image", "label") if k not in f]
-            if missing:
-                raise DataError(f"{path}: missing dataset(s) {missing}; found {list(f.keys())}.")
-            image, label = f["image"][()], f["label"][()]
-            spacing = f.attrs.get("spacing")
-    except DataError:
-        raise
-    except READ_ERRORS as err:
-        raise DataError(f"{path}: cannot be read as HDF5 ({type(err).__name__}: {err}).") from err
-    check_arrays(path, image, label, num_classes, image_ndim=(3,), label_ndim=3)
-    return {"image": image.astype(np.float32), "label": label.astype(np.int64), "spacing": _spacing(path, spacing)}
-
-
-def _spacing(path: Path, spacing: Any) -> np.ndarray | None:
-    """The ``spacing`` attribute as float64 ``(3,)`` (z, y, x) or None; DataError naming ``path`` if malformed."""
-    if spacing is None:
-        return None
-    try:
-        values = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        values = None
-    if values is None or values.shape != (3,) or not (np.isfinite(values) & (values > 0)).all():
-        raise DataError(f"{path}: attribute `spacing` must be 3 positive numbers (z, y, x), found {spacing!r}.")
-    return values
-
-
 def _case_of(slice_name: str) -> str:
     return slice_name.rsplit("_slice", 1)[0]
 
@@ -210,7 +77,7 @@ class SynapseDataModule(SegDataModule):
             ``fold`` is given).
         list_dir: Folder with ``train.txt`` and ``test_vol.txt`` (default: the first of
             :data:`SYNAPSE_LIST_DIRS` under ``data_dir`` that has both, e.g. TransUNet's ``lists/lists_Synapse``).
-        **kwargs: See :class:`~lightning_selfreg.data.base.SegDataModule` (``image_size`` 224, ``batch_size``
+        **kwargs: See :class:`~lightning_selfreg.data.datamodule.SegDataModule` (``image_size`` 224, ``batch_size``
             24, ``transform="paper"``, ``cache``, ``fold``, ...).
     """
 
@@ -253,7 +120,7 @@ class SynapseDataModule(SegDataModule):
         else:
             datasets, attrs = h5_headers(item.path)
             check_pair_header(item.path, datasets, ("image", "label"), (3,), 3, kind="datasets")
-            _spacing(item.path, attrs.get("spacing"))
+            check_spacing(item.path, attrs.get("spacing"))
 
     def _check_sample(self, item: Item) -> None:
         check_slice(item.path, self.num_classes)
@@ -280,8 +147,9 @@ class SampleCTDataModule(SynapseDataModule):
     Args:
         image_size: Training side; slices are resized to ``image_size x image_size``.
         batch_size: Training batch size.
-        batch_transform: Batched augmentation or ``None``; default: rotation +-15 deg, zoom 1/1.5..1.5, shift
-            7.5 %, intensity jitter (no flips: they ruin left/right organs on this sample).
+        batch_transform: Batched augmentation, ``None`` for none, or ``"default"``: ``RandomAffine()``, rotation
+            +-15 deg, zoom 1/1.5..1.5, shift 7.5 %, intensity jitter (no flips: they ruin left/right organs on this
+            sample). A name rather than an instance as the default, so that a configuration file can say it.
         data_dir: Override the bundled folder.
     """
 
@@ -289,8 +157,13 @@ class SampleCTDataModule(SynapseDataModule):
         self,
         image_size: int | Sequence[int] = 96,
         batch_size: int = 8,
-        batch_transform: RandomAffine | None = RandomAffine(),  # noqa: B008 (stateless)
+        batch_transform: RandomAffine | Literal["default"] | None = "default",
         data_dir: str | Path = SAMPLE_DIR,
     ) -> None:
+        if isinstance(batch_transform, str):
+            if batch_transform != "default":
+                raise ValueError(f"`batch_transform` must be a RandomAffine, 'default' or None, found "
+                                 f"{batch_transform!r}.")
+            batch_transform = RandomAffine()
         super().__init__(data_dir, image_size=image_size, batch_size=batch_size, transform=None,
                          batch_transform=batch_transform, cache=True, val_cases=())

@@ -10,13 +10,14 @@ nor the rank count, nor what else (SelfReg, dropout) draws from the global RNG.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RandomAffine", "derive_seed", "resize_image", "resize_label"]
+__all__ = ["RandomAffine", "default_seed", "derive_seed", "resize_image", "resize_label"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -42,6 +43,11 @@ def derive_seed(*values: int) -> int:
     for value in values:
         state = _splitmix64(state ^ (int(value) & _MASK64))
     return state >> 1
+
+
+def default_seed() -> int:
+    """The run's seed when none is given: Lightning's ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _size(size: int | Sequence[int]) -> tuple[int, int]:
