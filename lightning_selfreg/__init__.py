@@ -3,7 +3,7 @@
 from lightning_selfreg.callbacks import AuxiliaryLoss, SelfReg
 from lightning_selfreg.losses import DiceCELoss, SelfRegLoss, ifd_loss, scr_loss
 from lightning_selfreg.module import SelfRegSegModule
-from lightning_selfreg.taps import FeatureTaps, TapSpec, list_tap_candidates
+from lightning_selfreg.taps import FeatureTaps, TapSpec, list_tap_candidates, resolve_tap_spec
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,6 @@ __all__ = [
     "TapSpec",
     "ifd_loss",
     "list_tap_candidates",
+    "resolve_tap_spec",
     "scr_loss",
 ]

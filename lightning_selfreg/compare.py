@@ -6,7 +6,8 @@ Each run of ``python -m experiments.run`` writes ``metrics.json``::
      "test": {"dice_mean": ..., "hd95_mean": ..., "per_class": {"aorta": {"dice": ..., "hd95": ...}, ...}}}
 
 :func:`load_results` reads such files, :func:`summarize_comparison` pairs the SelfReg and baseline runs by seed,
-:func:`format_comparison_markdown` renders a table to paste into a report and :func:`write_comparison` writes
+:func:`~lightning_selfreg.report.format_comparison_markdown` (in :mod:`lightning_selfreg.report` with the other
+report tables; re-exported here) renders a table to paste into a report and :func:`write_comparison` writes
 ``summary.json`` and ``summary.md``.
 
 Example:
@@ -27,12 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning_selfreg.io import atomic_write_text
+from lightning_selfreg.report import ARMS, MEAN_ROW, format_comparison_markdown
 
 __all__ = ["ARMS", "format_comparison_markdown", "load_results", "summarize_comparison", "write_comparison"]
-
-ARMS = ("baseline", "selfreg")
-MEAN_ROW = "mean"
-_LABELS = {"dice": ("Dice", 100.0, "%"), "iou": ("IoU", 100.0, "%"), "hd95": ("HD95", 1.0, "")}
 
 
 def load_results(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
@@ -211,69 +209,6 @@ def summarize_comparison(results: Sequence[Mapping[str, Any]],
         "arms": arms,
         "difference": difference,
     }
-
-
-def _fmt(value: float | None, scale: float, sign: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value * scale:+.2f}" if sign else f"{value * scale:.2f}"
-
-
-def format_comparison_markdown(summary: Mapping[str, Any]) -> str:
-    """A Markdown table of :func:`summarize_comparison`'s result, to paste into a report.
-
-    One row per class and a bold mean row; per metric three columns: baseline and SelfReg as ``mean ± std``
-    over seeds, and the paired difference ``Δ`` with its 95 % CI (``(n=1)`` when there is none; ``n=k`` when
-    fewer seeds than run entered a cell). Dice and IoU in percent (Δ in percentage points), HD95 as logged.
-
-    Raises:
-        ValueError: If ``summary`` lacks the keys of :func:`summarize_comparison`'s result.
-    """
-    required = ("metrics", "classes", "arms", "difference", "seeds")
-    missing = [k for k in required if k not in summary]
-    if missing:
-        raise ValueError(f"`summary` lacks {missing}: pass the result of summarize_comparison().")
-    seeds, metrics = summary["seeds"], summary["metrics"]
-    context = ", ".join(f"{k} `{summary[k]}`" for k in ("dataset", "backbone", "eval_protocol") if summary.get(k))
-    lines = [f"**SelfReg vs baseline**{' (' + context + ')' if context else ''}: {len(seeds)} seed(s) "
-             f"({', '.join(map(str, seeds))})", ""]
-    header, rule = ["class"], ["---"]
-    for m in metrics:
-        label, _, unit = _LABELS.get(m, (m, 1.0, ""))
-        suffix = f" ({unit})" if unit else ""
-        delta_unit = " (pp)" if unit == "%" else ""
-        header += [f"{label} baseline{suffix}", f"{label} SelfReg{suffix}", f"Δ {label}{delta_unit} [95 % CI]"]
-        rule += ["---:"] * 3
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    for name in summary["classes"]:
-        cells = [f"**{name}**" if name == MEAN_ROW else name]
-        for m in metrics:
-            scale = _LABELS.get(m, (m, 1.0, ""))[1]
-            for arm in ARMS:
-                s = summary["arms"][arm][name][m]
-                text = _fmt(s["mean"], scale)
-                if s["std"] is not None:
-                    text += f" ± {_fmt(s['std'], scale)}"
-                if 0 < s["n"] < len(seeds):
-                    text += f" (n={s['n']})"
-                cells.append(text)
-            d = summary["difference"][name][m]
-            text = _fmt(d["mean"], scale, sign=True)
-            if d["ci95"] is not None:
-                text += f" [{_fmt(d['ci95'][0], scale, True)}, {_fmt(d['ci95'][1], scale, True)}]"
-            if d["n"] == 1:
-                text += " (n=1)"
-            elif 0 < d["n"] < len(seeds):
-                text += f" (n={d['n']})"
-            cells.append(text)
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Mean ± sample standard deviation over seeds. Δ = SelfReg − baseline, paired by seed, with a 95 % "
-        "Student-t confidence interval; n = seeds with a value (a class absent from a run's test cases is "
-        "skipped for that seed). Lower HD95 is better (mm under the strict protocol, voxels under transunet).",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def write_comparison(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -4,7 +4,7 @@ SelfReg motivates IFD by the redundancy of UNet feature maps: many channels of a
 ("channel corr." heat-maps of Fig. 1c). :func:`channel_correlation` computes that matrix for one map,
 :func:`redundancy_score` reduces it to one number, :func:`collect_block_features` runs a network on a batch and
 returns the tapped block outputs, and :func:`plot_correlation_heatmaps` draws the heat-maps. The notebook
-``notebooks/redundancy.ipynb`` and the :class:`~lightning_selfreg.tracking.RedundancyMonitor` callback use the
+``notebooks/redundancy.ipynb`` and the :class:`~lightning_selfreg.callbacks.RedundancyMonitor` callback use the
 same functions.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from lightning_selfreg.taps import FeatureTaps, TapSpec
+from lightning_selfreg.taps import FeatureTaps, TapSpec, resolve_tap_spec
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -107,17 +107,10 @@ def redundancy_score(corr: Tensor) -> float:
     return float(corr.detach().abs().float()[off_diagonal].mean())
 
 
-def _resolve_spec(model: nn.Module, tap_spec: TapSpec | Mapping | Sequence[str] | None) -> tuple[tuple, tuple]:
-    """Return ``(paths, nhwc paths)`` for a tap spec, a mapping, a list of paths or the model's ``tap_spec``."""
-    if tap_spec is None:
-        tap_spec = getattr(model, "tap_spec", None)
-        if tap_spec is None:
-            raise ValueError(
-                f"`tap_spec` is None and the model {type(model).__name__} has no `tap_spec` attribute; pass a TapSpec, "
-                "a tap mapping or a list of module paths (lightning_selfreg.list_tap_candidates lists them)."
-            )
-    if isinstance(tap_spec, (TapSpec, Mapping)):
-        spec = TapSpec.from_config(tap_spec)
+def _tap_paths(model: nn.Module, tap_spec: TapSpec | Mapping | Sequence[str] | None) -> tuple[tuple, tuple]:
+    """Return ``(paths, nhwc paths)`` for a list of paths, or a spec resolved by :func:`resolve_tap_spec`."""
+    if tap_spec is None or isinstance(tap_spec, (TapSpec, Mapping)):
+        spec = resolve_tap_spec(model, tap_spec, owner="collect_block_features (`tap_spec` is None)")
         return spec.paths, spec.nhwc
     if isinstance(tap_spec, str) or not all(isinstance(p, str) for p in tap_spec):
         raise TypeError(f"`tap_spec` must be a TapSpec, a tap mapping or a list of module paths, found {tap_spec!r}.")
@@ -157,7 +150,7 @@ def collect_block_features(
     if not isinstance(images, Tensor) or images.ndim not in (4, 5):
         found = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"`images` must be a (B, C, H, W) or (B, C, D, H, W) batch, found {found}.")
-    paths, nhwc = _resolve_spec(model, tap_spec)
+    paths, nhwc = _tap_paths(model, tap_spec)
     param = next(model.parameters(), None)
     if param is not None:
         images = images.to(device=param.device, dtype=param.dtype if param.is_floating_point() else images.dtype)

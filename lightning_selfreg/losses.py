@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,12 @@ from torch import Tensor, nn
 
 from lightning_selfreg.fused_losses import ScrTerm, TapTerms, selfreg_terms
 
-__all__ = ["IMPLEMENTATIONS", "PAIRINGS", "DiceCELoss", "SelfRegLoss", "ifd_loss", "pool_teacher", "scr_loss"]
+__all__ = [
+    "IMPLEMENTATIONS", "PAIRINGS", "DiceCELoss", "Pairing", "SelfRegLoss", "ifd_loss", "pool_teacher", "scr_loss",
+]
 
-PAIRINGS = ("random", "ordered")
+Pairing = Literal["random", "ordered"]
+PAIRINGS: tuple[str, ...] = get_args(Pairing)
 IMPLEMENTATIONS = ("fused", "fused-compile", "reference")
 
 
@@ -235,7 +239,7 @@ def _scr_term(feature: Tensor, teacher: Tensor, pairing: str, generator, weight:
 def scr_loss(
     feature: Tensor,
     final: Tensor,
-    pairing: str = "random",
+    pairing: Pairing = "random",
     generator: torch.Generator | None = None,
     pooled: Tensor | None = None,
 ) -> Tensor:
@@ -270,7 +274,7 @@ def scr_loss(
 def _scr_loss_reference(
     feature: Tensor,
     final: Tensor,
-    pairing: str = "random",
+    pairing: Pairing = "random",
     generator: torch.Generator | None = None,
     pooled: Tensor | None = None,
 ) -> Tensor:
@@ -317,7 +321,7 @@ class SelfRegLoss(nn.Module):
         scr_groups: Mapping[str, Sequence[str]],
         lambda_scr: float = 0.015,
         lambda_ifd: float = 0.015,
-        pairing: str = "random",
+        pairing: Pairing = "random",
         detach_shallow: bool = False,
         implementation: str = "fused",
     ) -> None:

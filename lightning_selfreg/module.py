@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,16 +15,21 @@ from torchmetrics.segmentation import DiceScore
 
 from lightning_selfreg.callbacks import AuxiliaryLoss
 from lightning_selfreg.data.transforms import resize_image, resize_label
-from lightning_selfreg.io import save_prediction
 from lightning_selfreg.losses import DiceCELoss
-from lightning_selfreg.metrics import PerCaseMetrics, case_metrics
+from lightning_selfreg.metrics import PROTOCOLS, PerCaseMetrics, Protocol, case_metrics
 from lightning_selfreg.models.third_party import MONAI_INSTALL_HINT, _require
+
+try:  # the hyper-parameters LightningCLI instantiates the module with (its class_path configs included)
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # another Lightning version: a network is then stored as weights only
+    _given_hyperparameters = None
 
 __all__ = ["SelfRegSegModule"]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-PROTOCOLS = ("strict", "transunet")
-SCHEDULES = ("poly", "cosine", "constant")
+Optimizer = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["poly", "cosine", "constant"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def _roi(roi_size: int | Sequence[int]) -> tuple[int, ...]:
@@ -115,7 +119,10 @@ class SelfRegSegModule(pl.LightningModule):
     loss, :meth:`configure_optimizers` for another optimizer, :meth:`predict_volume` for another inference.
 
     Args:
-        net: The network; ``forward(x) -> logits``.
+        net: The network; ``forward(x) -> logits``. Given by class path (LightningCLI), its ``class_path`` /
+            ``init_args`` config is stored in the hyper-parameters, so ``load_from_checkpoint(path)`` rebuilds it
+            from the checkpoint alone; a network built in Python is stored as weights only (pass ``net=`` to
+            ``load_from_checkpoint``). Predictions on disk: :class:`~lightning_selfreg.callbacks.TestPredictionWriter`.
         num_classes: Number of classes ``K`` including background.
         class_names: Names of the ``K - 1`` foreground classes (default ``class_1`` ...).
         ce_weight: Cross-entropy weight (0.4 = authors' Synapse recipe).
@@ -135,12 +142,6 @@ class SelfRegSegModule(pl.LightningModule):
             resampled to another grid).
         channels_last: Run the network in ``channels_last`` memory format (``channels_last_3d`` in 3D; faster
             convolutions under AMP on GPUs and with oneDNN on CPUs; leave off for token-based backbones).
-        prediction_dir: If set, ``test_step`` writes each case's prediction there (native resolution): volumes as
-            ``<case>.nii.gz`` with the volume's spacing (and the case's ``affine`` (4, 4) when the batch has one),
-            2D images as ``<case>.png`` (binary masks as 0/255).
-        net_config: How to rebuild ``net`` (``{"name": ..., **kwargs}`` for
-            :func:`lightning_selfreg.models.create_model`); only stored in the checkpoint's hyper-parameters so
-            that ``experiments.predict`` can load it.
         spatial_dims: 2 (slice-wise network) or 3 (volumetric network: training on ``(B, C, D, H, W)`` patches with
             ``(B, D, H, W)`` labels; validation, test and prediction on whole volumes with MONAI's sliding-window
             inference, see :meth:`predict_volume`). 3D needs MONAI.
@@ -163,18 +164,16 @@ class SelfRegSegModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         ce_weight: float = 0.4,
         dice_weight: float = 0.6,
-        optimizer: str = "sgd",
+        optimizer: Optimizer = "sgd",
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
-        lr_schedule: str = "poly",
+        lr_schedule: Schedule = "poly",
         poly_power: float = 0.9,
         input_size: int | Sequence[int] | None = None,
-        eval_protocol: str = "strict",
+        eval_protocol: Protocol = "strict",
         slice_batch_size: int = 16,
         channels_last: bool = False,
-        prediction_dir: str | None = None,
-        net_config: dict[str, Any] | None = None,
         spatial_dims: int = 2,
         roi_size: int | Sequence[int] | None = None,
         sw_batch_size: int = 4,
@@ -194,7 +193,10 @@ class SelfRegSegModule(pl.LightningModule):
                 f"`class_names` must name the {num_classes - 1} foreground classes, found {len(class_names)}: "
                 f"{class_names}."
             )
-        self.save_hyperparameters(ignore=["net"])
+        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
+        # Under LightningCLI `net` also arrives as its class_path config: keep it, so the checkpoint alone rebuilds
+        # the network; a network built in Python is stored as weights only.
+        self.save_hyperparameters(ignore=[] if isinstance((given or {}).get("net"), Mapping) else ["net"])
         self.net = net
         self.class_names = class_names
         self.seg_loss = DiceCELoss(num_classes, ce_weight, dice_weight)
@@ -226,8 +228,8 @@ class SelfRegSegModule(pl.LightningModule):
         return [cb for cb in trainer.callbacks if isinstance(cb, AuxiliaryLoss)] if trainer is not None else []
 
     def _input_channels(self) -> int | None:
-        """The input channels the network declares (``net_config["in_channels"]`` or ``net.in_channels``)."""
-        value = (self.hparams.net_config or {}).get("in_channels", getattr(self.net, "in_channels", None))
+        """The input channels the network declares (``net.in_channels``), or None."""
+        value = getattr(self.net, "in_channels", None)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def setup(self, stage: str) -> None:
@@ -318,7 +320,7 @@ class SelfRegSegModule(pl.LightningModule):
         In 3D ``batch`` is one case as in :meth:`test_step`: the Dice compares the native-grid prediction with the
         native label; ``val/loss`` is the segmentation loss of the blended logits against the label resampled
         (nearest) to the network's grid, and the step returns ``{"prediction": (D, H, W)}`` (native grid) for
-        callbacks such as :class:`~lightning_selfreg.tracking.SegmentationPanels`.
+        callbacks such as :class:`~lightning_selfreg.callbacks.SegmentationPanels`.
         """
         self._check_first_batch(batch, "val")
         if self.hparams.spatial_dims == 3:
@@ -435,7 +437,8 @@ class SelfRegSegModule(pl.LightningModule):
           against the nearest-resized mask (UCTransNet).
 
         Returns:
-            ``{"prediction": (D, H, W)}``, the native-grid label map (for callbacks' ``outputs``).
+            ``{"prediction": (D, H, W)}``, the native-grid label map, for callbacks' ``outputs``
+            (:class:`~lightning_selfreg.callbacks.TestPredictionWriter` writes it to disk).
         """
         label = batch["label"]
         self._check_first_batch(batch, "test")
@@ -453,11 +456,6 @@ class SelfRegSegModule(pl.LightningModule):
         for protocol, (pred, gt, sp) in pairs.items():
             dice, hd95 = case_metrics(pred.cpu().numpy(), gt.cpu().numpy(), num_classes, sp, protocol=protocol)
             self.test_metrics[protocol].update(torch.as_tensor(dice), torch.as_tensor(hd95))
-        if self.hparams.prediction_dir:
-            affine = batch.get("affine")  # the source file's geometry, when the DataModule gives it (nnU-Net data)
-            affine = None if affine is None else np.asarray(affine.cpu(), dtype=np.float64)
-            save_prediction(full.cpu().numpy(), Path(self.hparams.prediction_dir), str(batch.get("case", batch_idx)),
-                            spacing, num_classes, affine=affine)
         return {"prediction": full}
 
     def on_test_epoch_end(self) -> None:
@@ -474,6 +472,28 @@ class SelfRegSegModule(pl.LightningModule):
                     if protocol == self.hparams.eval_protocol:
                         logged[f"test/{key}"] = results[key]
         self.log_dict({k: float(v) for k, v in logged.items()})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store a class_path ``net`` config without its ``pretrained`` file: the weights are in the state dict.
+
+        A network given by class path (LightningCLI) is rebuilt from ``hyper_parameters["net"]`` by
+        ``load_from_checkpoint``; an initialisation file named there (``SwinUnet(pretrained=...)``) would have to
+        exist wherever the checkpoint is loaded, and its weights are overwritten by the state dict anyway.
+        """
+        net = (checkpoint.get("hyper_parameters") or {}).get("net")
+        init_args = net.get("init_args") if isinstance(net, Mapping) else None
+        if isinstance(init_args, Mapping) and init_args.get("pretrained") is not None:
+            checkpoint["hyper_parameters"]["net"] = {**net, "init_args": {**init_args, "pretrained": None}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep a stored class_path ``net`` config in :attr:`hparams`, so a re-saved checkpoint still rebuilds the net.
+
+        ``load_from_checkpoint`` builds the network from that config and passes the built module as ``net``, which
+        alone would be stored as weights only.
+        """
+        net = (checkpoint.get("hyper_parameters") or {}).get("net")
+        if isinstance(net, Mapping) and "net" not in self.hparams:
+            self.hparams["net"] = net
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Label volume ``(D, H, W)`` for a batch holding one ``image`` volume.

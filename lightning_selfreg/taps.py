@@ -2,7 +2,8 @@
 
 A :class:`TapSpec` is data (module paths grouped the way SelfReg aggregates them); :class:`FeatureTaps` turns it
 into forward hooks that capture outputs only inside :meth:`FeatureTaps.capture`, so evaluation and inference
-never hold on to activations. :func:`list_tap_candidates` lists what a model offers, for writing a spec.
+never hold on to activations. :func:`resolve_tap_spec` picks the spec a caller was given or the backbone's own
+``tap_spec``; :func:`list_tap_candidates` lists what a model offers, for writing a spec.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FeatureTaps", "TapSpec", "list_tap_candidates"]
+__all__ = ["FeatureTaps", "TapSpec", "list_tap_candidates", "resolve_tap_spec"]
 
 
 def _as_groups(groups: Mapping[str, Sequence[str]], name: str) -> dict[str, tuple[str, ...]]:
@@ -129,6 +130,41 @@ class TapSpec:
         """Every tapped module path, student taps first (in first-use order), then ``final``."""
         students = [p for groups in (self.ifd_groups, self.scr_groups) for ps in groups.values() for p in ps]
         return (*dict.fromkeys(students), self.final)
+
+
+def resolve_tap_spec(net: nn.Module, spec: TapSpec | Mapping | None = None, owner: str = "SelfReg") -> TapSpec:
+    """The tap spec to use on ``net``: ``spec`` when given, else the backbone's own ``tap_spec`` attribute.
+
+    The one place where "the spec or the backbone's ``tap_spec``" is decided (the ``SelfReg`` callback, the
+    ``RedundancyMonitor`` callback and :func:`~lightning_selfreg.diagnostics.collect_block_features` use it).
+
+    Args:
+        net: The backbone (for a ``SelfRegSegModule``, ``module.net``).
+        spec: A :class:`TapSpec` or its mapping form (see :meth:`TapSpec.from_config`), or None.
+        owner: Who asks, named in the error (e.g. ``"SelfReg"``).
+
+    Returns:
+        The spec (not yet checked against ``net``'s modules: :class:`FeatureTaps` does that).
+
+    Raises:
+        ValueError: If ``spec`` is None and ``net`` has no ``tap_spec``; the message says how to pass one.
+
+    Example:
+        >>> from lightning_selfreg.models import UNet
+        >>> resolve_tap_spec(UNet(1, 3, base_channels=4, depth=2)).final
+        'up2'
+        >>> resolve_tap_spec(nn.Conv2d(1, 3, 1), {"encoder": ["x"], "final": "y"}).paths
+        ('x', 'y')
+    """
+    if spec is None:
+        spec = getattr(net, "tap_spec", None)
+        if spec is None:
+            raise ValueError(
+                f"{owner} got no tap spec and the backbone {type(net).__name__} has no `tap_spec` attribute. Pass one, "
+                "e.g. SelfReg(taps={'encoder': [...], 'decoder': [...], 'final': ...}); "
+                "lightning_selfreg.list_tap_candidates(net, input_shape) lists the module paths."
+            )
+    return TapSpec.from_config(spec)
 
 
 def _unknown_paths_error(missing: Sequence[str], available: Sequence[str]) -> ValueError:

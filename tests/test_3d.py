@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_selfreg import FeatureTaps, SelfReg, SelfRegLoss, SelfRegSegModule, TapSpec, list_tap_candidates
+from lightning_selfreg.callbacks import TestPredictionWriter
 from lightning_selfreg.data.transforms import resize_image
 from lightning_selfreg.io import load_nifti
 from lightning_selfreg.models import UNet, create_model
@@ -264,11 +265,11 @@ def test_3d_module_fits_with_selfreg_validates_tests_and_predicts_at_the_native_
     pytest.importorskip("nibabel")
     pl.seed_everything(0)
     net = UNet(1, 2, base_channels=4, depth=2, spatial_dims=3)
-    module = SelfRegSegModule(net, 2, spatial_dims=3, roi_size=16, sw_batch_size=2, lr=0.01, channels_last=True,
-                              prediction_dir=str(tmp_path))
+    module = SelfRegSegModule(net, 2, spatial_dims=3, roi_size=16, sw_batch_size=2, lr=0.01, channels_last=True)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, max_steps=2, limit_val_batches=1, val_check_interval=2,
-                         num_sanity_val_steps=0, callbacks=[SelfReg()], log_every_n_steps=1)
+                         num_sanity_val_steps=0, callbacks=[SelfReg(), TestPredictionWriter(tmp_path)],
+                         log_every_n_steps=1)
     trainer.fit(module, Tiny3D())
     metrics = trainer.callback_metrics
     for key in ("selfreg/scr", "selfreg/ifd", "train/loss", "val/loss", "val/dice", "val/dice/class_1"):

@@ -302,3 +302,92 @@ def test_layout_errors(synapse_dir, tmp_path):
     dm.setup("test")
     with pytest.raises(DataError, match="case0100.npy.h5: cannot be read as HDF5"):
         dm.test_dataloader().dataset[0]
+
+
+# ---------------------------------------------------------------- predictions on disk, hyper-parameters
+
+
+def threshold_net():
+    """A 1x1 convolution predicting class 1 where the image is above 0.5."""
+    net = nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([0.0, 10.0]).view(2, 1, 1, 1))
+        net.bias.copy_(torch.tensor([0.0, -5.0]))
+    return net
+
+
+def test_prediction_writer_writes_test_and_predict_outputs_at_the_native_grid(tmp_path):
+    pytest.importorskip("nibabel")
+    from PIL import Image
+
+    from lightning_selfreg.callbacks import TestPredictionWriter
+    from lightning_selfreg.io import load_nifti
+
+    volume = torch.zeros(3, 6, 5, dtype=torch.long)
+    volume[1:, 2:5, 1:4] = 1
+    affine = torch.tensor([[0.0, 0.0, 2.5, 10.0], [0.0, 0.7, 0.0, -3.0], [0.8, 0.0, 0.0, 1.0], [0, 0, 0, 1.0]])
+    image_2d = torch.zeros(1, 4, 7, dtype=torch.long)
+    image_2d[0, 1:3, 2:6] = 1
+    spacing = torch.tensor([2.5, 0.7, 0.8])
+    cases = [{"image": volume[:, None].float(), "label": volume, "case": "vol", "spacing": spacing, "affine": affine},
+             {"image": image_2d[:, None].float(), "label": image_2d, "case": "img"}]
+    loader = torch.utils.data.DataLoader(cases, batch_size=None)
+    module = SelfRegSegModule(threshold_net(), 2)
+    trainer([TestPredictionWriter(tmp_path / "test")]).test(module, loader, verbose=False)
+    trainer([TestPredictionWriter(tmp_path / "predict")]).predict(module, loader)
+    for folder in ("test", "predict"):
+        written, written_affine, spacing = load_nifti(tmp_path / folder / "vol.nii.gz")
+        assert np.array_equal(written, volume.numpy()) and np.allclose(written_affine, affine.numpy()), folder
+        mask = np.asarray(Image.open(tmp_path / folder / "img.png"))
+        assert np.array_equal(mask, image_2d[0].numpy() * 255), folder  # binary: 0 / 255
+    assert sorted(p.name for p in (tmp_path / "test").iterdir()) == ["img.png", "vol.nii.gz"]
+
+
+CLI_ARGS = ["--model.net", "lightning_selfreg.models.UNet", "--model.net.init_args.in_channels", "1",
+            "--model.net.init_args.num_classes", "3", "--model.net.init_args.base_channels", "4",
+            "--model.net.init_args.depth", "2", "--model.num_classes", "3"]
+
+
+def cli_checkpoint(tmp_path, args, monkeypatch):
+    """A LightningCLI-built module and the checkpoint it saves (without training)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.setattr("sys.argv", ["cli"])  # `args` only, not pytest's command line
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path))
+    cli = LightningCLI(SelfRegSegModule, run=False, args=args, trainer_defaults=defaults,
+                       save_config_callback=None, seed_everything_default=False)
+    cli.trainer.strategy.connect(cli.model)
+    path = tmp_path / "cli.ckpt"
+    cli.trainer.save_checkpoint(path)
+    return cli.model, path
+
+
+def test_checkpoint_of_a_lightning_cli_module_alone_rebuilds_the_network(tmp_path, monkeypatch):
+    module, path = cli_checkpoint(tmp_path, CLI_ARGS, monkeypatch)
+    assert module.hparams["net"]["class_path"] == "lightning_selfreg.models.UNet"
+    restored = SelfRegSegModule.load_from_checkpoint(path)  # no `net=`: built from the stored class_path config
+    assert isinstance(restored.net, UNet) and restored.net.in_channels == 1
+    assert restored.hparams["net"] == module.hparams["net"]  # kept: a re-saved checkpoint rebuilds it as well
+    expected = module.state_dict()
+    assert restored.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in restored.state_dict().items())
+    plain = SelfRegSegModule(UNet(1, 3, base_channels=4, depth=2), 3)  # built in Python: weights only
+    assert "net" not in plain.hparams
+
+
+def test_cli_checkpoint_of_a_pretrained_swinunet_loads_without_the_pretrained_file(tmp_path, monkeypatch):
+    from lightning_selfreg.models import SwinUnet
+
+    tiny = dict(img_size=32, patch_size=2, in_chans=1, num_classes=3, embed_dim=12, num_heads=[1, 2, 4, 8],
+                window_size=4)
+    weights = tmp_path / "swin.pth"
+    torch.save({"model": SwinUnet(**tiny).state_dict()}, weights)
+    args = ["--model.net", "lightning_selfreg.models.SwinUnet", "--model.num_classes", "3", "--model.input_size",
+            "32", *(f"--model.net.init_args.{k}={v}" for k, v in {**tiny, "pretrained": weights}.items())]
+    module, path = cli_checkpoint(tmp_path, args, monkeypatch)
+    assert torch.equal(module.net.patch_embed.proj.weight, torch.load(weights)["model"]["patch_embed.proj.weight"])
+    weights.unlink()  # the checkpoint alone: the initialisation file is gone
+    restored = SelfRegSegModule.load_from_checkpoint(path)
+    assert restored.hparams["net"]["init_args"]["pretrained"] is None
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in restored.state_dict().items())

@@ -71,7 +71,8 @@ def test_one_channel_input_is_repeated_to_three():
     net = tiny().eval()
     x = torch.randn(2, 1, 32, 32)
     assert torch.allclose(net(x), net(x.repeat(1, 3, 1, 1)))
-    assert tiny(in_chans=1)(x).shape == (2, 3, 32, 32)
+    grey = tiny(in_chans=1)  # keeps the 3-channel embedding of the ImageNet weights
+    assert grey.patch_embed.proj.in_channels == 3 and grey(x).shape == (2, 3, 32, 32)
 
 
 def test_swin_block_matches_monai_and_shifted_windows_differ():

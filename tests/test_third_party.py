@@ -184,7 +184,7 @@ def test_registry_builds_unet_and_swinunet(tmp_path):
     path = tmp_path / "swin.pth"
     torch.save({"model": {k: v for k, v in source.state_dict().items() if k.startswith("layers.")}}, path)
     net = create_model("swinunet", 1, 3, pretrained=str(path), **tiny)
-    assert isinstance(net, SwinUnet) and net.in_chans == 3 and net.tap_spec.final == "up"
+    assert isinstance(net, SwinUnet) and (net.in_chans, net.embed_chans) == (1, 3) and net.tap_spec.final == "up"
     assert torch.equal(net.state_dict()["layers_up.3.blocks.0.attn.qkv.weight"],
                        source.state_dict()["layers.0.blocks.0.attn.qkv.weight"])
     assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)

@@ -14,15 +14,15 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_selfreg import SelfReg, SelfRegSegModule
-from lightning_selfreg.data import SynapseDataModule
-from lightning_selfreg.models import UNet
-from lightning_selfreg.tracking import (
+from lightning_selfreg.callbacks import (
+    ImagesPerSecondMonitor,
     RedundancyMonitor,
     SegmentationPanels,
     TestResultsTable,
-    ThroughputMonitor,
-    log_run_environment,
 )
+from lightning_selfreg.data import SynapseDataModule
+from lightning_selfreg.models import UNet
+from lightning_selfreg.run_environment import log_run_environment
 from tests.conftest import write_synapse_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def make(data_dir, val_cases=("case0001",)):
 
 def tracking_callbacks():
     return [SelfReg(), SegmentationPanels(every_n_epochs=1, num_images=2),
-            RedundancyMonitor(every_n_epochs=1, num_images=2), ThroughputMonitor(), TestResultsTable()]
+            RedundancyMonitor(every_n_epochs=1, num_images=2), ImagesPerSecondMonitor(), TestResultsTable()]
 
 
 def trainer(callbacks, logger=False, **kwargs):
@@ -208,7 +208,7 @@ def test_csv_logger_gets_scalars_and_environment(tmp_path, synapse_dir):
     pl.seed_everything(0)
     dm, module = make(synapse_dir, val_cases=())
     logger = CSVLogger(tmp_path, name="csv", version="")
-    t = trainer([RedundancyMonitor(every_n_epochs=5, num_images=3), ThroughputMonitor(), TestResultsTable(),
+    t = trainer([RedundancyMonitor(every_n_epochs=5, num_images=3), ImagesPerSecondMonitor(), TestResultsTable(),
                  SegmentationPanels()], logger=logger, max_epochs=1, limit_val_batches=0)
     t.fit(module, dm)
     t.test(module, dm, verbose=False)
@@ -245,8 +245,6 @@ def test_segmentation_panels_show_3d_cases_at_the_label_grid():
     """A 3D case (C, D', H', W') at a preprocessed grid is shown at the label's grid with the step's prediction."""
     from types import SimpleNamespace
 
-    from lightning_selfreg.tracking import SegmentationPanels
-
     panels = SegmentationPanels(num_images=2)
     module = SimpleNamespace(hparams=SimpleNamespace(spatial_dims=3))
     label = torch.zeros(6, 8, 10, dtype=torch.long)
@@ -260,3 +258,97 @@ def test_segmentation_panels_show_3d_cases_at_the_label_grid():
     for panel, z in zip(shown, (1, 4), strict=True):
         assert panel.image.shape == (8, 10) and panel.label.shape == (8, 10)
         assert (panel.pred == prediction[z].numpy()).all() and (panel.label == label[z].numpy()).all()
+
+
+def test_redundancy_monitor_uses_the_selfreg_callbacks_taps_on_a_backbone_without_tap_spec(synapse_dir):
+    """A backbone given by class path has no `tap_spec`; with SelfReg(taps=...) the monitor reads the same taps."""
+    net = torch.nn.Sequential()
+    net.add_module("enc", torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU()))
+    net.add_module("dec", torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()))
+    net.add_module("head", torch.nn.Conv2d(4, 9, 1))
+    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=(), transform=None)
+    monitor = RedundancyMonitor(num_images=2)
+    t = trainer([SelfReg(taps={"encoder": ["enc"], "final": "dec"}), monitor], max_epochs=1, limit_val_batches=0)
+    t.fit(SelfRegSegModule(net, 9, input_size=32), dm)
+    assert monitor.spec.paths == ("enc", "dec")
+    assert {"redundancy/enc", "redundancy/dec", "redundancy/mean"} <= set(t.callback_metrics)
+
+
+def test_rng_helpers_round_trip_and_leave_the_generators_as_they_were():
+    import random
+
+    import numpy as np
+
+    from lightning_selfreg.rng import get_rng_states, preserved_rng_states, seeded_rngs, set_rng_states
+
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    states = get_rng_states()
+    first = draw()
+    set_rng_states(torch.load(_saved(states), weights_only=True))  # checkpoint-safe: plain types and tensors
+    assert draw() == first
+    with preserved_rng_states():
+        draw()
+    after = draw()
+    set_rng_states(states)
+    draw()
+    assert draw() == after  # the block's draws did not advance the generators
+    with seeded_rngs(7):
+        seeded = draw()
+    with seeded_rngs(7):
+        assert draw() == seeded
+
+
+def _saved(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+class OneCase(pl.LightningDataModule):
+    """One 2D test case (D = 1) whose foreground is the bright square; the DataModule says it is not volumetric."""
+
+    volumetric = False
+
+    def test_dataloader(self):
+        label = torch.zeros(1, 8, 8, dtype=torch.long)
+        label[0, 2:5, 2:6] = 1
+        return torch.utils.data.DataLoader([{"image": label[:, None].float(), "label": label, "case": "c0"}],
+                                           batch_size=None)
+
+
+def threshold_net():
+    """A 1x1 convolution predicting class 1 where the image is above 0.5."""
+    net = torch.nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([0.0, 10.0]).view(2, 1, 1, 1))
+        net.bias.copy_(torch.tensor([0.0, -5.0]))
+    return net
+
+
+def test_metrics_writer_writes_metrics_json_and_the_paper_table(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_selfreg.callbacks import MetricsWriter
+    from lightning_selfreg.report import format_paper_table
+
+    module = SelfRegSegModule(threshold_net(), 2, ["square"])
+    writer = MetricsWriter(tmp_path / "run", info={"dataset": "toy", "selfreg": False, "seed": 3})
+    trainer([writer]).test(module, OneCase(), verbose=False)
+    text = (tmp_path / "run" / "metrics.json").read_text()
+    metrics = json.loads(text)
+    assert text.endswith("}\n") and text.startswith('{\n  "dataset": "toy"')
+    assert list(metrics) == ["dataset", "selfreg", "seed", "eval_protocol", "test", "protocols", "checkpoint"]
+    assert metrics["eval_protocol"] == "strict" and metrics["checkpoint"] is None
+    assert metrics["test"] == module.test_results and metrics["test"]["per_class"]["square"]["dice"] == 1.0
+    assert metrics["protocols"] == module.test_results_by_protocol
+    assert (tmp_path / "run" / "metrics.md").read_text() == format_paper_table(metrics["protocols"], False) + "\n"
+    other_rank = tmp_path / "rank1"
+    MetricsWriter(other_rank).on_test_end(SimpleNamespace(is_global_zero=False), module)
+    assert not other_rank.exists()
+    with pytest.raises(RuntimeError, match="no `test_results`"):
+        MetricsWriter(other_rank).on_test_end(SimpleNamespace(is_global_zero=True), torch.nn.Module())

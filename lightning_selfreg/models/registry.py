@@ -25,12 +25,9 @@ def _unet(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
 def _swinunet(
     in_channels: int, num_classes: int, img_size: int = 224, pretrained: str | Path | None = None, **kwargs: Any
 ) -> nn.Module:
-    # Grey-scale inputs keep the 3-channel patch embedding of the ImageNet weights and are repeated (as the authors).
-    net = SwinUnet(img_size=img_size, in_chans=3 if in_channels == 1 else in_channels, num_classes=num_classes,
-                   **kwargs)
-    if pretrained is not None:
-        net.load_pretrained(pretrained)
-    return net
+    # SwinUnet(in_chans=1) keeps the 3-channel patch embedding of the ImageNet weights and repeats the input.
+    return SwinUnet(img_size=img_size, in_chans=in_channels, num_classes=num_classes,
+                    pretrained=None if pretrained is None else str(pretrained), **kwargs)
 
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {

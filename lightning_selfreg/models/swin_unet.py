@@ -319,15 +319,20 @@ class SwinUnet(nn.Module):
     """SwinUnet: Swin-T encoder, symmetric Swin decoder with skip fusion, 1x1 head; ``forward`` returns logits.
 
     The defaults are the paper's configuration (Swin-T, 224x224, 27.2M parameters with 9 classes). The network
-    is built for one input size: the shifted-window masks depend on it. A 1-channel input is repeated to
-    ``in_chans`` channels, as the authors do for CT slices with the 3-channel ImageNet weights.
+    is built for one input size: the shifted-window masks depend on it. A 1-channel input is repeated to the
+    channels of the patch embedding, as the authors do for CT slices with the 3-channel ImageNet weights: a
+    grey-scale network (``in_chans=1``) keeps the 3-channel embedding, so :meth:`load_pretrained` fills it.
 
     Args:
         img_size: Input side (or ``(H, W)``). After the ``patch_size`` embedding the token map is halved
             ``len(depths) - 1`` times, and at every stage it must be divisible by ``window_size`` (a stage map not
             larger than the window is one window): 224, 448, ... with the defaults.
         patch_size: Patch side of the embedding, and the factor of the final expansion.
-        in_chans: Channels of the patch embedding (3 for ImageNet weights).
+        in_chans: Input channels. 1 (grey-scale) keeps the 3-channel patch embedding of the ImageNet weights
+            (:attr:`embed_chans`) and repeats the input to 3 channels; any other value is the embedding's. A
+            1-channel input is accepted by every network (repeated), so the network declares no ``in_channels``
+            for :class:`~lightning_selfreg.module.SelfRegSegModule` to check data against: its own input check
+            names a wrong channel count on the first batch.
         num_classes: Output classes (background included).
         embed_dim: Channels of the first stage; stage ``i`` has ``embed_dim * 2**i``.
         depths: Swin blocks per encoder stage (the decoder mirrors them).
@@ -337,6 +342,8 @@ class SwinUnet(nn.Module):
         qkv_bias: Bias in the query/key/value projections.
         drop_path_rate: Stochastic depth of the deepest block; it increases linearly from 0 over the encoder
             blocks, and each decoder stage uses the rates of its mirrored encoder stage.
+        pretrained: Path of a local ImageNet Swin checkpoint loaded at the end of construction (see
+            :meth:`load_pretrained`; nothing is downloaded), or None for a random initialisation.
 
     Shape:
         - Input: ``(B, in_chans, *img_size)`` or ``(B, 1, *img_size)``.
@@ -365,6 +372,7 @@ class SwinUnet(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.2,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("patch_size", patch_size, 1), ("in_chans", in_chans, 1),
@@ -388,13 +396,14 @@ class SwinUnet(nn.Module):
         self.img_size = _pair(img_size, "img_size")
         resolutions = self._stage_resolutions(self.img_size, patch_size, window_size, n)
         self.patch_size, self.in_chans, self.num_classes = patch_size, in_chans, num_classes
+        self.embed_chans = 3 if in_chans == 1 else in_chans  # grey-scale keeps the ImageNet (RGB) embedding
         self.depths, self.num_heads = depths, num_heads
         dims = [embed_dim * 2**i for i in range(n)]
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stage_rates = [rates[sum(depths[:i]) : sum(depths[: i + 1])] for i in range(n)]
         common = dict(window=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, self.embed_chans, embed_dim)
         self.layers = nn.ModuleList(
             SwinStage(dims[i], resolutions[i], depths[i], num_heads[i], drop_path=stage_rates[i],
                       downsample=i < n - 1, **common)
@@ -418,6 +427,8 @@ class SwinUnet(nn.Module):
             if isinstance(module, WindowAttention):
                 nn.init.normal_(module.relative_position_bias_table, std=0.02)
         self.tap_spec = swin_unet_tap_spec(depths)
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
 
     @staticmethod
     def _stage_resolutions(img: tuple[int, int], patch: int, window: int, n: int) -> list[tuple[int, int]]:
@@ -463,8 +474,8 @@ class SwinUnet(nn.Module):
                 f"{tuple(x.shape)}. Resize the input to {self.img_size} (SelfRegSegModule(input_size=...)) or build "
                 "the model with another `img_size`."
             )
-        if x.shape[1] != self.in_chans:
-            x = x.expand(-1, self.in_chans, -1, -1)
+        if x.shape[1] != self.embed_chans:
+            x = x.expand(-1, self.embed_chans, -1, -1)
         return x
 
     def forward(self, x: Tensor) -> Tensor:

@@ -120,6 +120,7 @@ class UNet(nn.Module):
                 raise ValueError(f"`{name}` must be an integer >= {low}, found {value!r}.")
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
             raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+        self.in_channels = in_channels  # declared, so SelfRegSegModule checks data and batches against it
         self.depth = depth
         self.spatial_dims = spatial_dims
         nd = spatial_dims

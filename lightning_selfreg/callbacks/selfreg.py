@@ -1,43 +1,24 @@
-"""Callbacks that add auxiliary loss terms to :class:`~lightning_selfreg.module.SelfRegSegModule`, and SelfReg.
-
-A Lightning callback cannot change the loss by itself (``on_before_backward`` only sees it), so the module offers
-one mechanism: every callback that subclasses :class:`AuxiliaryLoss` is asked, in ``training_step``, for a
-context in which the forward pass runs (:meth:`AuxiliaryLoss.capture`) and then for its loss terms
-(:meth:`AuxiliaryLoss.auxiliary_loss`), which the module adds to the segmentation loss and logs.
-"""
+"""``SelfReg``: switch SCR + IFD on for a :class:`~lightning_selfreg.module.SelfRegSegModule` (an ``AuxiliaryLoss``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_selfreg.losses import SelfRegLoss
-from lightning_selfreg.taps import FeatureTaps, TapSpec
+from lightning_selfreg.callbacks.auxiliary_loss import AuxiliaryLoss
+from lightning_selfreg.losses import Pairing, SelfRegLoss
+from lightning_selfreg.taps import FeatureTaps, TapSpec, resolve_tap_spec
 
-__all__ = ["AuxiliaryLoss", "FiniteLossGuard", "RNGStateCheckpoint", "SelfReg"]
-
-
-class AuxiliaryLoss(pl.Callback):
-    """Base class for callbacks that contribute loss terms to ``SelfRegSegModule.training_step``.
-
-    Subclasses implement :meth:`auxiliary_loss` and, when they need activations, :meth:`capture`.
-    """
-
-    def capture(self, pl_module: pl.LightningModule) -> AbstractContextManager:
-        """Context in which the module runs its training forward pass (e.g. to record features)."""
-        return nullcontext()
-
-    def auxiliary_loss(self, pl_module: pl.LightningModule, batch: Any, logits: Tensor) -> tuple[Tensor, dict]:
-        """Return ``(weighted term, {name: tensor to log})`` for the current training step."""
-        raise NotImplementedError
+__all__ = ["SelfReg"]
 
 
 def _backbone(pl_module: nn.Module) -> nn.Module:
+    """The network of a module: ``pl_module.net`` when it has one, else the module itself."""
     return getattr(pl_module, "net", pl_module)
 
 
@@ -70,7 +51,7 @@ class SelfReg(AuxiliaryLoss):
         taps: TapSpec | Mapping | None = None,
         lambda_scr: float = 0.015,
         lambda_ifd: float = 0.015,
-        pairing: str = "random",
+        pairing: Pairing = "random",
         detach_shallow: bool = False,
         warmup_steps: int = 0,
         seed: int | None = None,
@@ -100,15 +81,7 @@ class SelfReg(AuxiliaryLoss):
         if self._taps is not None:
             return
         net = _backbone(pl_module)
-        if self.spec is None:
-            spec = getattr(net, "tap_spec", None)
-            if spec is None:
-                raise ValueError(
-                    f"SelfReg got no `taps` and the backbone {type(net).__name__} has no `tap_spec` attribute. "
-                    "Pass SelfReg(taps={'encoder': [...], 'decoder': [...], 'final': ...}); "
-                    "lightning_selfreg.list_tap_candidates(net, input_shape) lists the module paths."
-                )
-            self.spec = TapSpec.from_config(spec)
+        self.spec = resolve_tap_spec(net, self.spec, owner="SelfReg (no `taps`)")
         self.loss = SelfRegLoss(self.spec.ifd_groups, self.spec.scr_groups, **self._loss_kwargs)
         self._taps = FeatureTaps(net, self.spec.paths, self.spec.nhwc)
         if self.seed is None:
@@ -170,83 +143,3 @@ class SelfReg(AuxiliaryLoss):
         self.seed = state_dict.get("seed", self.seed)
         self._pending_state = state_dict.get("generator_state")
         self._generator = None
-
-
-class FiniteLossGuard(pl.Callback):
-    """Stop training with a clear error when the loss or a logged loss term becomes NaN or infinite.
-
-    Checks ``outputs["loss"]`` every ``every_n_steps`` steps (one device-to-host sync each time) and, when it is
-    not finite, names the step and every non-finite ``train/*`` and ``selfreg/*`` term logged in that step. The
-    exception stops the run before the next checkpoint, so no checkpoint holds the broken weights.
-
-    Args:
-        every_n_steps: Check interval in optimizer steps.
-    """
-
-    def __init__(self, every_n_steps: int = 1) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be >= 1, found {every_n_steps}.")
-        self.every_n_steps = every_n_steps
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        """Raise ``FloatingPointError`` naming the step and the bad terms."""
-        step = max(trainer.global_step - 1, 0)  # 0-based index of the step this batch just took
-        if step % self.every_n_steps:
-            return
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        if loss is None or bool(torch.isfinite(loss).all()):
-            return
-        bad = sorted(
-            name for name, value in trainer.callback_metrics.items()
-            if name.startswith(("train/", "selfreg/")) and isinstance(value, Tensor) and not torch.isfinite(value).all()
-        )
-        raise FloatingPointError(
-            f"Non-finite training loss ({float(loss)}) at step {step} (epoch {trainer.current_epoch}, "
-            f"batch {batch_idx}); non-finite terms: {', '.join(bad) or 'none logged'}. Lower the learning rate or "
-            "the SelfReg weights, or train in 32-bit precision."
-        )
-
-
-class RNGStateCheckpoint(pl.Callback):
-    """Save the Python, NumPy and torch (CPU and CUDA) RNG states in checkpoints and restore them on resume.
-
-    The data pipeline does not need it: its draws derive from ``(seed, epoch, sample index)``
-    (:func:`~lightning_selfreg.data.derive_seed`) and the :class:`~lightning_selfreg.data.ResumableDataLoader`
-    restores the position in the epoch; SelfReg's pairing has its own generator in its own state. What it covers
-    is everything else that draws from the global generators (dropout masks, a user's augmentation or callback),
-    so that a resumed run continues them as an uninterrupted run of the same seed would, from an end-of-epoch or
-    a mid-epoch checkpoint.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        """The current RNG states."""
-        import random
-
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        # plain types and tensors only, so checkpoints still load with torch.load(weights_only=True)
-        state = {
-            "python": random.getstate(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the RNG states saved by :meth:`state_dict`."""
-        import random
-
-        import numpy as np
-
-        random.setstate(state_dict["python"])
-        numpy_state = state_dict["numpy"]
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])

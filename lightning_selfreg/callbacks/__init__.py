@@ -1,0 +1,48 @@
+"""Callbacks for :class:`~lightning_selfreg.module.SelfRegSegModule`, one per file (Lightning's convention).
+
+Loss terms (:class:`AuxiliaryLoss` subclasses, see ``auxiliary_loss.py``):
+
+- :class:`SelfReg`: SCR + IFD on the tapped features.
+
+Training safety and resume:
+
+- :class:`FiniteLossGuard`: stop with a clear error on a NaN / infinite loss.
+- :class:`RNGStateCheckpoint`: the global RNG states in checkpoints.
+
+Dashboards (any logger or none; media to W&B only, from rank 0):
+
+- :class:`SegmentationPanels`: image / ground truth / prediction overlays.
+- :class:`RedundancyMonitor`: channel redundancy of each tapped block (paper Fig. 1c).
+- :class:`ImagesPerSecondMonitor`: training images per second.
+- :class:`TestResultsTable`: the per-class test metrics as a table and summary (``results_table.py``: a library
+  file must not match pytest's ``test_*.py``).
+
+Outputs of a test run:
+
+- :class:`MetricsWriter`: ``metrics.json`` and ``metrics.md``.
+- :class:`TestPredictionWriter`: each case's prediction as NIfTI / PNG (a ``BasePredictionWriter``).
+"""
+
+from lightning_selfreg.callbacks.auxiliary_loss import AuxiliaryLoss
+from lightning_selfreg.callbacks.finite_loss_guard import FiniteLossGuard
+from lightning_selfreg.callbacks.images_per_second import ImagesPerSecondMonitor
+from lightning_selfreg.callbacks.metrics_writer import MetricsWriter
+from lightning_selfreg.callbacks.prediction_writer import TestPredictionWriter
+from lightning_selfreg.callbacks.redundancy_monitor import RedundancyMonitor
+from lightning_selfreg.callbacks.results_table import TestResultsTable
+from lightning_selfreg.callbacks.rng_state import RNGStateCheckpoint
+from lightning_selfreg.callbacks.segmentation_panels import SegmentationPanels
+from lightning_selfreg.callbacks.selfreg import SelfReg
+
+__all__ = [
+    "AuxiliaryLoss",
+    "FiniteLossGuard",
+    "ImagesPerSecondMonitor",
+    "MetricsWriter",
+    "RNGStateCheckpoint",
+    "RedundancyMonitor",
+    "SegmentationPanels",
+    "SelfReg",
+    "TestPredictionWriter",
+    "TestResultsTable",
+]
