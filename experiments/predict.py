@@ -18,13 +18,14 @@ exit status 2 and one line naming it, before anything is written.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lightning_selfreg.io import HU_WINDOW
 
 
 class PredictError(ValueError):
@@ -37,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by experiments.run")
     parser.add_argument("--input", type=Path, required=True, help=".nii / .nii.gz volume, or a 2D image")
     parser.add_argument("--output", type=Path, required=True, help=".nii.gz for volumes, .png for images")
-    parser.add_argument("--window", type=float, nargs=2, default=(-125.0, 275.0), metavar=("LOW", "HIGH"),
-                        help="HU window for CT volumes")
+    parser.add_argument("--window", type=float, nargs=2, default=HU_WINDOW, metavar=("LOW", "HIGH"),
+                        help="HU window for CT volumes (default: the Synapse window)")
     parser.add_argument("--no-window", action="store_true", help="volume intensities are already in [0, 1]")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     return parser
@@ -92,40 +93,43 @@ def resolve_device(name: str | None):
 def load_module(checkpoint_path: Path, device):
     """Rebuild the trained :class:`SelfRegSegModule` from a checkpoint written by ``experiments.run``.
 
+    The checkpoint carries the network's configuration (its class path and arguments, see
+    :mod:`experiments.cli`), so ``SelfRegSegModule.load_from_checkpoint`` rebuilds it; the ImageNet file of a
+    ``pretrained`` argument is not read (the weights come from the checkpoint).
+
     Raises:
-        PredictError: If the file is not a complete checkpoint, has no ``net_config`` or its weights do not fit.
+        PredictError: If the file is not a complete checkpoint, carries no network configuration or its weights do
+            not fit.
     """
     from lightning_selfreg import SelfRegSegModule
     from lightning_selfreg.checkpoint import CheckpointError, load_checkpoint
-    from lightning_selfreg.models import create_model
 
     try:
         checkpoint = load_checkpoint(checkpoint_path)
     except CheckpointError as err:
         raise PredictError(f"--checkpoint {err}") from err
-    hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters") or {})
-    build = hparams.get("net_config")
-    if not build:
-        raise PredictError(f"--checkpoint {checkpoint_path}: no `net_config` in its hyper-parameters (it was not "
-                           "written by experiments.run); load it in Python with "
-                           "SelfRegSegModule.load_from_checkpoint(path, net=...)")
-    build = {k: v for k, v in build.items() if k != "pretrained"}  # the weights come from the checkpoint
-    accepted = inspect.signature(SelfRegSegModule).parameters  # e.g. Lightning's `_instantiator` is not
-    kwargs = {k: v for k, v in hparams.items() if k in accepted and k != "net"}
+    net = (checkpoint.get("hyper_parameters") or {}).get("net")
+    if not isinstance(net, dict) or "class_path" not in net:
+        raise PredictError(f"--checkpoint {checkpoint_path}: expected the network's configuration (`net` with a "
+                           "`class_path`) in its hyper-parameters, found none (it was not written by experiments.run); "
+                           "load it in Python with SelfRegSegModule.load_from_checkpoint(path, net=...)")
+    init_args = {k: v for k, v in (net.get("init_args") or {}).items() if k != "pretrained"}
+    net = {**net, "init_args": init_args}
     try:
-        module = SelfRegSegModule(create_model(**build), **{**kwargs, "prediction_dir": None})
-        module.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, TypeError, ValueError, KeyError) as err:
-        raise PredictError(f"--checkpoint {checkpoint_path}: expected weights of the network in its net_config "
-                           f"{build}, found weights that do not fit ({str(err).strip().splitlines()[0]})") from err
-    return module.to(device).eval(), build
+        module = SelfRegSegModule.load_from_checkpoint(checkpoint_path, map_location="cpu", net=net)
+    except (RuntimeError, TypeError, ValueError, KeyError, ImportError) as err:
+        raise PredictError(f"--checkpoint {checkpoint_path}: expected weights of the network {net['class_path']} "
+                           f"{init_args}, found weights that do not fit ({str(err).strip().splitlines()[0]})") from err
+    return module.to(device).eval(), net
 
 
-def _check_channels(path: Path, found: int, what: str, build: dict[str, Any]) -> None:
-    expected = build.get("in_channels")
+def _check_channels(path: Path, found: int, what: str, net: dict[str, Any]) -> None:
+    init_args = net["init_args"]
+    expected = init_args.get("in_channels", init_args.get("in_chans"))
     if expected is not None and found != expected:
-        raise PredictError(f"--input {path}: the model takes {expected}-channel images ({build['name']}, "
-                           f"in_channels={expected}), found {found} channel(s) ({what})")
+        raise PredictError(f"--input {path}: the model takes {expected}-channel images "
+                           f"({net['class_path'].rsplit('.', 1)[-1]}, in_channels={expected}), found {found} "
+                           f"channel(s) ({what})")
 
 
 def _check_finite(path: Path, volume: np.ndarray) -> None:

@@ -12,11 +12,15 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "atomic_write", "atomic_write_text", "load_image_2d", "load_nifti", "remove_orphaned_temp_files", "save_nifti",
-    "save_prediction",
+    "HU_WINDOW", "atomic_write", "atomic_write_text", "load_image_2d", "load_nifti", "remove_orphaned_temp_files",
+    "save_nifti", "save_prediction",
 ]
 
 log = logging.getLogger(__name__)
+# The standard abdominal CT window (Synapse / TransUNet preprocessing), in HU: image = (clip(HU, low, high) - low) /
+# (high - low). The bundled sample was built with it (tools/build_totalseg_sample.py); the default of predict.py's
+# --window.
+HU_WINDOW: tuple[float, float] = (-125.0, 275.0)
 TEMP_NAME = re.compile(r"\.tmp(?P<pid>\d+)\.(?P<name>.+)")  # the temporary names of atomic_write: .tmp<pid>.<name>
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ __all__ = [
     "HD95_MODES",
     "KDTREE_BOX_PER_SURFACE",
     "PROTOCOLS",
+    "Protocol",
     "PerCaseMetrics",
     "case_metrics",
     "dice",
@@ -70,7 +72,10 @@ HD95_METHODS = ("auto", "edt", "kdtree")
 # and salt-noise masks from 64x64 to 20x100x100): the two engines cost the same at a ratio of about 5; smooth organs
 # have ratios of 10-200 (KD-tree 2-5x faster), noise-like masks 1-2 (EDT 2-3x faster).
 KDTREE_BOX_PER_SURFACE = 5.0
-PROTOCOLS = ("transunet", "strict")
+# The evaluation protocols of :func:`case_metrics`, in the order the module computes, logs and tabulates them
+# (``SelfRegSegModule.test_results_by_protocol``, the rows of a run's metrics.md): strict first.
+Protocol = Literal["strict", "transunet"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
 SpacingLike = float | Sequence[float] | np.ndarray | None
 

@@ -26,8 +26,9 @@ from lightning_selfreg.wandb_mode import WandbUnavailable, probe_server, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--gpus", "0", "--width", "4", "--image-size", "32", "--batch-size", "16", "--max-epochs", "1",
-        "--redundancy-every-n-epochs", "0"]
+        "--redundancy", "null"]
 NET = {"name": "unet", "in_channels": 1, "num_classes": 9, "base_channels": 4, "depth": 2}
+NET_CONFIG = {"class_path": "lightning_selfreg.models.UNet", "init_args": {k: v for k, v in NET.items() if k != "name"}}
 
 # A writer killed mid-write: loads lightning_selfreg/io.py alone (fast), starts an atomic write of real checkpoint
 # bytes, writes half of them, says so and blocks until it is killed.
@@ -57,14 +58,19 @@ def free_port():
 
 
 def tiny_checkpoint(path, in_channels=1):
-    """A checkpoint as experiments.run writes it (state_dict + hyper-parameters with net_config), without training."""
+    """A checkpoint as experiments.run writes it (state_dict + hyper-parameters with the network's class_path config,
+    which LightningCLI's instantiator rebuilds), without training."""
+    import lightning
+
     torch.manual_seed(0)
-    build = {**NET, "in_channels": in_channels}
-    module = SelfRegSegModule(create_model(**build), 9, input_size=32, net_config=build)
+    net = {**NET_CONFIG, "init_args": {**NET_CONFIG["init_args"], "in_channels": in_channels}}
+    module = SelfRegSegModule(UNet(**net["init_args"]), 9, input_size=32)
     with torch.no_grad():  # a random head without bias: the prediction varies from voxel to voxel
         module.net.outc.weight.normal_(0, 3)
         module.net.outc.bias.zero_()
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    hparams = {**dict(module.hparams), "net": net, "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__}, path)
     return module
 
 
@@ -119,10 +125,8 @@ def test_a_write_killed_mid_way_leaves_an_orphan_that_the_next_run_removes(tmp_p
             raise Stop
 
         monkeypatch.setattr(pl.Trainer, "fit", stop)  # the run has started in that folder: stop before training
-        config = run.resolve_config([*TINY, "--wandb", "disabled", "--output-dir", str(tmp_path / "runs"),
-                                     "--run-name", "r"])
         with pytest.raises(Stop):
-            run.train_and_test(config)
+            run.main([*TINY, "--wandb", "disabled", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"])
         assert not orphan.exists() and not orphan_in_run_dir.exists()
         assert in_flight.exists() and all(p.exists() for p in unrelated)
         assert torch.load(last, weights_only=True)["state_dict"]["w"].shape == (3,)
@@ -265,8 +269,8 @@ def test_predict_writes_the_models_own_prediction(ckpt, tmp_path):
         ("nan", "expected finite intensities, found 2 NaN/inf voxel(s) (first in slice 1 of 3)"),
         ("window_equal", "--window LOW HIGH: expected finite values with LOW < HIGH, found 100 100"),
         ("window_reversed", "--window LOW HIGH: expected finite values with LOW < HIGH, found 275 -125"),
-        ("png_for_ct_model", "the model takes 1-channel images (unet, in_channels=1), found 3 channel(s)"),
-        ("volume_for_rgb_model", "the model takes 3-channel images (unet, in_channels=3), found 1 channel(s)"),
+        ("png_for_ct_model", "the model takes 1-channel images (UNet, in_channels=1), found 3 channel(s)"),
+        ("volume_for_rgb_model", "the model takes 3-channel images (UNet, in_channels=3), found 1 channel(s)"),
         ("cuda", "--device cuda: expected a CUDA GPU, found none"),
         ("bad_device", "--device gpu0: expected cpu, cuda or cuda:N, found an unknown device name"),
         ("empty_ckpt", "expected a PyTorch checkpoint (the zip archive torch.save writes), found an empty file"),
@@ -328,12 +332,12 @@ def fit_on(module, image, label, datamodule=None):
 
 def test_batch_with_the_wrong_channel_count_is_named():
     image, label = torch.rand(2, 3, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long)
-    declared = SelfRegSegModule(create_model(**NET), 9, net_config=NET)  # declares in_channels
+    declared = SelfRegSegModule(create_model(**NET), 9)  # UNet declares in_channels
     with pytest.raises(ValueError, match=r"`batch\['image'\]` of the first train batch has 3 channels .* network "
                                          r"takes 1 \(`in_channels`\)"):
         fit_on(declared, image, label)
-    plain = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9)  # no declaration: the first convolution's
-    with pytest.raises(ValueError, match=r"first convolution `inc.0` with 3 channels .* takes 1 \(`in_channels`\)"):
+    plain = SelfRegSegModule(torch.nn.Sequential(torch.nn.Conv2d(1, 9, 3, padding=1)), 9)  # no declaration
+    with pytest.raises(ValueError, match=r"first convolution `0` with 3 channels .* takes 1 \(`in_channels`\)"):
         fit_on(plain, image, label)
 
 
@@ -341,7 +345,7 @@ def test_datamodule_with_other_channels_than_the_network_is_named_at_setup(synap
     from lightning_selfreg.data import SynapseDataModule
 
     build = {**NET, "in_channels": 3}
-    module = SelfRegSegModule(create_model(**build), 9, net_config=build)
+    module = SelfRegSegModule(create_model(**build), 9)
     with pytest.raises(ValueError, match=r"`datamodule.in_channels` of SynapseDataModule is 1.*takes 3-channel"):
         fit_on(module, None, None, SynapseDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=()))
 

@@ -19,7 +19,7 @@ from lightning_selfreg.models import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--gpus", "0", "--width", "4", "--image-size", "32", "--batch-size", "16", "--wandb", "disabled",
-        "--lr-schedule", "constant", "--redundancy-every-n-epochs", "0"]
+        "--lr-schedule", "constant", "--redundancy", "null"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
@@ -123,7 +123,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 def test_resume_errors(tmp_path):
     res = run_cli(*TINY, "--resume", "--output-dir", str(tmp_path))
-    assert res.returncode == 2 and "--resume needs --run-name" in res.stderr
+    assert res.returncode == 2 and "`resume` needs `name`" in res.stderr and "--run-name" in res.stderr
     res = run_cli(*TINY, "--resume", "--run-name", "nothing", "--output-dir", str(tmp_path))
     assert res.returncode == 2 and "last.ckpt does not exist" in res.stderr
 
@@ -157,12 +157,8 @@ def test_predict_cli_on_a_user_nifti(tmp_path):
     # The tiny trained model predicts one class everywhere (its last features are nearly constant), which an
     # all-background predictor would match almost as well. Give it a random 1x1 head on the centred features
     # (bias = -W @ mean feature), so that its own prediction varies from voxel to voxel, and save that model.
-    from lightning_selfreg.models import create_model
-
     checkpoint = torch.load(out / "p" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    build = {k: v for k, v in checkpoint["hyper_parameters"]["net_config"].items() if k != "pretrained"}
-    module = SelfRegSegModule.load_from_checkpoint(out / "p" / "checkpoints" / "last.ckpt",
-                                                   net=create_model(**build), map_location="cpu")
+    module = SelfRegSegModule.load_from_checkpoint(out / "p" / "checkpoints" / "last.ckpt", map_location="cpu")
     features = []
     hook = module.net.outc.register_forward_pre_hook(lambda _, args: features.append(args[0]))
     module.predict_volume(windowed)
