@@ -1,5 +1,7 @@
 """Build the small real CT sample bundled in ``lightning_selfreg/data/sample`` from the TotalSegmentator sdist.
 
+A data-build tool, not an experiment: run it only to rebuild the bundled sample (and its nnU-Net copy).
+
 The TotalSegmentator 2.18.0 source distribution (Apache-2.0) ships two small abdominal CTs with
 TotalSegmentator predictions in ``tests/reference_files/``:
 
@@ -8,19 +10,19 @@ TotalSegmentator predictions in ``tests/reference_files/``:
 
 This script converts them into the Synapse / TransUNet layout (``train_npz/*.npz`` slices,
 ``test_vol_h5/*.npy.h5`` volumes, ``lists/{train,test_vol}.txt``) with the Synapse label map and the
-standard HU window [-125, 275] -> [0, 1]. Both patients are brought into one canonical 2D orientation,
-the raw DICOM display orientation: rows run anterior -> posterior, columns run from the patient's right
-to the patient's left (liver on the image left). The orientation is derived from the NIfTI affines and
-the DICOM geometry, cross-checked against the explicit index operations, and verified with an HU test
+standard HU window [-125, 275] (``lightning_selfreg.io.HU_WINDOW``) -> [0, 1]. Both patients are brought into
+one canonical 2D orientation, the raw DICOM display orientation: rows run anterior -> posterior, columns run
+from the patient's right to the patient's left (liver on the image left). The orientation is derived from the NIfTI
+affines and the DICOM geometry, cross-checked against the explicit index operations, and verified with an HU test
 on the liver mask; the script fails loudly if any check does not hold.
 
 Usage::
 
-    python experiments/convert_totalseg_sample.py --source /tmp/tsdl/totalsegmentator-2.18.0.tar.gz \
+    python tools/build_totalseg_sample.py --source /tmp/tsdl/totalsegmentator-2.18.0.tar.gz \
         --out lightning_selfreg/data/sample
 
-Requires ``numpy``, ``nibabel``, ``pydicom``, ``pillow`` (JPEG 2000 decoding) and ``h5py``. The
-third-party imports are done lazily inside :func:`main` so the module can be imported without them.
+Requires ``lightning_selfreg`` (for the HU window), ``numpy``, ``nibabel``, ``pydicom``, ``pillow`` (JPEG 2000
+decoding) and ``h5py``. The other third-party imports are done lazily inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("convert_totalseg_sample")
+from lightning_selfreg.io import HU_WINDOW
+
+logger = logging.getLogger("build_totalseg_sample")
 
 EXPECTED_VERSION = "2.18.0"
 REF_DIR = Path("tests") / "reference_files"
@@ -46,7 +50,7 @@ TEST_SEG = "example_seg_dicom.nii.gz"
 TRAIN_PREFIX = "totalseg_ct"
 TEST_CASE = "totalseg_dicom"
 
-HU_MIN, HU_MAX = -125.0, 275.0
+HU_MIN, HU_MAX = HU_WINDOW
 LIVER_HU_RANGE = (0.0, 120.0)
 LIVER_HU_SHARE_MIN = 0.9
 
@@ -104,7 +108,7 @@ def sha256_of(path: Path) -> str:
 
 
 def window_hu(hu: Any) -> Any:
-    """Clip HU to [-125, 275] and scale linearly to [0, 1].
+    """Clip HU to :data:`~lightning_selfreg.io.HU_WINDOW` ([-125, 275]) and scale linearly to [0, 1].
 
     Args:
         hu: Array of Hounsfield units (any numeric dtype).
@@ -466,7 +470,7 @@ short CPU runs. It is **not** the Synapse dataset and is far too small for meani
     `{TRAIN_SEG}` (TotalSegmentator `--fast --force_split` prediction);
   - test patient: `{TEST_DICOM_DIR}/` ({len(test["z"])} DICOM slices, transfer syntax `{test["transfer_syntax"]}`,
     JPEG 2000 lossless) and `{TEST_SEG}` (TotalSegmentator prediction).
-- Converted with `experiments/convert_totalseg_sample.py` of this repository.
+- Converted with `tools/build_totalseg_sample.py` of this repository.
 
 ## Layout
 
