@@ -5,8 +5,10 @@
 # authors-none, authors, interleaved; peak memory, host syncs and CUDA kernels per step), the memory traffic of
 # each loss, and the default run on the GPU. Expect about 8 min (Inductor compiles the fused loss in the tests
 # and in the benchmark's warm-up); the timeouts cap it at 14 min. Results go to $OUT (or ./gpu_check_out). The
-# GPU image has torch, lightning and torchmetrics but no wandb/albumentations/monai; wheels placed in .whl/ (e.g.
-# segmentation_models_pytorch, whose timm/torchvision needs the image meets) are installed first.
+# GPU image has torch, lightning and torchmetrics but no wandb/albumentations/monai/jsonargparse; wheels placed in
+# .whl/ are installed first. The default run needs the command line's: `pip download --no-deps -d .whl
+# "jsonargparse[signatures]" docstring-parser typeshed-client wandb albumentations==2.0.8 albucore ...` on a machine
+# with the package registry (then `carry` .whl; segmentation_models_pytorch only if its timm/torchvision fit).
 set -u
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"

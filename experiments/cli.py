@@ -143,7 +143,6 @@ ALIASES: dict[str, tuple[str, str]] = {
     "--checkpoint-every-n-steps": ("run.checkpoint_every_n_steps", "value"),
     "--save-predictions": ("run.save_predictions", "true"),
 }
-SPECIAL_FLAGS = ("--gpus", "--dataset", "--backbone", "--no-selfreg", "--selfreg", "--augment", "--sync-batchnorm")
 
 
 def as_typed(line: str, argv: list[str]) -> str:
@@ -373,6 +372,16 @@ def run_name(config: Any, ddp: bool) -> str:
     return name
 
 
+def _aliases_help() -> str:
+    """The short flags, for ``--help``."""
+    pairs = [f"{flag} = --{key}" + (f" {kind}" if kind in ("true", "false") else "") for flag, (key, kind) in
+             ALIASES.items()]
+    return ("Short flags (aliases of the full keys): --gpus N = --trainer.accelerator gpu --trainer.devices N "
+            "(+ --trainer.strategy ddp if N > 1; 0 = CPU); --dataset NAME = the preset configs/<preset of NAME>.yaml "
+            f"({', '.join(PRESETS)}); --backbone NAME = configs/backbones/NAME.yaml ({', '.join(BACKBONES)}); "
+            "--no-selfreg = --selfreg null; --augment none = --data.transform null; " + "; ".join(pairs) + ".")
+
+
 def _as_int(value: Any) -> Any:
     return value if value is None or isinstance(value, int) else int(tuple(value)[0])
 
@@ -418,7 +427,8 @@ class SelfRegCLI(LightningCLI):
                 super().__init__(
                     SelfRegSegModule, SegDataModule, subclass_mode_data=True, run=False, args=args,
                     save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=0,
-                    trainer_defaults={"log_every_n_steps": 5}, parser_kwargs={"exit_on_error": False},
+                    trainer_defaults={"log_every_n_steps": 5}, parser_kwargs={
+                        "exit_on_error": False, "prog": "python -m experiments.run", "epilog": _aliases_help()},
                 )
         except ArgumentError as err:
             raise ConfigError(format_parse_error(err)) from err
