@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import yaml
 
 from experiments.cli import ConfigError, RunOptions, SelfRegCLI, as_typed, expand_aliases, run_labels, run_name
@@ -64,6 +65,24 @@ def _check_resume(cli: SelfRegCLI, run_dir: Path) -> Path:
     return resume_from
 
 
+class ConfigInCheckpoint(pl.Callback):
+    """Store the run's resolved configuration (its ``config.yaml``) in every checkpoint, under ``"config"``.
+
+    The model's own hyper-parameters rebuild the network (``SelfRegSegModule.load_from_checkpoint``); this is the
+    rest of the run: data and preprocessing, SelfReg on/off with its lambdas and taps, trainer, seed.
+
+    Args:
+        config: The configuration as plain YAML-able data.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Add ``checkpoint["config"]``."""
+        checkpoint["config"] = self.config
+
+
 def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
     """The run's callbacks, logger, checkpoint plugin and Trainer overrides, from ``cli``'s configuration.
 
@@ -99,6 +118,7 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
     has_val = cli.datamodule.has_validation
     checkpoint_dir = run_dir / "checkpoints"
     labels = run_labels(cli.config)
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     callbacks = [
         ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val/dice", mode="max",
                         save_top_k=1, save_last=False) if has_val else None,
@@ -116,13 +136,14 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         MetricsWriter(run_dir, info=labels),
         TestPredictionWriter(run_dir / "predictions") if options.save_predictions else None,
         None if fast else LearningRateMonitor(logging_interval="step"),  # fast_dev_run has no logger
+        ConfigInCheckpoint(config),
     ]
     if mode == "disabled":
         logger = CSVLogger(save_dir=run_dir, name="csv", version="")
     else:
         logger = WandbLogger(project=options.wandb_project, name=name, save_dir=str(run_dir),
                              offline=mode == "offline", id=name.replace("/", "-"), resume="allow",
-                             config=yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)))
+                             config=config)
     extra = {} if has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
     cli.run_dir, cli.wandb_mode, cli.resume_from, cli.has_validation = run_dir, mode, resume_from, has_val
     return [c for c in callbacks if c is not None], logger, [AtomicCheckpointIO()], extra

@@ -121,11 +121,15 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert metrics["test"]["per_class"]["liver"]["dice"] is not None
 
 
-def test_resume_errors(tmp_path):
-    res = run_cli(*TINY, "--resume", "--output-dir", str(tmp_path))
-    assert res.returncode == 2 and "`resume` needs `name`" in res.stderr and "--run-name" in res.stderr
-    res = run_cli(*TINY, "--resume", "--run-name", "nothing", "--output-dir", str(tmp_path))
-    assert res.returncode == 2 and "last.ckpt does not exist" in res.stderr
+def test_resume_errors(tmp_path, capsys):
+    from experiments import run
+
+    assert run.main([*TINY, "--resume", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "`resume` needs `name`" in err and "--run-name" in err
+    assert run.main([*TINY, "--resume", "--run-name", "nothing", "--output-dir", str(tmp_path)]) == 2
+    assert "last.ckpt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
 
 
 @pytest.mark.slow

@@ -134,6 +134,9 @@ def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tmp_
     assert all(torch.equal(module.state_dict()[k], v) for k, v in saved.items())
     assert module.hparams.net["init_args"]["base_channels"] == 4 and module.hparams.num_classes == 9
     assert module.hparams.input_size == 32 and module.hparams.channels_last is True
+    run_config = torch.load(last, map_location="cpu", weights_only=True)["config"]  # the rest of the run
+    assert run_config["selfreg"]["init_args"]["lambda_scr"] == 0.015 and run_config["redundancy"] is None
+    assert run_config["data"]["init_args"]["image_size"] == 32 and run_config == config
 
 
 def test_run_baseline_with_wandb_offline(tmp_path, monkeypatch):

@@ -67,7 +67,7 @@ class RedundancyMonitor(pl.Callback):
         >>> trainer = pl.Trainer(callbacks=[SelfReg(), RedundancyMonitor(every_n_epochs=5)])  # doctest: +SKIP
     """
 
-    def __init__(self, every_n_epochs: int = 5, num_images: int = 4, max_channels: int = 64,
+    def __init__(self, every_n_epochs: int = 10, num_images: int = 4, max_channels: int = 64,
                  taps: TapSpec | Mapping | None = None) -> None:
         super().__init__()
         self.every_n_epochs = positive_int(every_n_epochs, "every_n_epochs")
