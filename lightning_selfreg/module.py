@@ -11,9 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.segmentation import DiceScore
 
 from lightning_selfreg.callbacks import AuxiliaryLoss
+from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.data.transforms import resize_image, resize_label
 from lightning_selfreg.losses import DiceCELoss
 from lightning_selfreg.metrics import PROTOCOLS, PerCaseMetrics, Protocol, case_metrics
@@ -202,10 +204,17 @@ class SelfRegSegModule(pl.LightningModule):
         self.seg_loss = DiceCELoss(num_classes, ce_weight, dice_weight)
         self.val_dice = DiceScore(num_classes, include_background=False, average="none", input_format="index",
                                   aggregation_level="global")
+        # the mean over validation samples (3D: cases), synced at the epoch's end; Lightning's own weighted mean
+        # (`self.log(..., sync_dist=True)`) averages the integer sample counts of the ranks and truncates them
+        self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_metrics = nn.ModuleDict({p: PerCaseMetrics(num_classes, class_names) for p in PROTOCOLS})
         self.test_results: dict[str, Any] | None = None
         self.test_results_by_protocol: dict[str, dict[str, Any]] = {}
         self._checked_stages: set[str] = set()  # stages whose first batch passed _check_first_batch
+        # evaluation is sharded by case; with fewer cases than ranks (the bundled sample has one test patient) a
+        # rank without one gets a padding item in test / 3D validation, which the steps skip (so it still reaches
+        # the metric gathers), and none in prediction (nothing to gather), which needs this:
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         if channels_last:
             self.net.to(memory_format=self._memory_format)
 
@@ -320,15 +329,21 @@ class SelfRegSegModule(pl.LightningModule):
         In 3D ``batch`` is one case as in :meth:`test_step`: the Dice compares the native-grid prediction with the
         native label; ``val/loss`` is the segmentation loss of the blended logits against the label resampled
         (nearest) to the network's grid, and the step returns ``{"prediction": (D, H, W)}`` (native grid) for
-        callbacks such as :class:`~lightning_selfreg.callbacks.SegmentationPanels`.
+        callbacks such as :class:`~lightning_selfreg.callbacks.SegmentationPanels`. A padding item
+        (``batch["padding"]``: a DDP rank without a case of its own, see
+        :class:`~lightning_selfreg.data.UnpaddedDistributedSampler`) adds nothing to ``val/dice`` and ``val/loss``
+        and returns None. Both are logged at the epoch's end (:meth:`on_validation_epoch_end`).
         """
+        if is_padding(batch):
+            self._skip_padding_case()
+            return None
         self._check_first_batch(batch, "val")
         if self.hparams.spatial_dims == 3:
             return self._validate_case(batch)
         logits = self(batch["image"])
         loss, _ = self.segmentation_loss(logits, batch["label"])
         self.val_dice.update(logits.argmax(1), batch["label"].long())
-        self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0], sync_dist=True)
+        self.val_loss.update(loss.detach(), weight=batch["image"].shape[0])
 
     def _validate_case(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         label = batch["label"]
@@ -336,13 +351,24 @@ class SelfRegSegModule(pl.LightningModule):
         loss, _ = self.segmentation_loss(logits[None], _nearest_resize(label, logits.shape[1:])[None])
         pred = _linear_resize_argmax(logits.transpose(0, 1), label.shape, self.hparams.slice_batch_size)
         self.val_dice.update(pred[None], label[None].long())
-        self.log("val/loss", loss, on_epoch=True, batch_size=1, sync_dist=True)
+        self.val_loss.update(loss.detach())
         return {"prediction": pred}
 
+    def _skip_padding_case(self) -> None:
+        """Validation on a padding item: an update that adds nothing, so this rank's Dice states sync like the others'.
+
+        ``val_dice`` gets a background-only voxel: 0 added to every class's numerator and denominator (a
+        ``DiceScore`` without any update could not gather its 2-D list states). ``val_loss`` needs none.
+        """
+        background = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=self.device)
+        self.val_dice.update(background, background)
+
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/dice`` (mean over foreground classes) and ``val/dice/<class>``."""
+        """Log ``val/loss``, ``val/dice`` (mean over foreground classes), ``val/dice/<class>``; gathered over ranks."""
         per_class = self.val_dice.compute().reshape(-1)  # 0-d for a single foreground class
         self.val_dice.reset()
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
         self.log("val/dice", per_class.nanmean(), prog_bar=True)
         self.log_dict({f"val/dice/{name}": value for name, value in zip(self.class_names, per_class, strict=True)})
 
@@ -422,7 +448,7 @@ class SelfRegSegModule(pl.LightningModule):
         """
         return self._segment(volume, shape)[0]
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
         """Per-case metrics of one case under both protocols.
 
         ``batch`` is one case: ``image`` ``(D, C, H, W)`` (3D: ``(C, D, H, W)``), ``label`` ``(D, H, W)``, ``case``
@@ -436,10 +462,15 @@ class SelfRegSegModule(pl.LightningModule):
           neighbour, HD95 in voxels with the scripts' special cases (TransUNet); 2D images scored at the input size
           against the nearest-resized mask (UCTransNet).
 
+        A padding item (``batch["padding"]``: a DDP rank without a case of its own, see
+        :class:`~lightning_selfreg.data.UnpaddedDistributedSampler`) is skipped: no inference, no metric update.
+
         Returns:
             ``{"prediction": (D, H, W)}``, the native-grid label map, for callbacks' ``outputs``
-            (:class:`~lightning_selfreg.callbacks.TestPredictionWriter` writes it to disk).
+            (:class:`~lightning_selfreg.callbacks.TestPredictionWriter` writes it to disk); None for a padding item.
         """
+        if is_padding(batch):
+            return None
         label = batch["label"]
         self._check_first_batch(batch, "test")
         full, small = self._segment(batch["image"], label.shape)

@@ -52,8 +52,23 @@ def assert_same_results(found: dict, expected: dict) -> None:
                 assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12), (protocol, where, a, b)
 
 
+@pytest.fixture
+def one_thread_before_fork():
+    """One intra-op thread while the test forks (restored after).
+
+    A process whose OpenMP (libgomp) thread team has run, as it has after any earlier multi-threaded test in the
+    same pytest process, cannot fork safely: the children's first oneDNN convolution waits forever at a team barrier
+    for threads that were not forked (seen as a 180 s timeout of this test in full-suite runs, never alone). With one
+    thread the children use no team; it is also the right count for 2 processes on 2 cores.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.timeout(180)
-def test_ddp_fit_and_test_gather_every_case_once(tmp_path):
+def test_ddp_fit_and_test_gather_every_case_once(tmp_path, one_thread_before_fork):
     """2 CPU processes (gloo, ddp_fork): 3 test volumes are split 2/1, gathered, each counted once."""
     root = write_synapse_layout(tmp_path / "data", n_test=3)
     common = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -82,3 +97,62 @@ def test_ddp_fit_and_test_gather_every_case_once(tmp_path):
     for key in ("dice_mean", "iou_mean", "hd95_mean"):  # what rank 0 logged is what it gathered
         if expected["strict"][key] is not None:
             assert logged[f"test/{key}"] == pytest.approx(expected["strict"][key], rel=1e-9)
+
+
+def test_unpadded_sampler_pads_only_ranks_without_a_case():
+    """With fewer cases than ranks, an empty rank gets one marked duplicate; ranks holding cases get no padding."""
+    from lightning_selfreg.data import PaddingKey
+
+    shards = [list(UnpaddedDistributedSampler([0], 3, r, pad_empty_ranks=True)) for r in range(3)]
+    assert shards == [[0], [0], [0]]
+    assert [[type(i) is PaddingKey for i in s] for s in shards] == [[False], [True], [True]]
+    assert [len(UnpaddedDistributedSampler([0], 3, r, pad_empty_ranks=True)) for r in range(3)] == [1, 1, 1]
+    assert [list(UnpaddedDistributedSampler(range(5), 2, r, pad_empty_ranks=True)) for r in range(2)] == [
+        [0, 2, 4], [1, 3]]
+    assert list(UnpaddedDistributedSampler([0], 2, 1)) == []  # off by default (prediction: nothing to gather)
+
+
+@pytest.mark.timeout(120)
+def test_ddp_test_with_fewer_cases_than_ranks(tmp_path, one_thread_before_fork):
+    """2 CPU processes, ONE test case: rank 1 gets a padding item, joins the gather, and the case counts once."""
+    root = write_synapse_layout(tmp_path / "data", n_test=1)
+    common = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False)
+    module = _module()
+    trainer = pl.Trainer(devices=2, strategy="ddp_fork", callbacks=[SaveTestResults(tmp_path / "ddp.json")],
+                         default_root_dir=tmp_path, **common)
+    trainer.test(module, SynapseDataModule(root, image_size=32, val_cases=()), verbose=False)
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    assert ddp["strict"]["num_cases"] == ddp["transunet"]["num_cases"] == 1
+
+    single = pl.Trainer(devices=1, **common)  # the same (forked, untrained) weights in one process
+    single.test(module, SynapseDataModule(root, image_size=32, val_cases=()), verbose=False)
+    assert module.test_results_by_protocol["strict"]["num_cases"] == 1
+    assert_same_results(ddp, module.test_results_by_protocol)
+
+
+@pytest.mark.timeout(120)
+def test_ddp_3d_validation_with_fewer_cases_than_ranks(tmp_path, one_thread_before_fork):
+    """nnU-Net 3D, ONE validation case on 2 processes: rank 1 pads; val/dice and val/loss equal one process's."""
+    pytest.importorskip("monai")
+    from lightning_selfreg.data import NnUNetDataModule
+    from lightning_selfreg.models import create_model
+
+    from .test_nnunet import write_nnunet
+
+    dataset = write_nnunet(tmp_path / "Dataset001_Toy")
+    dm = NnUNetDataModule(dataset, cache_dir=tmp_path / "cache", configuration="3d", patch_size=(8, 16, 16), fold=0,
+                          progress=False)
+    dm.prepare_data()  # once, before the processes fork
+    assert len(dm.splits()["val"]) == 1
+    torch.manual_seed(0)
+    net = create_model("unet", dm.in_channels, dm.num_classes, base_channels=4, depth=2, spatial_dims=3)
+    module = SelfRegSegModule(net, dm.num_classes, dm.class_names, spatial_dims=3, roi_size=dm.patch_size)
+    common = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False)
+    ddp = pl.Trainer(devices=2, strategy="ddp_fork", default_root_dir=tmp_path, **common).validate(
+        module, dm, verbose=False)[0]
+    single = pl.Trainer(devices=1, **common).validate(module, dm, verbose=False)[0]
+    assert ddp.keys() == single.keys() and {"val/loss", "val/dice"} <= ddp.keys()
+    for key, value in single.items():
+        assert (math.isnan(value) and math.isnan(ddp[key])) or ddp[key] == pytest.approx(value, rel=1e-6), key

@@ -12,6 +12,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.io import save_prediction
 
 __all__ = ["TestPredictionWriter"]
@@ -37,7 +38,8 @@ class TestPredictionWriter(BasePredictionWriter):
       (:meth:`write_on_batch_end`), with the batch's ``case``, ``spacing`` and ``affine`` when it has them.
 
     Batches are one case each (``batch_size=None``), as the evaluation loaders of the bundled DataModules give them.
-    Under DDP every rank writes the cases it evaluated.
+    Under DDP every rank writes the cases it evaluated; padding items (``batch["padding"]``, see
+    :class:`~lightning_selfreg.data.UnpaddedDistributedSampler`) are not written.
 
     Args:
         output_dir: Folder of the files (created on the first write).
@@ -69,7 +71,9 @@ class TestPredictionWriter(BasePredictionWriter):
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Write the ``outputs["prediction"]`` of the test step."""
+        """Write the ``outputs["prediction"]`` of the test step (nothing for a padding item)."""
+        if is_padding(batch):
+            return
         prediction = outputs.get("prediction") if isinstance(outputs, Mapping) else None
         if prediction is None:
             raise ValueError("TestPredictionWriter: the test step returned no `prediction`; it needs a test_step that "
@@ -79,5 +83,7 @@ class TestPredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        """Write the label map that ``predict_step`` returned for this batch."""
+        """Write the label map that ``predict_step`` returned for this batch (nothing for a padding item)."""
+        if is_padding(batch):
+            return
         self.write(pl_module, prediction, batch, batch_idx)

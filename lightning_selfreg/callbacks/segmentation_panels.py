@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_selfreg.callbacks._wandb import image_and_label, log_to_wandb, positive_int, wandb_loggers
+from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.data.transforms import resize_image
 
 __all__ = ["SegmentationPanels"]
@@ -190,11 +191,11 @@ class SegmentationPanels(pl.Callback):
         returns one (:class:`~lightning_selfreg.module.SelfRegSegModule` does), else ``predict_volume`` of the
         chosen slices. The image is shown at the label's grid: a 3D ``(C, D', H', W')`` or slice-wise
         ``(D', C, H', W')`` image at another (preprocessed) grid is sampled at the nearest depth and resized
-        in-plane.
+        in-plane. Padding items (``batch["padding"]``, a DDP rank without a case of its own) are skipped.
         """
         remaining = self.num_images - len(self._foreground)
         pair = image_and_label(batch)
-        if remaining <= 0 or pair is None or pair[0].ndim not in (3, 4):
+        if remaining <= 0 or pair is None or is_padding(batch) or pair[0].ndim not in (3, 4):
             return
         image, label = pair
         if label.ndim == 2:

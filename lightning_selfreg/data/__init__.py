@@ -7,7 +7,14 @@ from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.histology import GlaSDataModule, MoNuSegDataModule, rasterize_monuseg_xml
 from lightning_selfreg.data.nnunet import SAMPLE_NNUNET_DIR, NnUNetDataModule
 from lightning_selfreg.data.readers import read_slice, read_volume
-from lightning_selfreg.data.sampling import ResumableDataLoader, ResumableSampler, SampleKey, UnpaddedDistributedSampler
+from lightning_selfreg.data.sampling import (
+    PaddingKey,
+    ResumableDataLoader,
+    ResumableSampler,
+    SampleKey,
+    UnpaddedDistributedSampler,
+    is_padding,
+)
 from lightning_selfreg.data.synapse import (
     SAMPLE_CLASS_NAMES,
     SAMPLE_DIR,
@@ -30,6 +37,7 @@ __all__ = [
     "GlaSDataModule",
     "MoNuSegDataModule",
     "NnUNetDataModule",
+    "PaddingKey",
     "RandomAffine",
     "ResumableDataLoader",
     "ResumableSampler",
@@ -39,6 +47,7 @@ __all__ = [
     "SynapseDataModule",
     "UnpaddedDistributedSampler",
     "derive_seed",
+    "is_padding",
     "paper_augmentation",
     "rasterize_monuseg_xml",
     "read_slice",

@@ -351,15 +351,20 @@ class SegDataModule(pl.LightningDataModule):
         return [] if self._val is None else self._loader(self._val, batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        """One whole case per batch; under DDP each case goes to exactly one rank."""
+        """One whole case per batch; under DDP each case goes to exactly one rank.
+
+        In testing, a rank without a case of its own gets one padding item, which the test step skips (see
+        :class:`~lightning_selfreg.data.sampling.UnpaddedDistributedSampler`); in prediction it gets none.
+        """
         trainer = self.trainer
         sampler = None
         if trainer is not None and trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(self._test, trainer.world_size, trainer.global_rank)
+            sampler = UnpaddedDistributedSampler(self._test, trainer.world_size, trainer.global_rank,
+                                                 pad_empty_ranks=not trainer.predicting)
         return DataLoader(self._test, batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        """Same cases as :meth:`test_dataloader`."""
+        """Same cases as :meth:`test_dataloader` (no padding items)."""
         return self.test_dataloader()
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

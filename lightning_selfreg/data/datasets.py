@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from lightning_selfreg.data.augmentation import PairTransform, accepts_seed, call_with_global_rngs_seeded
 from lightning_selfreg.data.contract import Item
+from lightning_selfreg.data.sampling import PADDING, PaddingKey
 from lightning_selfreg.data.transforms import default_seed, derive_seed, resize_image, resize_label
 
 __all__ = ["CaseDataset", "SampleDataset"]
@@ -80,7 +81,11 @@ class SampleDataset(Dataset):
 
 
 class CaseDataset(Dataset):
-    """Evaluation cases read on access: ``image`` (D, C, H, W), ``label`` (D, H, W), ``case``, ``spacing``."""
+    """Evaluation cases read on access: ``image`` (D, C, H, W), ``label`` (D, H, W), ``case``, ``spacing``.
+
+    A :class:`~lightning_selfreg.data.sampling.PaddingKey` index (a rank without cases of its own under DDP) gives
+    that case marked ``"padding": True``, which the evaluation steps skip.
+    """
 
     def __init__(self, items: Sequence[Item], read: Callable[[Item], dict[str, Any]]) -> None:
         self.items, self.read = list(items), read
@@ -88,7 +93,8 @@ class CaseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        i = int(key)
         case = self.read(self.items[i])
         image = np.asarray(case["image"], dtype=np.float32)
         if case.get("is_2d"):
@@ -103,4 +109,6 @@ class CaseDataset(Dataset):
         }
         if case.get("spacing") is not None:
             item["spacing"] = torch.as_tensor(np.asarray(case["spacing"], dtype=np.float64))
+        if isinstance(key, PaddingKey):
+            item[PADDING] = True
         return item

@@ -54,7 +54,7 @@ from lightning_selfreg.data.nnunet_preprocess import (
     preprocess_case,
     target_spacing,
 )
-from lightning_selfreg.data.sampling import UnpaddedDistributedSampler
+from lightning_selfreg.data.sampling import PADDING, PaddingKey, UnpaddedDistributedSampler
 from lightning_selfreg.data.transforms import RandomAffine, default_seed, derive_seed
 
 __all__ = ["CONFIGURATIONS", "SAMPLE_NNUNET_DIR", "Configuration", "NnUNetDataModule", "crop_or_pad"]
@@ -202,7 +202,8 @@ class _VolumeDataset(Dataset):
 
     3D: ``image`` (C, D', H', W'); 2D: ``image`` (D, C, H', W') (slices); ``label`` (D, H, W) int64 at the native
     grid (or ``native_shape`` when the case has none), ``case``, ``spacing`` (3,) native mm ``(z, y, x)``,
-    ``affine`` (4, 4) of the original NIfTI file.
+    ``affine`` (4, 4) of the original NIfTI file; ``"padding": True`` for a
+    :class:`~lightning_selfreg.data.sampling.PaddingKey` index (skipped by the evaluation steps).
     """
 
     def __init__(self, cache: Path, cases: Sequence[str], spatial_dims: int) -> None:
@@ -211,8 +212,8 @@ class _VolumeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        data = load_preprocessed(self.cache, self.cases[i], mmap=False)
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        data = load_preprocessed(self.cache, self.cases[int(key)], mmap=False)
         image = data["image"]
         if self.spatial_dims == 2:
             image = image.transpose(1, 0, 2, 3)
@@ -225,6 +226,8 @@ class _VolumeDataset(Dataset):
             item["native_shape"] = torch.as_tensor(data["native_shape"], dtype=torch.int64)
         if data["affine"] is not None:
             item["affine"] = torch.as_tensor(data["affine"], dtype=torch.float64)
+        if isinstance(key, PaddingKey):
+            item[PADDING] = True
         return item
 
 
@@ -574,11 +577,16 @@ class NnUNetDataModule(SegDataModule):
         return bool(self.splits()["val"])
 
     def val_dataloader(self) -> DataLoader | list:
-        """2D: validation slices in batches; 3D: one whole validation case per batch (like the test loader)."""
+        """2D: validation slices in batches; 3D: one whole validation case per batch (like the test loader).
+
+        Under DDP each 3D case goes to exactly one rank; a rank without one gets a padding item (see
+        :class:`~lightning_selfreg.data.sampling.UnpaddedDistributedSampler`).
+        """
         if self._val_volumes is not None:
             trainer = self.trainer
             sampler = None
             if trainer is not None and trainer.world_size > 1:
-                sampler = UnpaddedDistributedSampler(self._val_volumes, trainer.world_size, trainer.global_rank)
+                sampler = UnpaddedDistributedSampler(self._val_volumes, trainer.world_size, trainer.global_rank,
+                                                     pad_empty_ranks=True)
             return DataLoader(self._val_volumes, batch_size=None, sampler=sampler, num_workers=self.num_workers)
         return super().val_dataloader()

@@ -1,6 +1,7 @@
 """Training and evaluation sampling for DDP and exact mid-epoch resume: samplers, sample keys, the resumable loader.
 
-* :class:`UnpaddedDistributedSampler`: evaluation cases sharded over ranks, none repeated;
+* :class:`UnpaddedDistributedSampler`: evaluation cases sharded over ranks, none repeated (a rank that would get no
+  case can get one :class:`PaddingKey`, an item marked as padding that :func:`is_padding` tells steps to skip);
 * :class:`ResumableSampler`: the training order as a pure function of ``(seed, epoch, rank)``, able to start
   mid-epoch, yielding :class:`SampleKey` indices that carry each sample's seed;
 * :class:`ResumableDataLoader`: a ``DataLoader`` whose position in the epoch is saved in checkpoints.
@@ -8,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,38 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_selfreg.data.transforms import default_seed, derive_seed
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "SampleKey", "UnpaddedDistributedSampler"]
+__all__ = [
+    "PADDING",
+    "PaddingKey",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "SampleKey",
+    "UnpaddedDistributedSampler",
+    "is_padding",
+]
+
+PADDING = "padding"
+"""The batch key (``batch["padding"] = True``) of an evaluation item that only pads a rank without cases."""
+
+
+class PaddingKey(int):
+    """The index of an evaluation item that only pads a rank which would otherwise get no case (an ``int``).
+
+    :class:`UnpaddedDistributedSampler` yields it (with ``pad_empty_ranks=True``) to a rank that holds no case of
+    its own, so that the rank runs one evaluation step and reaches the epoch-end gathers of the metrics with the
+    other ranks (a rank with zero batches skips the whole loop, and the ranks that wait for it in the gather fail).
+    The dataset reads the case at that index as usual and marks the item with ``item[PADDING] = True``
+    (:class:`~lightning_selfreg.data.datasets.CaseDataset` does); steps and callbacks skip such items
+    (:func:`is_padding`), so no case is counted twice.
+    """
+
+    def __repr__(self) -> str:
+        return f"PaddingKey({int(self)})"
+
+
+def is_padding(batch: Any) -> bool:
+    """Whether ``batch`` is a padding item (``batch["padding"]`` true, see :class:`PaddingKey`): skip it."""
+    return isinstance(batch, Mapping) and bool(batch.get(PADDING, False))
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -25,14 +57,35 @@ class UnpaddedDistributedSampler(DistributedSampler):
     ``DistributedSampler`` pads the set so all ranks get the same count, which would count some test cases twice
     in per-case metrics. Ranks may get one sample less here; metrics that gather their states still see every case
     exactly once.
+
+    With fewer samples than ranks (the bundled CT sample has one test case), the last ranks get none. Lightning then
+    skips their whole evaluation loop, epoch-end hooks included, and the ranks waiting for them in a metric's gather
+    fail. With ``pad_empty_ranks=True`` such a rank gets exactly one :class:`PaddingKey` (a duplicate index, marked:
+    the dataset must put ``item["padding"] = True`` in its item, as
+    :class:`~lightning_selfreg.data.datasets.CaseDataset` does, and the steps skip it, see :func:`is_padding`), so
+    every rank takes part in the gathers while every case is still counted once. Ranks that hold cases get no
+    padding. Leave it off for loaders whose items nothing skips (prediction).
+
+    Args:
+        dataset: The evaluation dataset.
+        num_replicas: Number of ranks ``W``.
+        rank: This rank.
+        pad_empty_ranks: Give a rank without samples one padding item.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, pad_empty_ranks: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.pad_empty_ranks = pad_empty_ranks
+        self.num_samples = len(self._indices())
 
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+    def _indices(self) -> list[int]:
+        indices: list[int] = list(range(self.rank, len(self.dataset), self.num_replicas))
+        if not indices and self.pad_empty_ranks and len(self.dataset) > 0:
+            indices = [PaddingKey(self.rank % len(self.dataset))]
+        return indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
 
     def __len__(self) -> int:
         return self.num_samples
