@@ -9,20 +9,24 @@ with IFD differences ``D_k = x_top(k) - x_bottom(k)`` (ranks ``k`` and ``k + cei
 
 with ``a = 2 g_ifd w_ifd / N_ifd`` (``0`` on the top half under ``detach_shallow``) and ``b = 2 g_scr w_scr /
 N_scr``. :class:`SelfRegTerms` computes the weighted IFD and SCR sums of all taps in one forward and, in the
-backward, writes each tap's gradient once, in the tap's dtype and memory format: ``+-a D`` into a rank-ordered
-buffer that one gather puts back in channel order (no zero fill, no ``index_add`` of a zero-filled buffer, no
-per-term MSE backward), then ``b E`` added on the SCR channels. The IFD ranking is computed once (kept from the
-forward); the random SCR channel pairing is drawn by the caller, on the device, from its ``torch.Generator``
+backward, writes each tap's gradient once, in the tap's dtype and memory format, with no zero fill, no
+``index_add`` of a zero-filled buffer and no per-term MSE backward. IFD works on ``D = x - x[:, partner]``, where
+``partner`` swaps ranks ``k`` and ``k + ceil(C / 2)`` (the median channel is its own partner): ``D`` is ``+D_k``
+on the top channels, ``-D_k`` on the bottom ones and ``0`` on the median, already in channel order, so the IFD sum
+is ``sum(D ** 2) / 2`` and the IFD gradient is ``a D`` (``a`` masked to the bottom half under ``detach_shallow``):
+one gather in the forward, none in the backward. SCR adds ``b E`` in place when the term uses every student
+channel (``E`` is then built in channel order, permuting the teacher rather than the student), else with one
+``index_add_`` on the drawn channels. The IFD ranking is computed once (kept from the forward); the random SCR
+channel pairing is drawn by the caller, on the device, from its ``torch.Generator``
 (:func:`lightning_selfreg.losses.scr_loss` draws exactly as the reference does). No host synchronisation.
 
-Layouts: contiguous maps gather channels with ``index_select``; channels-last maps (NHWC / NDHWC strides, e.g.
-``channels_last`` CNNs or permuted Swin outputs) gather along their contiguous channel axis (on the CPU by a
-product with a 0/1 (or +1/-1) matrix for up to :data:`CPU_MATMUL_MAX_CHANNELS` channels, exact in float32 since
-every output is one or two products by +-1, else ``torch.gather``), so they are never copied to another layout
-and their gradient keeps their strides.
+Layouts: contiguous maps gather channels with ``index_select`` on dim 1; channels-last maps (NHWC / NDHWC
+strides, e.g. ``channels_last`` CNNs or permuted Swin outputs) are worked on as their ``(N, C)`` rows (a view;
+``index_select`` along the contiguous channel axis of the 2-D view is about twice as fast on the CPU as on the
+4-D map), so they are never copied to another layout and their gradient keeps their strides.
 
-Memory: on the CPU the forward keeps the float32 differences ``D`` and ``E`` for the backward (half a tap and
-the SCR channels); on other devices the backward recomputes them from the taps, so the loss keeps no extra
+Memory: on the CPU the forward keeps the float32 differences ``D`` and ``E`` for the backward (one tap's size
+and the SCR channels); on other devices the backward recomputes them from the taps, so the loss keeps no extra
 activation memory. ``compile=True`` runs the same math through ``torch.compile`` (the channel indices are plain
 tensor inputs, the random draws stay outside), so on CUDA Inductor can fuse the gathers, differences and
 reductions of all taps into a few kernels with float32 arithmetic in registers; the eager path makes float32
@@ -39,10 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CPU_MATMUL_MAX_CHANNELS", "ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "selfreg_terms"]
-
-CPU_MATMUL_MAX_CHANNELS = 48
-"""On the CPU, channels-last taps with at most this many channels gather channels by a matrix product."""
+__all__ = ["ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "selfreg_terms"]
 
 COMPILE_BACKEND = "inductor"
 """``torch.compile`` backend of ``compile=True`` (tests use ``"aot_eager"``)."""
@@ -71,30 +72,35 @@ class TapTerms:
     scr: tuple[ScrTerm, ...] = ()
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _is_channels_last(x: Tensor) -> bool:
     """True when ``x`` is laid out with the channel axis contiguous (NHWC / NDHWC), and not also contiguous."""
-    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    if x.is_contiguous():
+        return False
+    if x.ndim in _CHANNELS_LAST:  # a stride check, no view op
+        return x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim])
+    return x.movedim(1, -1).is_contiguous()
 
 
-def _use_matmul(x: Tensor) -> bool:
-    """Gather channels of this channels-last CPU map by 0/1 matrix products (exact for float32 at full precision)."""
-    return (
-        not torch.compiler.is_compiling()  # an eager-CPU optimisation; compiled code gathers
-        and x.device.type == "cpu"
-        and x.shape[1] <= CPU_MATMUL_MAX_CHANNELS
-        and x.dtype in (torch.float32, torch.float64)
-        and torch.get_float32_matmul_precision() == "highest"
-        and _is_channels_last(x)
-    )
+def _eager_views() -> bool:
+    """Whether views may be taken with one ``as_strided`` (eager mode: one op instead of two per view)."""
+    return not torch.compiler.is_compiling()
 
 
 def _rows(x: Tensor) -> Tensor:
     """The ``(N, C)`` rows of a channels-last map (a view)."""
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    c = x.shape[1]
+    if _eager_views():  # x is NHWC-dense: element (n, c) of the rows is at n * C + c
+        return x.as_strided((x.numel() // c, c), (c, 1))
+    return x.movedim(1, -1).reshape(-1, c)
 
 
 def _unrows(rows: Tensor, like: Tensor) -> Tensor:
-    """Inverse of :func:`_rows`: ``(N, k)`` rows -> a channels-last ``(B, k, *spatial)`` map."""
+    """Inverse of :func:`_rows`: contiguous ``(N, C)`` rows -> a ``(B, C, *spatial)`` map with ``like``'s strides."""
+    if _eager_views() and rows.is_contiguous():
+        return rows.as_strided(like.shape, like.stride())
     return rows.view(like.shape[0], *like.shape[2:], rows.shape[1]).movedim(-1, 1)
 
 
@@ -102,28 +108,14 @@ def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _one_hot_columns(idx: Tensor, c: int, dtype: torch.dtype) -> Tensor:
-    """``(c, k)`` matrix whose column ``k`` selects channel ``idx[k]``."""
-    return torch.eye(c, dtype=dtype, device=idx.device).index_select(1, idx)
-
-
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    """``x[:, idx]`` of a ``(B, C, *spatial)`` map, in ``x``'s layout (channels-last maps stay channels-last)."""
-    if not _is_channels_last(x):
-        return x.index_select(1, idx)
-    if _use_matmul(x):  # each output is 1 * x[idx[k]] + 0 * (the others): exact
-        return _unrows(_rows(x) @ _one_hot_columns(idx, x.shape[1], x.dtype), x)
-    xl = x.movedim(1, -1)
-    return torch.gather(xl, -1, idx.expand(*xl.shape[:-1], idx.numel())).movedim(-1, 1)
-
-
-def ifd_order(x: Tensor) -> Tensor:
+def ifd_order(x: Tensor, channels_last: bool | None = None) -> Tensor:
     """IFD channel ranking of ``x``, ``(C,)``, best first; rank ``k`` pairs with rank ``k + ceil(C / 2)``.
 
     The score is ``mean_b(sum_s x / ||x||_2)`` per channel (the authors' ranking; the constant ``1 / |spatial|``
-    does not change ranks), accumulated in float32 without a float32 copy of ``x``.
+    does not change ranks), accumulated in float32 without a float32 copy of ``x``. ``channels_last``: the
+    layout of ``x`` if the caller knows it (see :func:`_is_channels_last`).
     """
-    if _is_channels_last(x):
+    if _is_channels_last(x) if channels_last is None else channels_last:
         dims = tuple(range(2, x.ndim))
         total = x.sum(dim=dims, dtype=torch.float32)
         if x.dtype == torch.float32:  # vector_norm over non-innermost dims is slow on the CPU
@@ -146,124 +138,152 @@ def _scr_count(x: Tensor, term: ScrTerm) -> int:
     return x.numel() // x.shape[1] * min(x.shape[1], term.teacher.shape[1])
 
 
-def _ifd_diff(x: Tensor, order: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Top minus bottom half of the ranked channels, in float32.
+def _weighted_sum(parts: list[Tensor], weights: list[float]) -> Tensor:
+    if len(parts) == 1:
+        return parts[0] * weights[0]
+    return torch.stack(torch._foreach_mul(parts, weights)).sum()  # one op for all products, no host-to-device copy
 
-    Returns ``(D, M)``: on the matrix-product path ``D`` is ``(N, C // 2)`` rows and ``M`` the ``(C, C // 2)``
-    +1/-1 matrix with ``D = rows @ M``; otherwise ``D`` is ``(B, C // 2, *spatial)`` and ``M`` is ``None``.
+
+def _work(x: Tensor, cl: bool) -> Tensor:
+    """The view the per-tap math works on: a channels-last map's ``(N, C)`` rows (a view), else the map itself.
+
+    Channel gathers along the contiguous channel axis are about twice as fast on the 2-D view as on the 4-D/5-D
+    map on the CPU, and the result (and so the gradient) stays channels-last.
     """
-    c = x.shape[1]
-    top, bottom = order[: c // 2], order[(c + 1) // 2 :]
-    if _use_matmul(x):
-        m = _one_hot_columns(top, c, x.dtype) - _one_hot_columns(bottom, c, x.dtype)
-        return _rows(x) @ m, m  # exact: one +1 and one -1 product per output
-    ranked = _f32(_gather(x, order))
-    return ranked[:, : c // 2] - ranked[:, (c + 1) // 2 :], None
+    return _rows(x) if cl else x
 
 
-def _scr_pair(x: Tensor, term: ScrTerm) -> tuple[Tensor, Tensor]:
-    """The paired ``(student, teacher)`` channels of one SCR term, both ``(B, min(C_s, C_t), *spatial)``."""
-    n = min(x.shape[1], term.teacher.shape[1])
-    if term.ordered:
-        return x[:, :n], term.teacher[:, :n]
-    student = x if term.idx_s is None else _gather(x, term.idx_s)
-    teacher = term.teacher if term.idx_t is None else _gather(term.teacher, term.idx_t)
-    return student, teacher
+def _like_work(t: Tensor, work: Tensor) -> Tensor:
+    """``t`` (a teacher map) in the shape of ``work``: its rows if ``work`` is rows (a copy only if not NHWC)."""
+    if work.ndim != 2:
+        return t
+    return _rows(t) if _is_channels_last(t) else t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def _sumsq(t: Tensor) -> Tensor:
-    return t.square().sum()
+def _partner_rank(c: int, device: torch.device) -> Tensor:
+    """``(C,)`` rank of the IFD partner of every rank: ``k <-> k + ceil(C / 2)``, the median (odd C) its own."""
+    if torch.compiler.is_compiling():  # traced into the graph (Dynamo does not honour lru_cache)
+        return _partner_rank_uncached(c, device)
+    return _partner_rank_cached(c, device)
 
 
-def _tap_forward(x: Tensor, terms: TapTerms, order: Tensor | None) -> tuple:
-    """One tap's ``(ifd_sq, [scr_sq], D, M, [E])``: sums of squares and the differences the gradient needs."""
-    diff = m = ifd_sq = None
+def _partner_rank_uncached(c: int, device: torch.device) -> Tensor:
+    h = (c + 1) // 2
+    kw = dict(device=device, dtype=torch.long)
+    return torch.cat([torch.arange(h, c, **kw), torch.arange(c // 2, h, **kw), torch.arange(0, c // 2, **kw)])
+
+
+_partner_rank_cached = functools.lru_cache(maxsize=64)(_partner_rank_uncached)  # a few small ops less per tap
+
+
+def _partner(order: Tensor) -> Tensor:
+    """``(C,)`` IFD partner channel of every channel, from the ranking ``order``.
+
+    ``x - x[:, partner]`` is then ``+D`` on the top channels, ``-D`` on the bottom ones and ``0`` on the median.
+    """
+    ranked_partners = order.index_select(0, _partner_rank(order.numel(), order.device))
+    return torch.empty_like(order).scatter_(0, order, ranked_partners)
+
+
+def _prepare(x: Tensor, terms: TapTerms, detach_shallow: bool) -> tuple:
+    """``(channels_last, partner, ifd_mask)`` of one tap.
+
+    Its layout, IFD partners (:func:`_partner`) and, with ``detach_shallow``, the 0/1 mask of the bottom-ranked
+    channels (the only ones IFD then passes gradient to), broadcastable along the channels of :func:`_work`.
+    """
+    cl = _is_channels_last(x)
+    partner = ifd_mask = None
     if terms.ifd_weight:
-        diff, m = _ifd_diff(x, order)
-        ifd_sq = _sumsq(diff)
-    scr_sq, scr_diffs = [], []
+        order = ifd_order(x, cl)
+        partner = _partner(order)
+        if detach_shallow:
+            c = x.shape[1]
+            ifd_mask = torch.zeros(c, device=x.device).index_fill_(0, order[(c + 1) // 2 :], 1.0)
+            if not cl:
+                ifd_mask = ifd_mask.view(-1, *([1] * (x.ndim - 2)))
+    return cl, partner, ifd_mask
+
+
+def _diffs(x: Tensor, terms: TapTerms, prep: tuple) -> tuple[Tensor | None, list[Tensor]]:
+    """Float32 differences in the working view of :func:`_work`: ``D`` and one ``E`` per SCR term.
+
+    ``D = x - x[:, partner]`` (``None`` without IFD); ``E`` = the term's student channels minus its teacher
+    channels (``(·, min(C_s, C_t), ·)``), in the student's channel order when it uses all its channels.
+    """
+    cl, partner, _ = prep
+    work = _work(x, cl)
+    w32 = _f32(work)
+    diff = None if partner is None else w32 - _f32(work.index_select(1, partner))
+    n_all = x.shape[1]
+    scr_diffs = []
     for term in terms.scr:
-        student, teacher = _scr_pair(x, term)
-        e = _f32(student) - teacher
-        scr_sq.append(_sumsq(e))
-        scr_diffs.append(e)
-    return ifd_sq, scr_sq, diff, m, scr_diffs
+        teacher = _like_work(term.teacher, work)
+        n = min(n_all, teacher.shape[1])
+        if term.ordered:
+            student, teacher = (w32 if n == n_all else w32[:, :n]), teacher[:, :n]
+        elif term.idx_s is not None and n == n_all:  # a permutation of the student: permute the teacher instead
+            student, teacher = w32, teacher.index_select(1, torch.argsort(term.idx_s))  # E in channel order
+        else:
+            student = w32 if term.idx_s is None else _f32(work.index_select(1, term.idx_s))
+            teacher = teacher if term.idx_t is None else teacher.index_select(1, term.idx_t)
+        scr_diffs.append(student - teacher)
+    return diff, scr_diffs
 
 
-def _forward_math(taps: Sequence[Tensor], plan: Sequence[TapTerms], keep: bool) -> tuple[Tensor, Tensor, list]:
+def _forward_math(taps: Sequence[Tensor], plan: Sequence[TapTerms], detach_shallow: bool,
+                  keep: bool) -> tuple[Tensor, Tensor, list]:
     """Weighted IFD and SCR sums of all taps, and per tap what the backward needs (the differences if ``keep``)."""
     ifd_parts, ifd_w, scr_parts, scr_w, saved = [], [], [], [], []
     for x, terms in zip(taps, plan, strict=True):
-        order = ifd_order(x) if terms.ifd_weight else None
-        ifd_sq, scr_sq, diff, m, scr_diffs = _tap_forward(x, terms, order)
-        if ifd_sq is not None:
-            ifd_parts.append(ifd_sq)
-            ifd_w.append(terms.ifd_weight / _ifd_count(x))
-        scr_parts += scr_sq
-        scr_w += [term.weight / _scr_count(x, term) for term in terms.scr]
-        saved.append((order, diff, m, scr_diffs) if keep else (order,))
+        prep = _prepare(x, terms, detach_shallow)
+        diff, scr_diffs = _diffs(x, terms, prep)
+        if diff is not None:
+            ifd_parts.append(diff.square().sum())  # every pair twice (+D and -D), the median's 0 once
+            ifd_w.append(terms.ifd_weight / (2 * _ifd_count(x)))
+        for term, e in zip(terms.scr, scr_diffs, strict=True):
+            scr_parts.append(e.square().sum())
+            scr_w.append(term.weight / _scr_count(x, term))
+        saved.append((prep, diff, scr_diffs) if keep else (prep,))
     zero = taps[0].new_zeros((), dtype=torch.float32)
     ifd = _weighted_sum(ifd_parts, ifd_w) if ifd_parts else zero
     scr = _weighted_sum(scr_parts, scr_w) if scr_parts else zero
     return ifd, scr, saved
 
 
-def _weighted_sum(parts: list[Tensor], weights: list[float]) -> Tensor:
-    if len(parts) == 1:
-        return parts[0] * weights[0]
-    return torch.stack([p * w for p, w in zip(parts, weights, strict=True)]).sum()  # no host-to-device copy
+def _tap_grad(x: Tensor, terms: TapTerms, saved: tuple, g_ifd: Tensor, g_scr: Tensor) -> Tensor:
+    """The gradient of the weighted terms w.r.t. one tap, written once in the tap's dtype and layout.
 
-
-def _tap_grad(x: Tensor, terms: TapTerms, saved: tuple, g_ifd: Tensor, g_scr: Tensor,
-              detach_shallow: bool) -> Tensor:
-    """The gradient of the weighted terms w.r.t. one tap, written once in the tap's dtype and layout."""
-    order = saved[0]
-    _, _, diff, m, scr_diffs = _tap_forward(x, terms, order) if len(saved) == 1 else (None, None, *saved[1:])
+    ``a D`` (``D = x - x[:, partner]`` is already in channel order: no gather, no scatter, no zero fill), plus
+    ``b E`` on each SCR term's student channels (added in place, or ``index_add_`` for a drawn subset).
+    """
+    prep = saved[0]
+    diff, scr_diffs = _diffs(x, terms, prep) if len(saved) == 1 else saved[1:]
+    ifd_mask = prep[2]
     c = x.shape[1]
-    grad = rows = None
+    grad = None
     if diff is not None:
         a = g_ifd * (2.0 * terms.ifd_weight / _ifd_count(x))
-        if m is not None:  # rows @ M^T puts +a D on the top channels, -a D on the bottom ones, 0 on the median
-            if detach_shallow:
-                m = m.clamp(max=0)
-            rows = (diff * a) @ m.T
-            grad = _unrows(rows, x)
-        else:  # in rank order, then one gather back to channel order
-            if torch.compiler.is_compiling():  # no out= into views in traced code; Inductor fuses this anyway
-                bottom = diff * -a
-                parts = [torch.zeros_like(diff) if detach_shallow else -bottom]
-                parts += [torch.zeros_like(diff[:, :1])] if c % 2 else []
-                ranked = torch.cat([*parts, bottom], dim=1)
-            else:
-                ranked = torch.empty_like(x, dtype=torch.float32)  # x's layout
-                if detach_shallow:
-                    ranked[:, : c // 2] = 0
-                else:
-                    torch.mul(diff, a, out=ranked[:, : c // 2])
-                torch.mul(diff, -a, out=ranked[:, (c + 1) // 2 :])
-                if c % 2:
-                    ranked[:, c // 2].zero_()
-            grad = _gather(ranked, torch.argsort(order))
+        grad = diff * (a if ifd_mask is None else ifd_mask * a)
     for term, e in zip(terms.scr, scr_diffs, strict=True):
-        eb = e * (g_scr * (2.0 * term.weight / _scr_count(x, term)))
-        n = eb.shape[1]
-        if n == c and (term.ordered or term.idx_s is None):  # every student channel, in order
-            grad = eb if grad is None else grad.add_(eb)
+        b = g_scr * (2.0 * term.weight / _scr_count(x, term))
+        n = e.shape[1]
+        if n == c:  # every student channel, in channel order (see _diffs)
+            grad = e * b if grad is None else grad.addcmul_(e, b)
             continue
         if grad is None:  # an SCR-only tap using a subset of its channels: the others get zero gradient
-            grad = torch.zeros_like(x, dtype=torch.float32)
+            grad = torch.zeros_like(_work(x, prep[0]), dtype=torch.float32)
         if term.ordered:
-            grad[:, :n].add_(eb)
-        elif rows is not None:  # scatter the pairs' rows into the selected channels (exact)
-            rows.addmm_(_rows(eb), _one_hot_columns(term.idx_s, c, x.dtype).T)
+            grad[:, :n].addcmul_(e, b)
         else:
-            grad.index_add_(1, term.idx_s, eb)
+            grad.index_add_(1, term.idx_s, e * b)
+    if prep[0]:
+        grad = _unrows(grad, x)
     return grad if grad.dtype == x.dtype else grad.to(x.dtype)
 
 
-def _backward_math(taps, plan, saved, g_ifd, g_scr, detach_shallow, needs):
+def _backward_math(taps, plan, saved, g_ifd, g_scr, needs):
     return [
-        _tap_grad(x, terms, s, g_ifd, g_scr, detach_shallow) if need else None
+        _tap_grad(x, terms, s, g_ifd, g_scr) if need else None
         for x, terms, s, need in zip(taps, plan, saved, needs, strict=True)
     ]
 
@@ -278,7 +298,7 @@ class SelfRegTerms(torch.autograd.Function):
 
     On the CPU the forward keeps the pair differences for the backward (memory is cheap there, passes over the
     maps are not); elsewhere, and with ``compile``, the backward recomputes them from the taps and the kept
-    IFD ranking, so the loss holds no extra activation memory until the backward.
+    IFD partners, so the loss holds no extra activation memory until the backward.
     """
 
     @staticmethod
@@ -287,7 +307,7 @@ class SelfRegTerms(torch.autograd.Function):
         keep = taps[0].device.type == "cpu" and not compile
         forward_math = _compiled(_forward_math, COMPILE_BACKEND) if compile else _forward_math
         with torch.autocast(device_type=taps[0].device.type, enabled=False):
-            ifd, scr, saved = forward_math(taps, plan, keep)
+            ifd, scr, saved = forward_math(taps, plan, detach_shallow, keep)
         ctx.plan, ctx.detach_shallow, ctx.compile, ctx.saved = plan, detach_shallow, compile, saved
         ctx.save_for_backward(*taps)
         return ifd, scr
@@ -299,7 +319,7 @@ class SelfRegTerms(torch.autograd.Function):
         needs = ctx.needs_input_grad[3:]
         backward_math = _compiled(_backward_math, COMPILE_BACKEND) if ctx.compile else _backward_math
         with torch.autocast(device_type=taps[0].device.type, enabled=False):
-            grads = backward_math(taps, ctx.plan, ctx.saved, _f32(g_ifd), _f32(g_scr), ctx.detach_shallow, needs)
+            grads = backward_math(taps, ctx.plan, ctx.saved, _f32(g_ifd), _f32(g_scr), needs)
         return (None, None, None, *grads)
 
 
