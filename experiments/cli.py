@@ -32,6 +32,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -409,17 +410,21 @@ def _add_arguments(parser: LightningArgumentParser) -> None:
 class SelfRegCLI(LightningCLI):
     """LightningCLI over :class:`SelfRegSegModule`, a DataModule, :class:`SelfReg` and the Trainer.
 
-    Instantiating it parses and checks every setting and builds the DataModule, the model and the Trainer (with the
-    run's callbacks and logger from :func:`experiments.run.run_callbacks`); it reads no data and writes nothing.
-    A bad setting raises :class:`ConfigError` with one line naming its key.
+    Instantiating it parses and checks every setting, builds the DataModule and the model, runs the data's
+    pre-flight and builds the Trainer (with the run's callbacks, logger and plugins from ``run_parts``); it writes
+    nothing. A bad setting raises :class:`ConfigError` with one line naming its key.
 
     Args:
         args: The command line in full keys (see :func:`expand_aliases`).
         instantiate: False to parse and check only (``config`` is set; no class is built).
+        run_parts: ``f(cli) -> (callbacks, logger, plugins, trainer overrides)`` of the run
+            (:func:`experiments.run.run_callbacks`); None builds the Trainer of ``trainer.*`` alone.
     """
 
-    def __init__(self, args: list[str], instantiate: bool = True) -> None:
+    def __init__(self, args: list[str], instantiate: bool = True,
+                 run_parts: Callable[[SelfRegCLI], tuple[list, Any, list, dict[str, Any]]] | None = None) -> None:
         self._instantiate = instantiate
+        self._run_parts = run_parts
         try:
             with warnings.catch_warnings():
                 # `args` is the expanded sys.argv, not a second command line
@@ -445,6 +450,13 @@ class SelfRegCLI(LightningCLI):
         """Build the DataModule, the model, the callbacks and the Trainer; constructor errors name their key."""
         if not self._instantiate:
             return
+        precision = str(self.config["trainer"].get("precision"))
+        accelerator = str(self.config["trainer"].get("accelerator"))
+        if precision.startswith("16") and (accelerator == "cpu" or (accelerator == "auto"
+                                                                  and not torch.cuda.is_available())):
+            # Lightning would silently train in bf16 instead
+            raise ConfigError(f"--trainer.precision: expected 32, 32-true or bf16-mixed on a CPU, found {precision} "
+                              "(float16 AMP needs a GPU)")
         keys = {SegDataModule: "data", SelfRegSegModule: "model", SelfReg: "selfreg",
                 RedundancyMonitor: "redundancy", RunOptions: "run", nn.Module: "model.net"}
         try:
@@ -460,13 +472,6 @@ class SelfRegCLI(LightningCLI):
         self.datamodule.validate()  # the pre-flight of the data: every file named here, before the Trainer
         self.extra_callbacks = [c for c in (self.config_init.get("selfreg"), self.config_init.get("redundancy"))
                                 if c is not None]
-        precision = str(self.config["trainer"].get("precision"))
-        accelerator = str(self.config["trainer"].get("accelerator"))
-        if precision.startswith("16") and (accelerator == "cpu" or (accelerator == "auto"
-                                                                  and not torch.cuda.is_available())):
-            # Lightning would silently train in bf16 instead
-            raise ConfigError(f"--trainer.precision: expected 32, 32-true or bf16-mixed on a CPU, found {precision} "
-                              "(float16 AMP needs a GPU)")
         try:
             self.trainer = self.instantiate_trainer()
         except ConfigError:
@@ -475,15 +480,14 @@ class SelfRegCLI(LightningCLI):
             raise ConfigError(trainer_error(err)) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """The Trainer of ``trainer.*``, with the run's callbacks, logger and checkpoint plugin added."""
-        from experiments.run import run_callbacks
-
-        callbacks, logger, plugins, extra = run_callbacks(self)
-        config = {**self._get(self.config_init, "trainer", default={}), **extra, **kwargs}
-        config["callbacks"] = [*(config.pop("callbacks", None) or []), *self.extra_callbacks, *callbacks]
-        config["logger"] = logger
-        config["plugins"] = [*(config.get("plugins") or []), *plugins]
-        return self.trainer_class(**config)
+        """The Trainer of ``trainer.*``, with the run's callbacks, logger and plugins added (see ``run_parts``)."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [*(config.pop("callbacks", None) or []), *self.extra_callbacks]
+        if self._run_parts is not None:
+            run_callbacks, logger, plugins, extra = self._run_parts(self)
+            config = {**config, **extra, "logger": logger, "plugins": [*(config.get("plugins") or []), *plugins]}
+            callbacks += run_callbacks
+        return self.trainer_class(**{**config, "callbacks": callbacks})
 
 
 def check_network(datamodule: SegDataModule, module: SelfRegSegModule) -> None:

@@ -86,8 +86,8 @@ class ConfigInCheckpoint(pl.Callback):
 def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
     """The run's callbacks, logger, checkpoint plugin and Trainer overrides, from ``cli``'s configuration.
 
-    Called by :meth:`SelfRegCLI.instantiate_trainer`; decides the run folder (``cli.run_dir``) and the W&B mode
-    (``cli.wandb_mode``, which may fall back to offline) but writes nothing.
+    The ``run_parts`` of :class:`SelfRegCLI`, called when it builds the Trainer; decides the run folder
+    (``cli.run_dir``) and the W&B mode (``cli.wandb_mode``, which may fall back to offline) but writes nothing.
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_selfreg.data import DataError
 
     try:
-        cli = SelfRegCLI(expand_aliases(argv))
+        cli = SelfRegCLI(expand_aliases(argv), run_parts=run_callbacks)
         train_and_test(cli)
     except (ConfigError, DataError, FileNotFoundError, ImportError) as err:
         print(f"error: {as_typed(_error_line(err), argv)}", file=sys.stderr)

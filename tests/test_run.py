@@ -137,6 +137,13 @@ def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tmp_
     run_config = torch.load(last, map_location="cpu", weights_only=True)["config"]  # the rest of the run
     assert run_config["selfreg"]["init_args"]["lambda_scr"] == 0.015 and run_config["redundancy"] is None
     assert run_config["data"]["init_args"]["image_size"] == 32 and run_config == config
+    # resuming that run with another identity (seed, network) is refused before anything changes there
+    before = sorted(p.name for p in (out / "tiny").rglob("*"))
+    assert run.main([*TINY, "--output-dir", str(out), "--run-name", "tiny", "--wandb", "disabled", "--resume",
+                     "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "seed_everything" in err and "differ from" in err and "\n" not in err
+    assert sorted(p.name for p in (out / "tiny").rglob("*")) == before
 
 
 def test_run_baseline_with_wandb_offline(tmp_path, monkeypatch):

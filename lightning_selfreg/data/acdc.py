@@ -26,7 +26,14 @@ import numpy as np
 from lightning_selfreg.data.contract import Item
 from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.preflight import check_pair_header, npz_headers
-from lightning_selfreg.data.readers import check_slice, find_list_dir, read_list, read_npz_volume, read_slice
+from lightning_selfreg.data.readers import (
+    check_slice,
+    find_list_dir,
+    list_dir_argument,
+    read_list,
+    read_npz_volume,
+    read_slice,
+)
 
 __all__ = ["ACDC_CLASS_NAMES", "ACDC_LIST_DIRS", "ACDCDataModule"]
 
@@ -66,9 +73,7 @@ class ACDCDataModule(SegDataModule):
 
     def __init__(self, data_dir: str | Path, list_dir: str | Path | None = None, **kwargs) -> None:
         super().__init__(data_dir, **kwargs)
-        if isinstance(list_dir, str) and not list_dir:
-            raise ValueError("`list_dir` must be a folder path or None, found ''.")
-        self.list_dir = None if list_dir is None else Path(list_dir)
+        self.list_dir = list_dir_argument(list_dir)
 
     @property
     def lists(self) -> Path:

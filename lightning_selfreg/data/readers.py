@@ -23,6 +23,7 @@ __all__ = [
     "check_slice",
     "check_spacing",
     "find_list_dir",
+    "list_dir_argument",
     "read_list",
     "read_npz_volume",
     "read_slice",
@@ -47,6 +48,17 @@ def read_list(path: Path) -> list[str]:
 def _contents(folder: Path, limit: int = 6) -> str:
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") or "empty"
+
+
+def list_dir_argument(list_dir: str | Path | None) -> Path | None:
+    """The ``list_dir`` argument of a DataModule as a path (None: search, see :func:`find_list_dir`).
+
+    Raises:
+        ValueError: For an empty string.
+    """
+    if isinstance(list_dir, str) and not list_dir:
+        raise ValueError("`list_dir` must be a folder path or None, found ''.")
+    return None if list_dir is None else Path(list_dir)
 
 
 def find_list_dir(data_dir: str | Path, candidates: Sequence[str], required: Sequence[str],

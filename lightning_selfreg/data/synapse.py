@@ -23,7 +23,15 @@ import numpy as np
 from lightning_selfreg.data.contract import Item
 from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.preflight import check_h5_volume, check_pair_header, h5_headers, npz_headers
-from lightning_selfreg.data.readers import check_slice, check_spacing, find_list_dir, read_list, read_slice, read_volume
+from lightning_selfreg.data.readers import (
+    check_slice,
+    check_spacing,
+    find_list_dir,
+    list_dir_argument,
+    read_list,
+    read_slice,
+    read_volume,
+)
 from lightning_selfreg.data.transforms import RandomAffine
 
 __all__ = [
@@ -91,9 +99,7 @@ class SynapseDataModule(SegDataModule):
         if val_cases is None and kwargs.get("fold") is None:
             val_cases = SYNAPSE_VAL_CASES
         super().__init__(data_dir, val_cases=val_cases, **kwargs)
-        if isinstance(list_dir, str) and not list_dir:
-            raise ValueError("`list_dir` must be a folder path or None, found ''.")
-        self.list_dir = None if list_dir is None else Path(list_dir)
+        self.list_dir = list_dir_argument(list_dir)
 
     @property
     def lists(self) -> Path:
