@@ -20,22 +20,33 @@ channel (``E`` is then built in channel order, permuting the teacher rather than
 channel pairing is drawn by the caller, on the device, from its ``torch.Generator``
 (:func:`lightning_selfreg.losses.scr_loss` draws exactly as the reference does). No host synchronisation.
 
+Few ops: at the sizes SelfReg taps, the eager loss is bound by the number of ops as much as by bytes, so the work
+of all taps is batched where the shapes allow. The IFD channels of all taps are ranked by one sort of their
+concatenated scores (then one stable sort by tap), and their partners and ``detach_shallow`` masks come from
+cached index tables in a few ops for all taps; the subtractions and sums of squares of all taps are ``_foreach``
+ops; the two weighted sums are dot products with cached weight vectors; the backward's per-tap scales are one
+vector op. Per tap remain the two ranking reductions, the IFD gather, the SCR gathers and the SCR scatter. On the
+CPU the forward keeps the differences and the first backward turns them into the gradients in place (no fresh
+tap-sized buffers); a second backward (``retain_graph=True``) recomputes them from the taps.
+
 Layouts: contiguous maps gather channels with ``index_select`` on dim 1; channels-last maps (NHWC / NDHWC
 strides, e.g. ``channels_last`` CNNs or permuted Swin outputs) are worked on as their ``(N, C)`` rows (a view;
 ``index_select`` along the contiguous channel axis of the 2-D view is about twice as fast on the CPU as on the
 4-D map), so they are never copied to another layout and their gradient keeps their strides.
 
 Memory: on the CPU the forward keeps the float32 differences ``D`` and ``E`` for the backward (one tap's size
-and the SCR channels); on other devices the backward recomputes them from the taps, so the loss keeps no extra
-activation memory. ``compile=True`` runs the same math through ``torch.compile`` (the channel indices are plain
-tensor inputs, the random draws stay outside), so on CUDA Inductor can fuse the gathers, differences and
-reductions of all taps into a few kernels with float32 arithmetic in registers; the eager path makes float32
-temporaries of the gathered channels for reduced-precision maps. Which CUDA path is faster is for
-``benchmarks/gpu_check.sh`` to measure.
+and the SCR channels, which then become the gradients); on other devices the backward recomputes them from the
+taps, so the loss keeps no extra activation memory. ``compile=True`` runs the same math through ``torch.compile``
+(the channel indices are plain tensor inputs, the random draws stay outside), so on CUDA Inductor can fuse the
+gathers, differences and reductions of all taps into a few kernels with float32 arithmetic in registers; the
+eager path makes float32 temporaries of the gathered channels for reduced-precision maps. Which CUDA path is
+faster is for ``benchmarks/gpu_check.sh`` to measure (on the CPU, Inductor compiled for 37 s and ran 2x slower
+than the eager path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,10 +54,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "selfreg_terms"]
+__all__ = ["ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "no_autocast", "selfreg_terms"]
 
 COMPILE_BACKEND = "inductor"
 """``torch.compile`` backend of ``compile=True`` (tests use ``"aot_eager"``)."""
+
+KEEP_DIFFERENCES_ON = frozenset({"cpu"})
+"""Device types on which the eager forward keeps the differences for the backward (elsewhere it recomputes them;
+tests empty it to run the recomputing path on the CPU)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,17 @@ def _unrows(rows: Tensor, like: Tensor) -> Tensor:
     return rows.view(like.shape[0], *like.shape[2:], rows.shape[1]).movedim(-1, 1)
 
 
+def no_autocast(device_type: str):
+    """A context that disables autocast on ``device_type``.
+
+    ``torch.autocast(enabled=False)`` when autocast is on, else a no-op: entering and leaving an autocast context
+    costs tens of microseconds, paid several times per step otherwise.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
@@ -113,21 +139,11 @@ def ifd_order(x: Tensor, channels_last: bool | None = None) -> Tensor:
 
     The score is ``mean_b(sum_s x / ||x||_2)`` per channel (the authors' ranking; the constant ``1 / |spatial|``
     does not change ranks), accumulated in float32 without a float32 copy of ``x``. ``channels_last``: the
-    layout of ``x`` if the caller knows it (see :func:`_is_channels_last`).
+    layout of ``x`` if the caller knows it (see :func:`_is_channels_last`). The loss ranks all its taps at once
+    (:func:`_ifd_partners`) with the same scores.
     """
-    if _is_channels_last(x) if channels_last is None else channels_last:
-        dims = tuple(range(2, x.ndim))
-        total = x.sum(dim=dims, dtype=torch.float32)
-        if x.dtype == torch.float32:  # vector_norm over non-innermost dims is slow on the CPU
-            norm = x.square().sum(dim=dims).sqrt()
-        else:
-            norm = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32)
-    else:
-        flat = x.flatten(2)
-        total = flat.sum(dim=2, dtype=torch.float32)
-        norm = torch.linalg.vector_norm(flat, dim=2, dtype=torch.float32)
-    score = (total / norm.clamp_min(1e-12)).mean(0)  # (C,)
-    return torch.argsort(score, descending=True)
+    total, norm = _channel_stats(x, _is_channels_last(x) if channels_last is None else channels_last)
+    return torch.argsort((total / norm.clamp_min(1e-12)).mean(0), descending=True, stable=True)
 
 
 def _ifd_count(x: Tensor) -> int:
@@ -160,132 +176,224 @@ def _like_work(t: Tensor, work: Tensor) -> Tensor:
     return _rows(t) if _is_channels_last(t) else t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def _partner_rank(c: int, device: torch.device) -> Tensor:
-    """``(C,)`` rank of the IFD partner of every rank: ``k <-> k + ceil(C / 2)``, the median (odd C) its own."""
-    if torch.compiler.is_compiling():  # traced into the graph (Dynamo does not honour lru_cache)
-        return _partner_rank_uncached(c, device)
-    return _partner_rank_cached(c, device)
+def _rank_tables_uncached(cs: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Constant index tables of the IFD taps with channel counts ``cs``, concatenated in tap order.
 
-
-def _partner_rank_uncached(c: int, device: torch.device) -> Tensor:
-    h = (c + 1) // 2
+    Returns ``(segment, ranked_partner, base, bottom)``, each over the concatenated ``sum(cs)`` channels or ranks:
+    the tap of every channel, the (global) rank of the partner of every rank (``k <-> k + ceil(C / 2)`` within
+    its tap, the median of an odd ``C`` its own), the first global index of every channel's tap, and the global
+    ranks of the bottom-ranked halves (the channels ``detach_shallow`` lets IFD pass gradient to).
+    """
     kw = dict(device=device, dtype=torch.long)
-    return torch.cat([torch.arange(h, c, **kw), torch.arange(c // 2, h, **kw), torch.arange(0, c // 2, **kw)])
+    segment, partner, base, bottom = [], [], [], []
+    offset = 0
+    for t, c in enumerate(cs):
+        h = (c + 1) // 2
+        segment.append(torch.full((c,), t, **kw))
+        partner.append(offset + torch.cat([torch.arange(h, c, **kw), torch.arange(c // 2, h, **kw),
+                                           torch.arange(0, c // 2, **kw)]))
+        base.append(torch.full((c,), offset, **kw))
+        bottom.append(torch.arange(offset + h, offset + c, **kw))
+        offset += c
+    return torch.cat(segment), torch.cat(partner), torch.cat(base), torch.cat(bottom)
 
 
-_partner_rank_cached = functools.lru_cache(maxsize=64)(_partner_rank_uncached)  # a few small ops less per tap
+_rank_tables_cached = functools.lru_cache(maxsize=64)(_rank_tables_uncached)
 
 
-def _partner(order: Tensor) -> Tensor:
-    """``(C,)`` IFD partner channel of every channel, from the ranking ``order``.
+def _rank_tables(cs: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if torch.compiler.is_compiling():  # traced into the graph (Dynamo does not honour lru_cache)
+        return _rank_tables_uncached(cs, device)
+    return _rank_tables_cached(cs, device)
 
-    ``x - x[:, partner]`` is then ``+D`` on the top channels, ``-D`` on the bottom ones and ``0`` on the median.
+
+def _channel_stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """``(sum, L2 norm)`` of every ``(b, c)`` map of ``x`` over space, ``(B, C)`` float32 each, no float32 copy."""
+    if channels_last:
+        dims = tuple(range(2, x.ndim))
+        total = x.sum(dim=dims, dtype=torch.float32)
+        if x.dtype == torch.float32:  # vector_norm over non-innermost dims is slow on the CPU
+            return total, x.square().sum(dim=dims).sqrt()
+        return total, torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32)
+    flat = x.flatten(2)
+    return flat.sum(dim=2, dtype=torch.float32), torch.linalg.vector_norm(flat, dim=2, dtype=torch.float32)
+
+
+def _ifd_partners(xs: list[Tensor], cls: list[bool], detach_shallow: bool) -> tuple[list[Tensor], list]:
+    """IFD partners of every channel of every tap in ``xs`` (and the ``detach_shallow`` masks), ranked at once.
+
+    Each tap's channels are ranked as :func:`ifd_order` ranks them, but the scores of all taps are sorted
+    together (by score, then stably by tap), so the ranking, pairing and masks of all taps cost a fixed number of
+    small ops instead of a dozen per tap. Returns per tap the ``(C,)`` partner channel of every channel (``x -
+    x[:, partner]`` is then ``+D`` on the top channels, ``-D`` on the bottom ones and ``0`` on the median) and,
+    with ``detach_shallow``, the 0/1 float32 mask of its bottom-ranked channels (else ``None``).
     """
-    ranked_partners = order.index_select(0, _partner_rank(order.numel(), order.device))
-    return torch.empty_like(order).scatter_(0, order, ranked_partners)
+    stats = [_channel_stats(x, cl) for x, cl in zip(xs, cls, strict=True)]
+    if len({x.shape[0] for x in xs}) == 1:
+        total = torch.cat([s for s, _ in stats], 1) if len(stats) > 1 else stats[0][0]
+        norm = torch.cat([n for _, n in stats], 1) if len(stats) > 1 else stats[0][1]
+        score = (total / norm.clamp_min(1e-12)).mean(0)
+    else:  # taps of different batch sizes: one score vector per tap
+        score = torch.cat([(s / n.clamp_min(1e-12)).mean(0) for s, n in stats])
+    cs = tuple(x.shape[1] for x in xs)
+    segment, ranked_partner, base, bottom = _rank_tables(cs, score.device)
+    order = torch.argsort(score, descending=True, stable=True)
+    if len(cs) > 1:  # group by tap, keeping each tap's ranking
+        order = order.index_select(0, torch.argsort(segment.index_select(0, order), stable=True))
+    partner = torch.empty_like(order).scatter_(0, order, order.index_select(0, ranked_partner)).sub_(base)
+    partners = partner.split(cs)
+    if not detach_shallow:
+        return list(partners), [None] * len(xs)
+    mask = torch.zeros(sum(cs), device=score.device).index_fill_(0, order.index_select(0, bottom), 1.0).split(cs)
+    shaped = [m if cl else m.view(-1, *([1] * (x.ndim - 2))) for m, x, cl in zip(mask, xs, cls, strict=True)]
+    return list(partners), shaped
 
 
-def _prepare(x: Tensor, terms: TapTerms, detach_shallow: bool) -> tuple:
-    """``(channels_last, partner, ifd_mask)`` of one tap.
+def _prepare(taps: Sequence[Tensor], plan: Sequence[TapTerms], detach_shallow: bool) -> list[tuple]:
+    """``(channels_last, partner, ifd_mask)`` of every tap: its layout, IFD partners and ``detach_shallow`` mask.
 
-    Its layout, IFD partners (:func:`_partner`) and, with ``detach_shallow``, the 0/1 mask of the bottom-ranked
-    channels (the only ones IFD then passes gradient to), broadcastable along the channels of :func:`_work`.
+    The masks (``None`` without ``detach_shallow``) are broadcastable along the channels of :func:`_work`; taps
+    without IFD get ``None`` partners.
     """
-    cl = _is_channels_last(x)
-    partner = ifd_mask = None
-    if terms.ifd_weight:
-        order = ifd_order(x, cl)
-        partner = _partner(order)
-        if detach_shallow:
-            c = x.shape[1]
-            ifd_mask = torch.zeros(c, device=x.device).index_fill_(0, order[(c + 1) // 2 :], 1.0)
-            if not cl:
-                ifd_mask = ifd_mask.view(-1, *([1] * (x.ndim - 2)))
-    return cl, partner, ifd_mask
+    cls = [_is_channels_last(x) for x in taps]
+    ifd = [i for i, terms in enumerate(plan) if terms.ifd_weight]
+    partners, masks = [None] * len(taps), [None] * len(taps)
+    if ifd:
+        found = _ifd_partners([taps[i] for i in ifd], [cls[i] for i in ifd], detach_shallow)
+        for i, partner, mask in zip(ifd, *found, strict=True):
+            partners[i], masks[i] = partner, mask
+    return list(zip(cls, partners, masks, strict=True))
 
 
-def _diffs(x: Tensor, terms: TapTerms, prep: tuple) -> tuple[Tensor | None, list[Tensor]]:
-    """Float32 differences in the working view of :func:`_work`: ``D`` and one ``E`` per SCR term.
+def _diffs(taps: Sequence[Tensor], plan: Sequence[TapTerms], preps: list[tuple]) -> tuple[list, list[list[Tensor]]]:
+    """Float32 differences in the working views of :func:`_work`, for all taps at once.
 
-    ``D = x - x[:, partner]`` (``None`` without IFD); ``E`` = the term's student channels minus its teacher
-    channels (``(·, min(C_s, C_t), ·)``), in the student's channel order when it uses all its channels.
+    Returns per tap ``-D = x[:, partner] - x`` (``None`` without IFD; the sign does not matter to the sum of
+    squares and is folded into the gradient's scale) and one ``E`` per SCR term: the term's student channels minus
+    its teacher channels (``(·, min(C_s, C_t), ·)``), in the student's channel order when it uses all its
+    channels. The subtractions of all taps are one ``_foreach`` op each for IFD and SCR.
     """
-    cl, partner, _ = prep
-    work = _work(x, cl)
-    w32 = _f32(work)
-    diff = None if partner is None else w32 - _f32(work.index_select(1, partner))
-    n_all = x.shape[1]
-    scr_diffs = []
-    for term in terms.scr:
-        teacher = _like_work(term.teacher, work)
-        n = min(n_all, teacher.shape[1])
-        if term.ordered:
-            student, teacher = (w32 if n == n_all else w32[:, :n]), teacher[:, :n]
-        elif term.idx_s is not None and n == n_all:  # a permutation of the student: permute the teacher instead
-            student, teacher = w32, teacher.index_select(1, torch.argsort(term.idx_s))  # E in channel order
-        else:
-            student = w32 if term.idx_s is None else _f32(work.index_select(1, term.idx_s))
-            teacher = teacher if term.idx_t is None else teacher.index_select(1, term.idx_t)
-        scr_diffs.append(student - teacher)
-    return diff, scr_diffs
+    works = [_work(x, prep[0]) for x, prep in zip(taps, preps, strict=True)]
+    ifd = [i for i, prep in enumerate(preps) if prep[1] is not None]
+    neg_d: list = [None] * len(taps)
+    if ifd:
+        gathered = [_f32(works[i].index_select(1, preps[i][1])) for i in ifd]
+        for i, d in zip(ifd, torch._foreach_sub_(gathered, [works[i] for i in ifd]), strict=True):
+            neg_d[i] = d
+    views, view_teachers, copies, copy_teachers, owners = [], [], [], [], []
+    for i, (work, terms) in enumerate(zip(works, plan, strict=True)):
+        n_all = work.shape[1]
+        for term in terms.scr:
+            teacher = _like_work(term.teacher, work)
+            n = min(n_all, teacher.shape[1])
+            if term.ordered:
+                student, teacher = (work if n == n_all else work[:, :n]), teacher[:, :n]
+            elif term.idx_s is not None and n == n_all:  # a permutation of the student: permute the teacher
+                student, teacher = work, teacher.index_select(1, torch.argsort(term.idx_s))  # E in channel order
+            else:
+                student = work if term.idx_s is None else work.index_select(1, term.idx_s)
+                teacher = teacher if term.idx_t is None else teacher.index_select(1, term.idx_t)
+            # a gathered or converted student is our own copy, so the difference may overwrite it
+            copy = student is not work and not term.ordered or student.dtype != torch.float32
+            (copies if copy else views).append(_f32(student))
+            (copy_teachers if copy else view_teachers).append(teacher)
+            owners.append((i, copy))
+    scr_e: list[list[Tensor]] = [[] for _ in taps]
+    from_copies = iter(torch._foreach_sub_(copies, copy_teachers) if copies else ())
+    from_views = iter(torch._foreach_sub(views, view_teachers) if views else ())
+    for i, copy in owners:  # in term order
+        scr_e[i].append(next(from_copies if copy else from_views))
+    return neg_d, scr_e
+
+
+def _constants_uncached(values: tuple[float, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+_constants_cached = functools.lru_cache(maxsize=64)(_constants_uncached)
+
+
+def _constants(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """``values`` as a float32 vector on ``device``, made once per distinct tuple (no host-to-device copy per step)."""
+    if torch.compiler.is_compiling():
+        return _constants_uncached(values, device)
+    return _constants_cached(values, device)
 
 
 def _forward_math(taps: Sequence[Tensor], plan: Sequence[TapTerms], detach_shallow: bool,
-                  keep: bool) -> tuple[Tensor, Tensor, list]:
-    """Weighted IFD and SCR sums of all taps, and per tap what the backward needs (the differences if ``keep``)."""
-    ifd_parts, ifd_w, scr_parts, scr_w, saved = [], [], [], [], []
-    for x, terms in zip(taps, plan, strict=True):
-        prep = _prepare(x, terms, detach_shallow)
-        diff, scr_diffs = _diffs(x, terms, prep)
-        if diff is not None:
-            ifd_parts.append(diff.square().sum())  # every pair twice (+D and -D), the median's 0 once
-            ifd_w.append(terms.ifd_weight / (2 * _ifd_count(x)))
-        for term, e in zip(terms.scr, scr_diffs, strict=True):
-            scr_parts.append(e.square().sum())
-            scr_w.append(term.weight / _scr_count(x, term))
-        saved.append((prep, diff, scr_diffs) if keep else (prep,))
-    zero = taps[0].new_zeros((), dtype=torch.float32)
-    ifd = _weighted_sum(ifd_parts, ifd_w) if ifd_parts else zero
-    scr = _weighted_sum(scr_parts, scr_w) if scr_parts else zero
-    return ifd, scr, saved
+                  keep: bool) -> tuple[Tensor, Tensor, tuple]:
+    """Weighted IFD and SCR sums of all taps, and what the backward needs (the differences if ``keep``).
 
-
-def _tap_grad(x: Tensor, terms: TapTerms, saved: tuple, g_ifd: Tensor, g_scr: Tensor) -> Tensor:
-    """The gradient of the weighted terms w.r.t. one tap, written once in the tap's dtype and layout.
-
-    ``a D`` (``D = x - x[:, partner]`` is already in channel order: no gather, no scatter, no zero fill), plus
-    ``b E`` on each SCR term's student channels (added in place, or ``index_add_`` for a drawn subset).
+    The sums of squares of all differences are one ``_foreach_norm``; their weighted sums two dot products with
+    constant weight vectors (zero where a difference belongs to the other term).
     """
-    prep = saved[0]
-    diff, scr_diffs = _diffs(x, terms, prep) if len(saved) == 1 else saved[1:]
-    ifd_mask = prep[2]
-    c = x.shape[1]
-    grad = None
-    if diff is not None:
-        a = g_ifd * (2.0 * terms.ifd_weight / _ifd_count(x))
-        grad = diff * (a if ifd_mask is None else ifd_mask * a)
-    for term, e in zip(terms.scr, scr_diffs, strict=True):
-        b = g_scr * (2.0 * term.weight / _scr_count(x, term))
-        n = e.shape[1]
-        if n == c:  # every student channel, in channel order (see _diffs)
-            grad = e * b if grad is None else grad.addcmul_(e, b)
+    preps = _prepare(taps, plan, detach_shallow)
+    neg_d, scr_e = _diffs(taps, plan, preps)
+    parts, w_ifd, w_scr = [], [], []
+    for x, terms, d in zip(taps, plan, neg_d, strict=True):
+        if d is not None:
+            parts.append(d)
+            w_ifd.append(terms.ifd_weight / (2 * _ifd_count(x)))  # every pair twice (+D and -D), the median 0
+            w_scr.append(0.0)
+    for x, terms, es in zip(taps, plan, scr_e, strict=True):
+        for term, e in zip(terms.scr, es, strict=True):
+            parts.append(e)
+            w_ifd.append(0.0)
+            w_scr.append(term.weight / _scr_count(x, term))
+    norms = torch.stack(torch._foreach_norm(parts))
+    squares = norms.mul_(norms)
+    device = squares.device
+    ifd = torch.dot(squares, _constants(tuple(w_ifd), device))
+    scr = torch.dot(squares, _constants(tuple(w_scr), device))
+    return ifd, scr, (preps, neg_d, scr_e) if keep else (preps,)
+
+
+def _backward_math(taps, plan, saved, g_ifd, g_scr, needs, inplace: bool = False) -> list:
+    """Every tap's gradient (``None`` where not needed), written once in the tap's dtype and layout.
+
+    ``a D`` for IFD (``D`` is already in channel order: no gather, no scatter, no zero fill; the scales of all
+    taps are one vector op, their products with the differences one ``_foreach`` op), plus ``b E`` on each SCR
+    term's student channels (added in place, or ``index_add_`` for a drawn subset). ``inplace``: the kept
+    differences may be overwritten (they become the gradients; no new buffers).
+    """
+    preps = saved[0]
+    neg_d, scr_e = _diffs(taps, plan, preps) if len(saved) == 1 else saved[1:]
+    want = [i for i, need in enumerate(needs) if need]
+    grads: list = [None] * len(taps)
+    ifd = [i for i in want if neg_d[i] is not None]
+    if ifd:  # dL/dx = a D = -a (-D), a = 2 g w / N (masked to the bottom half under detach_shallow)
+        consts = tuple(-2.0 * plan[i].ifd_weight / _ifd_count(taps[i]) for i in ifd)
+        scales = (g_ifd * _constants(consts, g_ifd.device)).unbind(0)
+        scales = [s if preps[i][2] is None else preps[i][2] * s for i, s in zip(ifd, scales, strict=True)]
+        ds = [neg_d[i] for i in ifd]
+        for i, g in zip(ifd, torch._foreach_mul_(ds, scales) if inplace else torch._foreach_mul(ds, scales),
+                        strict=True):
+            grads[i] = g
+    scr = [(i, term, e) for i in want for term, e in zip(plan[i].scr, scr_e[i], strict=True)]
+    if scr:
+        consts = tuple(2.0 * term.weight / _scr_count(taps[i], term) for i, term, _ in scr)
+        scales = (g_scr * _constants(consts, g_scr.device)).unbind(0)
+        for (i, term, e), b in zip(scr, scales, strict=True):
+            c, n = taps[i].shape[1], e.shape[1]
+            if grads[i] is not None and n == c:  # every student channel, in channel order (see _diffs)
+                grads[i].addcmul_(e, b)
+                continue
+            eb = e.mul_(b) if inplace else e * b
+            if n == c:
+                grads[i] = eb
+                continue
+            if grads[i] is None:  # an SCR-only tap using a subset of its channels: the others get zero gradient
+                grads[i] = torch.zeros_like(_work(taps[i], preps[i][0]), dtype=torch.float32)
+            if term.ordered:
+                grads[i][:, :n].add_(eb)
+            else:
+                grads[i].index_add_(1, term.idx_s, eb)
+    for i in want:
+        if grads[i] is None:
             continue
-        if grad is None:  # an SCR-only tap using a subset of its channels: the others get zero gradient
-            grad = torch.zeros_like(_work(x, prep[0]), dtype=torch.float32)
-        if term.ordered:
-            grad[:, :n].addcmul_(e, b)
-        else:
-            grad.index_add_(1, term.idx_s, e * b)
-    if prep[0]:
-        grad = _unrows(grad, x)
-    return grad if grad.dtype == x.dtype else grad.to(x.dtype)
-
-
-def _backward_math(taps, plan, saved, g_ifd, g_scr, needs):
-    return [
-        _tap_grad(x, terms, s, g_ifd, g_scr) if need else None
-        for x, terms, s, need in zip(taps, plan, saved, needs, strict=True)
-    ]
+        g = _unrows(grads[i], taps[i]) if preps[i][0] else grads[i]
+        grads[i] = g if g.dtype == taps[i].dtype else g.to(taps[i].dtype)
+    return grads
 
 
 @functools.cache
@@ -304,9 +412,9 @@ class SelfRegTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: tuple[TapTerms, ...], detach_shallow: bool, compile: bool, *taps: Tensor):
         """Weighted IFD and SCR sums; keeps the IFD rankings (and on the CPU the differences) for the backward."""
-        keep = taps[0].device.type == "cpu" and not compile
+        keep = taps[0].device.type in KEEP_DIFFERENCES_ON and not compile
         forward_math = _compiled(_forward_math, COMPILE_BACKEND) if compile else _forward_math
-        with torch.autocast(device_type=taps[0].device.type, enabled=False):
+        with no_autocast(taps[0].device.type):
             ifd, scr, saved = forward_math(taps, plan, detach_shallow, keep)
         ctx.plan, ctx.detach_shallow, ctx.compile, ctx.saved = plan, detach_shallow, compile, saved
         ctx.save_for_backward(*taps)
@@ -318,8 +426,11 @@ class SelfRegTerms(torch.autograd.Function):
         taps = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
         backward_math = _compiled(_backward_math, COMPILE_BACKEND) if ctx.compile else _backward_math
-        with torch.autocast(device_type=taps[0].device.type, enabled=False):
-            grads = backward_math(taps, ctx.plan, ctx.saved, _f32(g_ifd), _f32(g_scr), needs)
+        inplace = len(ctx.saved) > 1 and not ctx.compile  # the kept differences become the gradients
+        with no_autocast(taps[0].device.type):
+            grads = backward_math(taps, ctx.plan, ctx.saved, _f32(g_ifd), _f32(g_scr), needs, inplace)
+        if inplace:  # consumed: a second backward (retain_graph=True) recomputes the differences from the taps
+            ctx.saved = ctx.saved[:1]
         return (None, None, None, *grads)
 
 

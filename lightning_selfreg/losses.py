@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfreg.fused_losses import ScrTerm, TapTerms, selfreg_terms
+from lightning_selfreg.fused_losses import ScrTerm, TapTerms, no_autocast, selfreg_terms
 
 __all__ = [
     "IMPLEMENTATIONS", "PAIRINGS", "DiceCELoss", "Pairing", "SelfRegLoss", "ifd_loss", "pool_teacher", "scr_loss",
@@ -60,7 +60,11 @@ def _adaptive_pool(x: Tensor, size: tuple[int, ...]) -> Tensor:
 
 
 def _pool_exact(x: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Average-pool ``x`` to ``size``; integer factors in float32 by strided sums (fast on the CPU in any layout)."""
+    """Average-pool ``x`` to ``size``; integer factors in float32 by strided sums (fast on the CPU in any layout).
+
+    The sums go one dimension at a time over strided slices; the one division is in place (a fresh output of
+    this size costs the CPU as much again in page faults).
+    """
     spatial = x.shape[2:]
     if x.dtype != torch.float32 or any(s % t for s, t in zip(spatial, size, strict=True)):
         return _adaptive_pool(x, size)  # reduced precision: adaptive pooling accumulates in float32
@@ -76,7 +80,7 @@ def _pool_exact(x: Tensor, size: tuple[int, ...]) -> Tensor:
             parts.append(out[tuple(index)])
         out = torch.stack(parts).sum(0) if k > 2 else parts[0] + parts[1]
         count *= k
-    return out / count if count > 1 else out
+    return out.div_(count) if count > 1 else out
 
 
 def ifd_loss(feature: Tensor, detach_shallow: bool = False) -> Tensor:
@@ -100,7 +104,7 @@ def ifd_loss(feature: Tensor, detach_shallow: bool = False) -> Tensor:
         ValueError: If ``feature`` is not 4-D or 5-D or has fewer than 2 channels.
     """
     _check_ifd(feature)
-    with torch.autocast(device_type=feature.device.type, enabled=False):
+    with no_autocast(feature.device.type):
         return selfreg_terms([feature], [TapTerms(1.0)], detach_shallow)[0]
 
 
@@ -266,7 +270,7 @@ def scr_loss(
     size = tuple(feature.shape[2:])
     if pooled is None:
         pooled = pool_teacher(final, [size])[size]
-    with torch.autocast(device_type=feature.device.type, enabled=False):
+    with no_autocast(feature.device.type):
         term = _scr_term(feature, pooled.detach().to(torch.float32), pairing, generator, 1.0)
         return selfreg_terms([feature], [TapTerms(0.0, (term,))])[1]
 
@@ -343,6 +347,8 @@ class SelfRegLoss(nn.Module):
         self.pairing = pairing
         self.detach_shallow = detach_shallow
         self.implementation = implementation
+        names = [t for groups in (self.ifd_groups, self.scr_groups) for taps in groups.values() for t in taps]
+        self._tap_names = tuple(dict.fromkeys(names))
         self._ifd_weights: dict[str, float] = {}
         for taps in self.ifd_groups.values():
             for t in taps:
@@ -351,8 +357,7 @@ class SelfRegLoss(nn.Module):
     @property
     def tap_names(self) -> tuple[str, ...]:
         """Every tap the loss reads, in first-use order (``final`` excluded)."""
-        names = [t for groups in (self.ifd_groups, self.scr_groups) for taps in groups.values() for t in taps]
-        return tuple(dict.fromkeys(names))
+        return self._tap_names
 
     def forward(
         self,
@@ -376,7 +381,7 @@ class SelfRegLoss(nn.Module):
         missing = [t for t in self.tap_names if t not in features]
         if missing:
             raise KeyError(f"SelfRegLoss is missing tapped features {missing}; captured: {sorted(features)}.")
-        with torch.autocast(device_type=final.device.type, enabled=False):
+        with no_autocast(final.device.type):
             if self.implementation == "reference":
                 ifd, scr = self._terms_reference(features, final, generator)
             else:

@@ -132,6 +132,30 @@ def test_mixed_layouts_and_a_tap_without_gradient():
     _assert_grads_close(grads, ref_grads, 1e-6)
 
 
+def test_second_backward_with_retain_graph_gives_the_same_gradients():
+    """The first backward reuses the kept differences as gradient buffers; a second one must recompute them."""
+    maps = _maps(2, True)
+    loss = SelfRegLoss(IFD, SCR, lambda_scr=0.7, lambda_ifd=0.3)
+    total, _ = loss(maps, maps["final"], torch.Generator().manual_seed(2))
+    total.backward(retain_graph=True)
+    first = {k: v.grad.clone() for k, v in maps.items() if v.grad is not None}
+    total.backward()
+    for name, g in first.items():
+        torch.testing.assert_close(maps[name].grad, 2 * g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "nhwc"])
+def test_recomputing_backward_equals_the_reference(monkeypatch, channels_last):
+    """The eager path of other devices (the backward recomputes the differences) is the CPU path's math."""
+    monkeypatch.setattr(fused, "KEEP_DIFFERENCES_ON", frozenset())
+    maps = _maps(2, channels_last)
+    for detach_shallow in (False, True):
+        total, _, grads, _ = _run(maps, "fused", detach_shallow=detach_shallow)
+        ref_total, _, ref_grads, _ = _run(maps, "reference", detach_shallow=detach_shallow)
+        torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
+        _assert_grads_close(grads, ref_grads, 1e-6)
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()
