@@ -154,12 +154,6 @@ def _scr_count(x: Tensor, term: ScrTerm) -> int:
     return x.numel() // x.shape[1] * min(x.shape[1], term.teacher.shape[1])
 
 
-def _weighted_sum(parts: list[Tensor], weights: list[float]) -> Tensor:
-    if len(parts) == 1:
-        return parts[0] * weights[0]
-    return torch.stack(torch._foreach_mul(parts, weights)).sum()  # one op for all products, no host-to-device copy
-
-
 def _work(x: Tensor, cl: bool) -> Tensor:
     """The view the per-tap math works on: a channels-last map's ``(N, C)`` rows (a view), else the map itself.
 

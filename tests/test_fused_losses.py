@@ -156,6 +156,15 @@ def test_recomputing_backward_equals_the_reference(monkeypatch, channels_last):
         _assert_grads_close(grads, ref_grads, 1e-6)
 
 
+def test_no_autocast_switches_autocast_off_only_where_it_is_on():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fused.no_autocast("cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+    with fused.no_autocast("cpu"):  # off already: a no-op context
+        assert not torch.is_autocast_enabled("cpu")
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()
