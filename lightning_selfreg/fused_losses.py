@@ -29,6 +29,11 @@ vector op. Per tap remain the two ranking reductions, the IFD gather, the SCR ga
 CPU the forward keeps the differences and the first backward turns them into the gradients in place (no fresh
 tap-sized buffers); a second backward (``retain_graph=True``) recomputes them from the taps.
 
+CPU kernels: float32 taps on the CPU (the tests, CI and the CPU preset) go through the compiled loops of
+:mod:`lightning_selfreg.cpu_kernels` instead (:data:`CPU_KERNELS`): per tap one kernel call in the forward and
+one in the backward, reading the tap once per pass and writing its gradient once, with the same values,
+gradients and random draws. The eager path below is what CUDA, reduced precision and ``torch.compile`` run.
+
 Layouts: contiguous maps gather channels with ``index_select`` on dim 1; channels-last maps (NHWC / NDHWC
 strides, e.g. ``channels_last`` CNNs or permuted Swin outputs) are worked on as their ``(N, C)`` rows (a view;
 ``index_select`` along the contiguous channel axis of the 2-D view is about twice as fast on the CPU as on the
@@ -48,13 +53,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "no_autocast", "selfreg_terms"]
+from lightning_selfreg import cpu_kernels
+
+__all__ = [
+    "CPU_KERNELS", "ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "no_autocast", "pool_with_kernel",
+    "selfreg_terms",
+]
 
 COMPILE_BACKEND = "inductor"
 """``torch.compile`` backend of ``compile=True`` (tests use ``"aot_eager"``)."""
@@ -62,6 +74,11 @@ COMPILE_BACKEND = "inductor"
 KEEP_DIFFERENCES_ON = frozenset({"cpu"})
 """Device types on which the eager forward keeps the differences for the backward (elsewhere it recomputes them;
 tests empty it to run the recomputing path on the CPU)."""
+
+
+CPU_KERNELS = cpu_kernels.AVAILABLE
+"""Whether float32 CPU taps go through the compiled kernels of :mod:`lightning_selfreg.cpu_kernels` (tests switch
+it off to run the eager path on the CPU)."""
 
 
 @dataclass(frozen=True)
@@ -390,6 +407,128 @@ def _backward_math(taps, plan, saved, g_ifd, g_scr, needs, inplace: bool = False
     return grads
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Float32 CPU taps: the compiled kernels of lightning_selfreg.cpu_kernels (each tap read once per pass, its gradient
+# written once, a few kernel calls per tap instead of the eager path's ops).
+# ---------------------------------------------------------------------------------------------------------------
+_NO_TEACHER = np.zeros((0, 0, 0), np.float32)
+_NO_INDEX = np.zeros(0, np.int64)
+
+
+def _use_kernels(taps: Sequence[Tensor], plan: Sequence[TapTerms], compile: bool) -> bool:
+    """Whether the compiled CPU kernels take these taps: all float32 on the CPU, outside ``torch.compile``."""
+    if not CPU_KERNELS or compile or torch.compiler.is_compiling():
+        return False
+    tensors = [*taps, *(term.teacher for terms in plan for term in terms.scr)]
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def pool_with_kernel(x: Tensor, size: tuple[int, ...]) -> Tensor | None:
+    """``x`` average-pooled to ``size`` by the CPU kernel (one pass), float32, in ``x``'s memory format.
+
+    Returns ``None`` where the kernel does not apply (kernels off or unavailable, not a float32 CPU map, a
+    non-integer factor, or inside ``torch.compile``); the caller then pools with torch ops.
+    """
+    spatial = x.shape[2:]
+    if (not CPU_KERNELS or torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
+            or any(s % t for s, t in zip(spatial, size, strict=True))):
+        return None
+    factors = tuple(s // t for s, t in zip(spatial, size, strict=True))
+    x = x.detach()
+    cl = _is_channels_last(x)
+    if cl:  # channels-last in and out: the (B, *spatial, C) rows
+        out = torch.empty((x.shape[0], *size, x.shape[1]), dtype=torch.float32)
+        src, dst = x.movedim(1, -1).numpy(), out.numpy()
+        out = out.movedim(-1, 1)
+        if x.ndim == 4:  # as 3-D maps of depth 1
+            src, dst = src[:, None], dst[:, None]
+    else:
+        out = torch.empty((*x.shape[:2], *size), dtype=torch.float32)
+        src, dst = x.contiguous().numpy(), out.numpy()
+        if x.ndim == 4:
+            src, dst = src[:, :, None], dst[:, :, None]
+    cpu_kernels.avg_pool(src, (1, *factors) if x.ndim == 4 else factors, dst, cl)
+    return out
+
+
+def _array(x: Tensor, channels_last: bool) -> np.ndarray:
+    """A float32 map as the kernels' C-ordered array: ``(B, C, S)``, or with ``channels_last`` its ``(B, S, C)`` rows.
+
+    A view when the map has that layout, else a copy (a teacher pooled in the other layout than the tap's).
+    """
+    x = x.detach()
+    b, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    if channels_last:
+        if _is_channels_last(x):  # NHWC-dense: element (b, s, c) at (b * S + s) * C + c
+            return x.as_strided((b, s, c), (s * c, c, 1)).numpy()
+        return np.ascontiguousarray(x.movedim(1, -1).reshape(b, s, c).numpy())
+    if x.is_contiguous():
+        return x.view(b, c, s).numpy()
+    return np.ascontiguousarray(x.reshape(b, c, s).numpy())
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int) -> np.ndarray:
+    return np.arange(n)  # shared: the kernels never write index arrays
+
+
+def _pair_arrays(term: ScrTerm, c_s: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(student, teacher)`` channel indices of an SCR term, paired by position, as int64 arrays."""
+    n = min(c_s, term.teacher.shape[1])
+    if term.ordered:
+        return _arange(n), _arange(n)
+    student = _arange(n) if term.idx_s is None else term.idx_s.numpy()
+    teacher = _arange(n) if term.idx_t is None else term.idx_t.numpy()
+    return student, teacher
+
+
+def _kernel_forward(taps: Sequence[Tensor], plan: Sequence[TapTerms]) -> tuple[Tensor, Tensor, list]:
+    """Weighted IFD and SCR sums through the CPU kernels; per tap what the backward needs (layout, partners, terms)."""
+    ifd = scr = 0.0
+    saved = []
+    teachers: dict[tuple[int, bool], np.ndarray] = {}  # a teacher shared by several taps is converted once
+    for x, terms in zip(taps, plan, strict=True):
+        cl = _is_channels_last(x)
+        arr = _array(x, cl)
+        scr_args = []
+        for term in terms.scr:
+            key = (id(term.teacher), cl)
+            if key not in teachers:
+                teachers[key] = _array(term.teacher, cl)
+            scr_args.append((teachers[key], *_pair_arrays(term, x.shape[1])))
+        first = scr_args[0] if scr_args else (_NO_TEACHER, _NO_INDEX, _NO_INDEX)
+        partner, bottom, ifd_sum, scr_sum = cpu_kernels.tap_forward(arr, cl, bool(terms.ifd_weight), *first)
+        if terms.ifd_weight:
+            ifd += terms.ifd_weight * ifd_sum / _ifd_count(x)
+        sums = [scr_sum, *(cpu_kernels.scr_sum(arr, cl, *args) for args in scr_args[1:])]
+        for term, total in zip(terms.scr, sums, strict=False):  # no sums without SCR terms
+            scr += term.weight * total / _scr_count(x, term)
+        saved.append((cl, partner, bottom, scr_args))
+    return torch.tensor(ifd, dtype=torch.float32), torch.tensor(scr, dtype=torch.float32), saved
+
+
+def _kernel_backward(taps, plan, saved, g_ifd: Tensor, g_scr: Tensor, needs, detach_shallow: bool) -> list:
+    """Every tap's gradient through the CPU kernels, each written once in the tap's layout (``None`` if not needed)."""
+    gi, gs = (_f32(g).detach().reshape(1).numpy() for g in (g_ifd, g_scr))
+    grads: list = []
+    for x, terms, (cl, partner, bottom, scr_args), need in zip(taps, plan, saved, needs, strict=True):
+        if not need:
+            grads.append(None)
+            continue
+        a = 2.0 * terms.ifd_weight / _ifd_count(x)
+        ascale = bottom * a if detach_shallow else np.full(x.shape[1], a)
+        first = scr_args[0] if scr_args else (_NO_TEACHER, _NO_INDEX, _NO_INDEX)
+        bscale = 2.0 * terms.scr[0].weight / _scr_count(x, terms.scr[0]) if terms.scr else 0.0
+        grad = torch.empty_like(x) if cl else torch.empty(x.shape, dtype=x.dtype)  # NHWC-dense like x, or NCHW
+        out = _array(grad, cl)  # a view: written in place
+        arr = _array(x, cl)
+        cpu_kernels.grad_tap(arr, cl, partner, ascale, gi, *first, bscale, gs, out)
+        for term, args in zip(terms.scr[1:], scr_args[1:], strict=True):
+            cpu_kernels.scr_add_grad(arr, cl, *args, 2.0 * term.weight / _scr_count(x, term), gs, out)
+        grads.append(grad)
+    return grads
+
+
 @functools.cache
 def _compiled(fn, backend: str):
     return torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
@@ -406,12 +545,16 @@ class SelfRegTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: tuple[TapTerms, ...], detach_shallow: bool, compile: bool, *taps: Tensor):
         """Weighted IFD and SCR sums; keeps the IFD rankings (and on the CPU the differences) for the backward."""
+        ctx.plan, ctx.detach_shallow, ctx.compile = plan, detach_shallow, compile
+        ctx.save_for_backward(*taps)
+        ctx.kernels = _use_kernels(taps, plan, compile)
+        if ctx.kernels:
+            ifd, scr, ctx.saved = _kernel_forward(taps, plan)
+            return ifd, scr
         keep = taps[0].device.type in KEEP_DIFFERENCES_ON and not compile
         forward_math = _compiled(_forward_math, COMPILE_BACKEND) if compile else _forward_math
         with no_autocast(taps[0].device.type):
-            ifd, scr, saved = forward_math(taps, plan, detach_shallow, keep)
-        ctx.plan, ctx.detach_shallow, ctx.compile, ctx.saved = plan, detach_shallow, compile, saved
-        ctx.save_for_backward(*taps)
+            ifd, scr, ctx.saved = forward_math(taps, plan, detach_shallow, keep)
         return ifd, scr
 
     @staticmethod
@@ -419,6 +562,9 @@ class SelfRegTerms(torch.autograd.Function):
         """Each tap's gradient, written once (``None`` for taps that need none)."""
         taps = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
+        if ctx.kernels:
+            return (None, None, None, *_kernel_backward(taps, ctx.plan, ctx.saved, g_ifd, g_scr, needs,
+                                                         ctx.detach_shallow))
         backward_math = _compiled(_backward_math, COMPILE_BACKEND) if ctx.compile else _backward_math
         inplace = len(ctx.saved) > 1 and not ctx.compile  # the kept differences become the gradients
         with no_autocast(taps[0].device.type):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfreg.fused_losses import ScrTerm, TapTerms, no_autocast, selfreg_terms
+from lightning_selfreg.fused_losses import ScrTerm, TapTerms, no_autocast, pool_with_kernel, selfreg_terms
 
 __all__ = [
     "IMPLEMENTATIONS", "PAIRINGS", "DiceCELoss", "Pairing", "SelfRegLoss", "ifd_loss", "pool_teacher", "scr_loss",
@@ -60,11 +60,15 @@ def _adaptive_pool(x: Tensor, size: tuple[int, ...]) -> Tensor:
 
 
 def _pool_exact(x: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Average-pool ``x`` to ``size``; integer factors in float32 by strided sums (fast on the CPU in any layout).
+    """Average-pool ``x`` to ``size``; integer factors in float32 by a CPU kernel or strided sums, else adaptively.
 
-    The sums go one dimension at a time over strided slices; the one division is in place (on the CPU a fresh
-    output of this size measured 2x slower, in page faults).
+    On the CPU a float32 map is pooled by :func:`~lightning_selfreg.fused_losses.pool_with_kernel` (one pass).
+    Elsewhere the sums go one dimension at a time over strided slices (fast in any layout); the one division is in
+    place (on the CPU a fresh output of this size measured 2x slower, in page faults).
     """
+    pooled = pool_with_kernel(x, size)
+    if pooled is not None:
+        return pooled
     spatial = x.shape[2:]
     if x.dtype != torch.float32 or any(s % t for s, t in zip(spatial, size, strict=True)):
         return _adaptive_pool(x, size)  # reduced precision: adaptive pooling accumulates in float32

@@ -45,6 +45,15 @@ def _maps(ndim: int, channels_last: bool, dtype=torch.float32, seed: int = 0) ->
     return out
 
 
+@pytest.fixture(params=[True, False], ids=["kernels", "eager"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths of the fused loss: the compiled kernels (float32) and the eager torch ops."""
+    if request.param and not fused.cpu_kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(fused, "CPU_KERNELS", request.param)
+    return request.param
+
+
 def _run(maps, implementation, **kwargs):
     loss = SelfRegLoss(IFD, SCR, lambda_scr=0.7, lambda_ifd=0.3, implementation=implementation, **kwargs)
     for v in maps.values():
@@ -69,7 +78,7 @@ def _assert_grads_close(grads, ref, rel):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "nhwc"])
 @pytest.mark.parametrize("pairing", ["random", "ordered"])
 @pytest.mark.parametrize("detach_shallow", [False, True])
-def test_fused_equals_reference(ndim, channels_last, pairing, detach_shallow):
+def test_fused_equals_reference(ndim, channels_last, pairing, detach_shallow, cpu_path):
     maps = _maps(ndim, channels_last)
     opts = dict(pairing=pairing, detach_shallow=detach_shallow)
     total, terms, grads, state = _run(maps, "fused", **opts)
@@ -97,7 +106,7 @@ def test_fused_bf16_within_one_rounding_and_float32_terms():
     assert all(grads[k].dtype == torch.bfloat16 for k in maps if k != "final")
 
 
-def test_public_functions_are_fused_and_equal_the_reference():
+def test_public_functions_are_fused_and_equal_the_reference(cpu_path):
     g = torch.Generator().manual_seed(3)
     for c in (2, 5, 12):  # even and odd channel counts
         x = torch.randn(3, c, 5, 7, generator=g).requires_grad_()
@@ -121,7 +130,7 @@ def test_public_functions_are_fused_and_equal_the_reference():
     assert type(ifd_loss(x).grad_fn).__name__ == "SelfRegTermsBackward"
 
 
-def test_mixed_layouts_and_a_tap_without_gradient():
+def test_mixed_layouts_and_a_tap_without_gradient(cpu_path):
     maps = _maps(2, False)
     maps["e2"] = maps["e2"].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     maps["d2"] = maps["d2"].detach()  # e.g. a frozen block: no gradient is computed for it
@@ -132,8 +141,8 @@ def test_mixed_layouts_and_a_tap_without_gradient():
     _assert_grads_close(grads, ref_grads, 1e-6)
 
 
-def test_second_backward_with_retain_graph_gives_the_same_gradients():
-    """The first backward reuses the kept differences as gradient buffers; a second one must recompute them."""
+def test_second_backward_with_retain_graph_gives_the_same_gradients(cpu_path):
+    """The eager first backward reuses the kept differences as gradient buffers; a second one must recompute them."""
     maps = _maps(2, True)
     loss = SelfRegLoss(IFD, SCR, lambda_scr=0.7, lambda_ifd=0.3)
     total, _ = loss(maps, maps["final"], torch.Generator().manual_seed(2))
@@ -148,6 +157,7 @@ def test_second_backward_with_retain_graph_gives_the_same_gradients():
 def test_recomputing_backward_equals_the_reference(monkeypatch, channels_last):
     """The eager path of other devices (the backward recomputes the differences) is the CPU path's math."""
     monkeypatch.setattr(fused, "KEEP_DIFFERENCES_ON", frozenset())
+    monkeypatch.setattr(fused, "CPU_KERNELS", False)
     maps = _maps(2, channels_last)
     for detach_shallow in (False, True):
         total, _, grads, _ = _run(maps, "fused", detach_shallow=detach_shallow)
@@ -177,7 +187,8 @@ class _OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "nhwc"])
-def test_fused_backward_writes_each_gradient_once_without_zero_fills(channels_last):
+def test_fused_backward_writes_each_gradient_once_without_zero_fills(channels_last, monkeypatch):
+    monkeypatch.setattr(fused, "CPU_KERNELS", False)  # the eager path's ops (the kernels' test is below)
     maps = _maps(2, channels_last)
     del maps["d1"]  # every remaining tap has IFD, so no SCR-only tap needs zeros for its unused channels
     loss = SelfRegLoss(IFD | {"dec": ["d2"]}, {"all": ["d2", "e1", "e2", "e3"]})
@@ -190,6 +201,25 @@ def test_fused_backward_writes_each_gradient_once_without_zero_fills(channels_la
                 and op[1] >= smallest_tap]
     for op in ("mse_loss_backward", "index_select_backward", "new_zeros", "_to_copy"):
         assert op not in names, op
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "nhwc"])
+def test_cpu_kernels_run_the_loss_without_torch_ops_on_the_maps(channels_last):
+    """With the kernels, the forward and backward dispatch no torch op on map-sized data but the outputs' allocation
+    (red when the kernels are bypassed: the eager path dispatches gathers, differences and norms)."""
+    if not fused.cpu_kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    maps = _maps(2, channels_last)
+    smallest = min(v.numel() for v in maps.values())
+    loss = SelfRegLoss(IFD, SCR, lambda_scr=0.7, lambda_ifd=0.3)
+    with _OpLog() as log:
+        total, _ = loss(maps, maps["final"], torch.Generator().manual_seed(0))
+        total.backward()
+    big = {name for name, numel in log.ops if numel >= smallest}
+    assert big <= {"empty", "empty_like", "empty_strided", "view", "as_strided", "detach", "permute"}, big
+    for name, x in maps.items():
+        if name != "final":
+            assert maps[name].grad.stride() == x.stride(), name
 
 
 def test_fused_compile_path_matches_eager(monkeypatch):

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_selfreg import fused_losses
 from lightning_selfreg.losses import (
     DiceCELoss,
     SelfRegLoss,
@@ -184,6 +185,23 @@ def test_pool_teacher_matches_direct_pooling():
         assert torch.allclose(pooled[size], F.adaptive_avg_pool2d(final, size), atol=1e-5), size
     non_square = torch.randn(1, 2, 12, 18, generator=g)  # sums in another order than avg_pool2d: ulps apart
     assert torch.allclose(pool_teacher(non_square, [(6, 9)])[(6, 9)], F.avg_pool2d(non_square, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_pool_teacher_equals_adaptive_pooling_in_both_layouts(kernels, channels_last, ndim, monkeypatch):
+    """Integer factors (2 and 3, unequal per dim) in the CPU kernel and the strided sums, either layout."""
+    monkeypatch.setattr(fused_losses, "CPU_KERNELS", kernels and fused_losses.cpu_kernels.AVAILABLE)
+    g = torch.Generator().manual_seed(1)
+    spatial, sizes = ((12, 18), [(6, 9), (3, 3), (4, 6)]) if ndim == 2 else ((4, 12, 18), [(2, 6, 9), (1, 3, 3)])
+    final = torch.randn(2, 5, *spatial, generator=g)
+    if channels_last:
+        final = final.contiguous(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
+    pooled = pool_teacher(final, sizes)
+    adaptive = F.adaptive_avg_pool2d if ndim == 2 else F.adaptive_avg_pool3d
+    for size in sizes:
+        torch.testing.assert_close(pooled[size], adaptive(final, size), rtol=1e-6, atol=1e-6, msg=str(size))
 
 
 # ---------------------------------------------------------------- SelfRegLoss
