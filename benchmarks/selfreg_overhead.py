@@ -12,6 +12,8 @@ step (momentum 0.9, weight decay 1e-4, as the authors). Arms, each on its own co
 - ``none``: no SelfReg, our vectorised CE + Dice (``DiceCELoss``, 0.4 CE + 0.6 Dice);
 - ``fused``: ``none`` + our SelfReg (``FeatureTaps`` hooks + ``SelfRegLoss``, the default fused implementation,
   random pairing from a ``torch.Generator`` on the device);
+- ``fused-torch`` (CPU only): ``fused`` with the CPU kernels off (``fused_losses.CPU_KERNELS = False``), i.e. the
+  eager torch ops that CUDA runs, timed on the CPU;
 - ``fused-compile`` (CUDA only, unless ``--arms`` names it): the same with ``implementation="fused-compile"``
   (the per-tap math through ``torch.compile``; compiled during the warm-up);
 - ``ours-eager``: the same with ``implementation="reference"``, the plain-autograd version the fused one replaced;
@@ -40,6 +42,7 @@ bytes each SelfReg loss moves (forward + backward) and its aten ops, a GPU-time 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -55,12 +58,25 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_selfreg import DiceCELoss, FeatureTaps, SelfRegLoss
+from lightning_selfreg import DiceCELoss, FeatureTaps, SelfRegLoss, fused_losses
 from lightning_selfreg.models import UNet
 
-ALL_ARMS = ("none", "fused", "fused-compile", "ours-eager", "authors-none", "authors")
-SELFREG_ARMS = {"fused": "fused", "fused-compile": "fused-compile", "ours-eager": "reference"}  # arm -> implementation
-BASELINE = {"fused": "none", "fused-compile": "none", "ours-eager": "none", "authors": "authors-none"}
+ALL_ARMS = ("none", "fused", "fused-torch", "fused-compile", "ours-eager", "authors-none", "authors")
+SELFREG_ARMS = {"fused": "fused", "fused-torch": "fused", "fused-compile": "fused-compile",
+                "ours-eager": "reference"}  # arm -> implementation
+BASELINE = {"fused": "none", "fused-torch": "none", "fused-compile": "none", "ours-eager": "none",
+            "authors": "authors-none"}
+
+
+@contextlib.contextmanager
+def cpu_kernels_for(arm: str):
+    """The CPU kernels of the fused loss on, except for the ``fused-torch`` arm (its eager torch ops)."""
+    before = fused_losses.CPU_KERNELS
+    fused_losses.CPU_KERNELS = before and arm != "fused-torch"
+    try:
+        yield
+    finally:
+        fused_losses.CPU_KERNELS = before
 MODES = ("fp32", "fp32-cl", "bf16-cl")
 SEG_PARTS = ("ours DiceCELoss fwd+bwd", "authors CE+Dice fwd+bwd")
 
@@ -247,8 +263,8 @@ def build_arms(args, mode: str, device: torch.device, init: dict, x: Tensor, y: 
             gen = torch.Generator(device=device)
             gen.manual_seed(0)
 
-            def step(net=net, opt=opt, taps=taps, selfreg=selfreg, gen=gen, final=spec.final):
-                with torch.autocast(**amp):
+            def step(net=net, opt=opt, taps=taps, selfreg=selfreg, gen=gen, final=spec.final, arm=arm):
+                with torch.autocast(**amp), cpu_kernels_for(arm):
                     with taps.capture():
                         logits = net(x)
                     feats = taps.pop()
@@ -387,7 +403,11 @@ def bench_loss_only(args, mode: str, device: torch.device, init: dict, x: Tensor
         selfreg = SelfRegLoss(spec.ifd_groups, spec.scr_groups, implementation=SELFREG_ARMS[arm])
         gen = torch.Generator(device=device)
         gen.manual_seed(0)
-        return lambda: selfreg(feats, feats[spec.final], gen)[0]
+
+        def loss() -> Tensor:
+            with cpu_kernels_for(arm):
+                return selfreg(feats, feats[spec.final], gen)[0]
+        return loss
 
     def fwd(loss: Callable[[], Tensor]) -> Callable[[], None]:
         def run():
@@ -500,8 +520,11 @@ def count_traffic(args, mode: str, device: torch.device) -> dict:
         loss = SelfRegLoss(spec.ifd_groups, spec.scr_groups, implementation=impl)
         return lambda: loss(feats, feats[spec.final], gen)[0]
 
-    # fused-compile: the dispatch mode would see the compiled graph's ops, not its fused kernels; not counted
-    losses = {arm: ours(impl) for arm, impl in SELFREG_ARMS.items() if arm in args.arms and arm != "fused-compile"}
+    # fused-compile: the dispatch mode would see the compiled graph's ops, not its fused kernels; not counted.
+    # The CPU kernels are invisible to the dispatch mode too: the fused loss is counted as its torch ops (what CUDA
+    # runs), so fused-torch would repeat it.
+    losses = {arm: ours(impl) for arm, impl in SELFREG_ARMS.items()
+              if arm in args.arms and arm not in ("fused-compile", "fused-torch")}
     losses["authors"] = lambda: authors_kd_loss(
         [feats[n] for n in names[:n_enc]], [feats[n] for n in names[n_enc:]], feats[spec.final]
     )
@@ -510,7 +533,7 @@ def count_traffic(args, mode: str, device: torch.device) -> dict:
     for name, fn in losses.items():
         for v in feats.values():
             v.grad = None
-        with _TrafficCounter() as counter:
+        with _TrafficCounter() as counter, cpu_kernels_for("fused-torch"):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 total = fn()
             total.backward()
@@ -591,7 +614,8 @@ def main() -> None:
     parser.add_argument("--modes", default=None,
                         help=f"comma list of {','.join(MODES)}; default: fp32,bf16-cl on CUDA, fp32,fp32-cl on CPU")
     parser.add_argument("--arms", default=None,
-                        help=f"comma list of {','.join(ALL_ARMS)}; default: all on CUDA, all but fused-compile on CPU")
+                        help=f"comma list of {','.join(ALL_ARMS)}; default: all but fused-torch on CUDA, all but "
+                        "fused-compile on CPU")
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads; default 1 on CPU (robust on a shared machine), 0 = torch's default (all cores)",
@@ -608,7 +632,8 @@ def main() -> None:
     cuda = device.type == "cuda"
     defaults = dict(batch_size=(24, 4), size=(224, 96), width=(64, 16), steps=(30, 64), warmup=(8, 2),
                     rounds=(6, 16), loss_reps=(10, 5), modes=("fp32,bf16-cl", "fp32,fp32-cl"),
-                    arms=(",".join(ALL_ARMS), ",".join(a for a in ALL_ARMS if a != "fused-compile")))
+                    arms=(",".join(a for a in ALL_ARMS if a != "fused-torch"),
+                          ",".join(a for a in ALL_ARMS if a != "fused-compile")))
     for key, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, on_cuda if cuda else on_cpu)
