@@ -43,13 +43,39 @@ def _jit(fn):
 
 
 @_jit
+def _order(score):
+    """Channels by descending ``score``, ties in channel order (as torch's stable descending sort).
+
+    A bottom-up merge sort: a few lines that compile in a fraction of the time of ``np.argsort(kind="mergesort")``.
+    """
+    n = score.shape[0]
+    order = np.arange(n)
+    tmp = np.empty(n, np.int64)
+    width = 1
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid, hi = min(lo + width, n), min(lo + 2 * width, n)
+            i, j = lo, mid
+            for k in range(lo, hi):
+                if j < hi and (i >= mid or score[order[j]] > score[order[i]]):  # the right run only if larger
+                    tmp[k] = order[j]
+                    j += 1
+                else:
+                    tmp[k] = order[i]
+                    i += 1
+        order, tmp = tmp, order
+        width *= 2
+    return order
+
+
+@_jit
 def _pair(score):
     """IFD partners of the ranking of ``score``, ``(C,)``: best first, rank ``k`` <-> rank ``k + ceil(C / 2)``.
 
     Also returns the pairs ``(lo, hi)`` as channel indices and the 0/1 mask of the bottom-ranked half.
     """
     c = score.shape[0]
-    order = np.argsort(-score, kind="mergesort")  # stable: ties keep channel order, as torch's stable sort
+    order = _order(score)
     h = (c + 1) // 2
     partner = np.arange(c)
     lo = np.empty(c // 2, np.int64)

@@ -130,6 +130,20 @@ def test_public_functions_are_fused_and_equal_the_reference(cpu_path):
     assert type(ifd_loss(x).grad_fn).__name__ == "SelfRegTermsBackward"
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "nhwc"])
+def test_tied_ranking_scores_pair_as_the_reference(channels_last, cpu_path):
+    """Channels with equal scores (repeated channels) are ranked in channel order, as the reference's stable sort."""
+    maps = _maps(2, channels_last)
+    for name, repeat in (("e1", [0, 1, 1, 0, 2, 2, 2, 3, 0]), ("e2", [0] * 8 + [1] * 8)):
+        x = maps[name].detach()[:, repeat]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        maps[name] = (x + 0.0).contiguous(memory_format=fmt).requires_grad_()
+    total, _, grads, _ = _run(maps, "fused", pairing="ordered")
+    ref_total, _, ref_grads, _ = _run(maps, "reference", pairing="ordered")
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
+    _assert_grads_close(grads, ref_grads, 1e-6)
+
+
 def test_mixed_layouts_and_a_tap_without_gradient(cpu_path):
     maps = _maps(2, False)
     maps["e2"] = maps["e2"].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
