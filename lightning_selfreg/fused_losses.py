@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,11 +62,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_selfreg import cpu_kernels
-
 __all__ = [
-    "CPU_KERNELS", "ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "no_autocast", "pool_with_kernel",
-    "selfreg_terms",
+    "CPU_KERNELS", "KERNELS_AVAILABLE", "ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "no_autocast",
+    "pool_with_kernel", "selfreg_terms",
 ]
 
 COMPILE_BACKEND = "inductor"
@@ -76,9 +75,23 @@ KEEP_DIFFERENCES_ON = frozenset({"cpu"})
 tests empty it to run the recomputing path on the CPU)."""
 
 
-CPU_KERNELS = cpu_kernels.AVAILABLE
+KERNELS_AVAILABLE = importlib.util.find_spec("numba") is not None
+"""Whether the CPU kernels can run (Numba installed; it is imported on first use, not with this module)."""
+
+CPU_KERNELS = KERNELS_AVAILABLE
 """Whether float32 CPU taps go through the compiled kernels of :mod:`lightning_selfreg.cpu_kernels` (tests switch
 it off to run the eager path on the CPU)."""
+
+
+@functools.cache
+def _cpu_kernels():
+    """:mod:`lightning_selfreg.cpu_kernels`, imported on first use.
+
+    Numba's import costs ~0.5 s, which a process that never runs the loss on the CPU (a GPU job) need not pay.
+    """
+    from lightning_selfreg import cpu_kernels
+
+    return cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -447,7 +460,7 @@ def pool_with_kernel(x: Tensor, size: tuple[int, ...]) -> Tensor | None:
         src, dst = x.contiguous().numpy(), out.numpy()
         if x.ndim == 4:
             src, dst = src[:, :, None], dst[:, :, None]
-    cpu_kernels.avg_pool(src, (1, *factors) if x.ndim == 4 else factors, dst, cl)
+    _cpu_kernels().avg_pool(src, (1, *factors) if x.ndim == 4 else factors, dst, cl)
     return out
 
 
@@ -497,10 +510,10 @@ def _kernel_forward(taps: Sequence[Tensor], plan: Sequence[TapTerms]) -> tuple[T
                 teachers[key] = _array(term.teacher, cl)
             scr_args.append((teachers[key], *_pair_arrays(term, x.shape[1])))
         first = scr_args[0] if scr_args else (_NO_TEACHER, _NO_INDEX, _NO_INDEX)
-        partner, bottom, ifd_sum, scr_sum = cpu_kernels.tap_forward(arr, cl, bool(terms.ifd_weight), *first)
+        partner, bottom, ifd_sum, scr_sum = _cpu_kernels().tap_forward(arr, cl, bool(terms.ifd_weight), *first)
         if terms.ifd_weight:
             ifd += terms.ifd_weight * ifd_sum / _ifd_count(x)
-        sums = [scr_sum, *(cpu_kernels.scr_sum(arr, cl, *args) for args in scr_args[1:])]
+        sums = [scr_sum, *(_cpu_kernels().scr_sum(arr, cl, *args) for args in scr_args[1:])]
         for term, total in zip(terms.scr, sums, strict=False):  # no sums without SCR terms
             scr += term.weight * total / _scr_count(x, term)
         saved.append((cl, partner, bottom, scr_args))
@@ -522,9 +535,9 @@ def _kernel_backward(taps, plan, saved, g_ifd: Tensor, g_scr: Tensor, needs, det
         grad = torch.empty_like(x) if cl else torch.empty(x.shape, dtype=x.dtype)  # NHWC-dense like x, or NCHW
         out = _array(grad, cl)  # a view: written in place
         arr = _array(x, cl)
-        cpu_kernels.grad_tap(arr, cl, partner, ascale, gi, *first, bscale, gs, out)
+        _cpu_kernels().grad_tap(arr, cl, partner, ascale, gi, *first, bscale, gs, out)
         for term, args in zip(terms.scr[1:], scr_args[1:], strict=True):
-            cpu_kernels.scr_add_grad(arr, cl, *args, 2.0 * term.weight / _scr_count(x, term), gs, out)
+            _cpu_kernels().scr_add_grad(arr, cl, *args, 2.0 * term.weight / _scr_count(x, term), gs, out)
         grads.append(grad)
     return grads
 

@@ -48,7 +48,7 @@ def _maps(ndim: int, channels_last: bool, dtype=torch.float32, seed: int = 0) ->
 @pytest.fixture(params=[True, False], ids=["kernels", "eager"])
 def cpu_path(request, monkeypatch):
     """Both CPU paths of the fused loss: the compiled kernels (float32) and the eager torch ops."""
-    if request.param and not fused.cpu_kernels.AVAILABLE:
+    if request.param and not fused.KERNELS_AVAILABLE:
         pytest.skip("numba is not installed")
     monkeypatch.setattr(fused, "CPU_KERNELS", request.param)
     return request.param
@@ -221,7 +221,7 @@ def test_fused_backward_writes_each_gradient_once_without_zero_fills(channels_la
 def test_cpu_kernels_run_the_loss_without_torch_ops_on_the_maps(channels_last):
     """With the kernels, the forward and backward dispatch no torch op on map-sized data but the outputs' allocation
     (red when the kernels are bypassed: the eager path dispatches gathers, differences and norms)."""
-    if not fused.cpu_kernels.AVAILABLE:
+    if not fused.KERNELS_AVAILABLE:
         pytest.skip("numba is not installed")
     maps = _maps(2, channels_last)
     smallest = min(v.numel() for v in maps.values())

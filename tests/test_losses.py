@@ -192,7 +192,7 @@ def test_pool_teacher_matches_direct_pooling():
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_pool_teacher_equals_adaptive_pooling_in_both_layouts(kernels, channels_last, ndim, monkeypatch):
     """Integer factors (2 and 3, unequal per dim) in the CPU kernel and the strided sums, either layout."""
-    monkeypatch.setattr(fused_losses, "CPU_KERNELS", kernels and fused_losses.cpu_kernels.AVAILABLE)
+    monkeypatch.setattr(fused_losses, "CPU_KERNELS", kernels and fused_losses.KERNELS_AVAILABLE)
     g = torch.Generator().manual_seed(1)
     spatial, sizes = ((12, 18), [(6, 9), (3, 3), (4, 6)]) if ndim == 2 else ((4, 12, 18), [(2, 6, 9), (1, 3, 3)])
     final = torch.randn(2, 5, *spatial, generator=g)
