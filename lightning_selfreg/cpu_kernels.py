@@ -2,10 +2,10 @@
 
 On the CPU the eager fused path (:mod:`lightning_selfreg.fused_losses`) is bound by the number of ops (about 160
 per step, each with microseconds of dispatch) as much as by bytes. These kernels do a tap's work in compiled loop
-nests: the forward reads the tap once for the IFD ranking statistics and once for the IFD and SCR sums (partner
-and teacher channels streamed side by side, no gathered copies, no differences written); the backward reads it
-once more and writes its gradient once. The teacher pyramid is pooled by a kernel too. That is a few kernel calls
-per tap instead of about twenty ops.
+nests: the forward reads the tap once for the IFD ranking statistics and again for the IFD pair and SCR sums
+(partner and teacher channels read side by side, no gathered copies, no differences written); the backward
+reads it once more and writes its gradient once. The teacher pyramid is pooled by a kernel too. That is a few
+kernel calls per tap instead of about twenty ops.
 
 Layouts: a contiguous map is worked on as its channels-first ``(B, C, S)`` view (``S`` = the flattened spatial
 size), a channels-last one as its ``(B, S, C)`` rows, each with loops in its memory order: whole channels are
@@ -13,8 +13,8 @@ streamed side by side in the first, the partner and teacher channels are gathere
 second. Neither is copied, and each gradient is written in its tap's layout. Indices into rows are unsigned, which
 spares Numba's negative-index wrap-around (1.7x in those loops). Float32 only (Numba has no bfloat16):
 reduced-precision taps use the eager path. The kernels are serial (one thread, as the benchmarks' CPU defaults)
-and compiled on first use, then cached on disk by Numba (``cache=True``: about 10 s once per installation, well
-under a second after).
+and compiled on first use, then cached on disk by Numba (``cache=True``: 5-12 s once per installation, ~0.7 s to
+load in a later process).
 
 Arithmetic: the ranking statistics and the loss sums accumulate in float64 (channels-last rows: float32 within a
 row, float64 across rows), the pooling and the gradients in float32 (as in the eager path). The ranking is the
@@ -23,23 +23,18 @@ authors' score, ties in channel order (a stable descending sort, as the eager pa
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; without it the eager path runs
-    numba = None
-
-__all__ = ["AVAILABLE", "avg_pool", "grad_tap", "scr_add_grad", "scr_sum", "tap_forward"]
-
-AVAILABLE = numba is not None
-"""Whether the kernels can run (Numba importable)."""
+# Imported only by lightning_selfreg.fused_losses, on first use and where Numba is installed
+# (fused_losses.KERNELS_AVAILABLE).
+__all__ = ["avg_pool", "grad_tap", "scr_add_grad", "scr_sum", "tap_forward"]
 
 _FLAGS = {"reassoc", "contract"}  # vectorised sums; no assumption about NaN or inf
 
 
 def _jit(fn, inline: str = "never"):
-    return numba.njit(cache=True, fastmath=_FLAGS, nogil=True, inline=inline)(fn) if AVAILABLE else fn
+    return numba.njit(cache=True, fastmath=_FLAGS, nogil=True, inline=inline)(fn)
 
 
 def _jit_inline(fn):

@@ -39,9 +39,10 @@ strides, e.g. ``channels_last`` CNNs or permuted Swin outputs) are worked on as 
 ``index_select`` along the contiguous channel axis of the 2-D view is about twice as fast on the CPU as on the
 4-D map), so they are never copied to another layout and their gradient keeps their strides.
 
-Memory: on the CPU the forward keeps the float32 differences ``D`` and ``E`` for the backward (one tap's size
-and the SCR channels, which then become the gradients); on other devices the backward recomputes them from the
-taps, so the loss keeps no extra activation memory. ``compile=True`` runs the same math through ``torch.compile``
+Memory: the eager path on the CPU (reduced precision, or the kernels off) keeps the float32 differences ``D``
+and ``E`` for the backward (one tap's size and the SCR channels, which then become the gradients); on other
+devices the backward recomputes them from the taps, so the loss keeps no extra activation memory (nor do the CPU
+kernels, which keep only the partners and the teachers). ``compile=True`` runs the same math through ``torch.compile``
 (the channel indices are plain tensor inputs, the random draws stay outside), so on CUDA Inductor can fuse the
 gathers, differences and reductions of all taps into a few kernels with float32 arithmetic in registers; the
 eager path makes float32 temporaries of the gathered channels for reduced-precision maps. Which CUDA path is
