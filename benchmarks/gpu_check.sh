@@ -19,8 +19,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 echo "== GPU tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_third_party.py \
-  tests/test_fused_losses.py -k "amp_on_gpu or smp or cuda" > "$OUT/tests.log" 2>&1
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/segmentation/test_precision.py tests/models/test_third_party.py \
+  tests/selfreg/test_fused_losses.py -k "amp_on_gpu or smp or cuda" > "$OUT/tests.log" 2>&1
 grep -a -E "^E |passed|failed" "$OUT/tests.log" | head -20
 echo "== SelfReg overhead"
 timeout 300 python3 benchmarks/selfreg_overhead.py --json "$OUT/overhead.json" > "$OUT/overhead.log" 2>&1

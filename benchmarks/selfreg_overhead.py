@@ -58,8 +58,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_selfreg import DiceCELoss, FeatureTaps, SelfRegLoss, fused_losses
+from lightning_selfreg import DiceCELoss, FeatureTaps, SelfRegLoss
 from lightning_selfreg.models import UNet
+from lightning_selfreg.selfreg import fused as fused_losses
 
 ALL_ARMS = ("none", "fused", "fused-torch", "fused-compile", "ours-eager", "authors-none", "authors")
 SELFREG_ARMS = {"fused": "fused", "fused-torch": "fused", "fused-compile": "fused-compile",

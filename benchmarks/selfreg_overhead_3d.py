@@ -37,8 +37,8 @@ from selfreg_overhead import summarise, time_interleaved  # the 2D benchmark's t
 from torch import Tensor
 
 from lightning_selfreg import DiceCELoss, FeatureTaps, SelfRegLoss
-from lightning_selfreg.losses import IMPLEMENTATIONS
 from lightning_selfreg.models import create_model
+from lightning_selfreg.selfreg.losses import IMPLEMENTATIONS
 
 
 def build_net(args, device: torch.device, init: dict | None = None):

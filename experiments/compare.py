@@ -6,7 +6,8 @@ subprocess of ``experiments.run`` with the same flags plus its seed, its arm (``
 and its run folder ``<run.output_dir>/<run.name or compare-...>/<arm>-seed<seed>``, so ``--gpus N`` works as in a
 single run and both arms see the same batches (the data draws derive from the seed alone). At the end
 ``summary.json`` / ``summary.md`` hold the mean +- std of both arms and the paired differences
-(:func:`lightning_selfreg.compare.summarize_comparison`), and a W&B run of job type ``compare`` holds the table.
+(:func:`lightning_selfreg.tracking.compare.summarize_comparison`), and a W&B run of job type ``compare`` holds the
+table.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run both arms for every seed and write the paired summary; returns the exit status."""
-    from lightning_selfreg.compare import (
+    from lightning_selfreg.tracking.compare import (
         format_comparison_markdown,
         load_results,
         summarize_comparison,
         write_comparison,
     )
-    from lightning_selfreg.wandb_mode import WandbUnavailable, resolve_wandb_mode
+    from lightning_selfreg.tracking.wandb_mode import WandbUnavailable, resolve_wandb_mode
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_selfreg.io import HU_WINDOW
+from lightning_selfreg.data.image_io import HU_WINDOW
 
 
 class PredictError(ValueError):
@@ -102,7 +102,7 @@ def load_module(checkpoint_path: Path, device):
             not fit.
     """
     from lightning_selfreg import SelfRegSegModule
-    from lightning_selfreg.checkpoint import CheckpointError, load_checkpoint
+    from lightning_selfreg.utils.checkpoint import CheckpointError, load_checkpoint
 
     try:
         checkpoint = load_checkpoint(checkpoint_path)
@@ -150,7 +150,8 @@ def predict(args: argparse.Namespace) -> str:
     import torch
     from PIL import Image
 
-    from lightning_selfreg.io import atomic_write, load_image_2d, load_nifti, save_nifti
+    from lightning_selfreg.data.image_io import load_image_2d, load_nifti, save_nifti
+    from lightning_selfreg.utils.files import atomic_write
 
     device = resolve_device(args.device)
     module, build = load_module(args.checkpoint, device)

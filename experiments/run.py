@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import yaml
 
 from experiments.cli import ConfigError, RunOptions, SelfRegCLI, as_typed, expand_aliases, run_labels, run_name
-from lightning_selfreg.io import atomic_write_text
+from lightning_selfreg.utils.files import atomic_write_text
 
 # identity of a run: a resume must not change these (the weights would not fit or the run would be another one)
 RESUME_KEYS = ("model.net", "data.class_path", "selfreg", "seed_everything", "data.init_args.image_size")
@@ -46,7 +46,7 @@ def _get(config: Any, dotted: str) -> Any:
 
 def _check_resume(cli: SelfRegCLI, run_dir: Path) -> Path:
     """The checkpoint ``--resume`` continues from, after checking it and the saved configuration."""
-    from lightning_selfreg.checkpoint import CheckpointError, check_checkpoint_file
+    from lightning_selfreg.utils.checkpoint import CheckpointError, check_checkpoint_file
 
     resume_from = run_dir / "checkpoints" / "last.ckpt"
     if not resume_from.is_file():
@@ -101,8 +101,8 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         TestPredictionWriter,
         TestResultsTable,
     )
-    from lightning_selfreg.checkpoint import AtomicCheckpointIO
-    from lightning_selfreg.wandb_mode import WandbUnavailable, resolve_wandb_mode
+    from lightning_selfreg.tracking.wandb_mode import WandbUnavailable, resolve_wandb_mode
+    from lightning_selfreg.utils.checkpoint import AtomicCheckpointIO
 
     options: RunOptions = cli.config_init["run"]
     trainer = cli.config["trainer"]
@@ -153,9 +153,9 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
     """Fit, test, write the run folder; returns the ``metrics.json`` content on rank 0 (else None)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from lightning_selfreg.io import remove_orphaned_temp_files
-    from lightning_selfreg.report import format_paper_table, format_table
-    from lightning_selfreg.run_environment import log_run_environment
+    from lightning_selfreg.tracking.environment import log_run_environment
+    from lightning_selfreg.tracking.report import format_paper_table, format_table
+    from lightning_selfreg.utils.files import remove_orphaned_temp_files
 
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     run_dir, checkpoint_dir = cli.run_dir, cli.run_dir / "checkpoints"

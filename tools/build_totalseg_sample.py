@@ -10,7 +10,7 @@ TotalSegmentator predictions in ``tests/reference_files/``:
 
 This script converts them into the Synapse / TransUNet layout (``train_npz/*.npz`` slices,
 ``test_vol_h5/*.npy.h5`` volumes, ``lists/{train,test_vol}.txt``) with the Synapse label map and the
-standard HU window [-125, 275] (``lightning_selfreg.io.HU_WINDOW``) -> [0, 1]. Both patients are brought into
+standard HU window [-125, 275] (``lightning_selfreg.data.image_io.HU_WINDOW``) -> [0, 1]. Both patients are brought into
 one canonical 2D orientation, the raw DICOM display orientation: rows run anterior -> posterior, columns run
 from the patient's right to the patient's left (liver on the image left). The orientation is derived from the NIfTI
 affines and the DICOM geometry, cross-checked against the explicit index operations, and verified with an HU test
@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lightning_selfreg.io import HU_WINDOW
+from lightning_selfreg.data.image_io import HU_WINDOW
 
 logger = logging.getLogger("build_totalseg_sample")
 
@@ -108,7 +108,7 @@ def sha256_of(path: Path) -> str:
 
 
 def window_hu(hu: Any) -> Any:
-    """Clip HU to :data:`~lightning_selfreg.io.HU_WINDOW` ([-125, 275]) and scale linearly to [0, 1].
+    """Clip HU to :data:`~lightning_selfreg.data.image_io.HU_WINDOW` ([-125, 275]) and scale linearly to [0, 1].
 
     Args:
         hu: Array of Hounsfield units (any numeric dtype).

@@ -1,8 +1,11 @@
-"""Callbacks for :class:`~lightning_selfreg.module.SelfRegSegModule`, one per file (Lightning's convention).
+"""Callbacks for :class:`~lightning_selfreg.SelfRegSegModule`, one per file (Lightning's convention).
 
-Loss terms (:class:`AuxiliaryLoss` subclasses, see ``auxiliary_loss.py``):
+The method's own callbacks live with the method, in :mod:`lightning_selfreg.selfreg`, and are re-exported here:
 
-- :class:`SelfReg`: SCR + IFD on the tapped features.
+- :class:`SelfReg` (``selfreg/callback.py``): SCR + IFD on the tapped features, an :class:`AuxiliaryLoss`
+  (``segmentation/auxiliary_loss.py``: the base class of callbacks that add a term to the training loss).
+- :class:`RedundancyMonitor` (``selfreg/redundancy_monitor.py``): channel redundancy of each tapped block (the
+  paper's Fig. 1c).
 
 Training safety and resume:
 
@@ -12,7 +15,6 @@ Training safety and resume:
 Dashboards (any logger or none; media to W&B only, from rank 0):
 
 - :class:`SegmentationPanels`: image / ground truth / prediction overlays.
-- :class:`RedundancyMonitor`: channel redundancy of each tapped block (paper Fig. 1c).
 - :class:`ImagesPerSecondMonitor`: training images per second.
 - :class:`TestResultsTable`: the per-class test metrics as a table and summary (``results_table.py``: a library
   file must not match pytest's ``test_*.py``).
@@ -23,16 +25,16 @@ Outputs of a test run:
 - :class:`TestPredictionWriter`: each case's prediction as NIfTI / PNG (a ``BasePredictionWriter``).
 """
 
-from lightning_selfreg.callbacks.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.callbacks.finite_loss_guard import FiniteLossGuard
 from lightning_selfreg.callbacks.images_per_second import ImagesPerSecondMonitor
 from lightning_selfreg.callbacks.metrics_writer import MetricsWriter
 from lightning_selfreg.callbacks.prediction_writer import TestPredictionWriter
-from lightning_selfreg.callbacks.redundancy_monitor import RedundancyMonitor
 from lightning_selfreg.callbacks.results_table import TestResultsTable
 from lightning_selfreg.callbacks.rng_state import RNGStateCheckpoint
 from lightning_selfreg.callbacks.segmentation_panels import SegmentationPanels
-from lightning_selfreg.callbacks.selfreg import SelfReg
+from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
+from lightning_selfreg.selfreg.callback import SelfReg
+from lightning_selfreg.selfreg.redundancy_monitor import RedundancyMonitor
 
 __all__ = [
     "AuxiliaryLoss",

@@ -10,8 +10,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_selfreg.io import atomic_write_text
-from lightning_selfreg.report import format_paper_table
+from lightning_selfreg.tracking.report import format_paper_table
+from lightning_selfreg.utils.files import atomic_write_text
 
 __all__ = ["MetricsWriter"]
 
@@ -23,10 +23,10 @@ class MetricsWriter(pl.Callback):
     "checkpoint"}``: the ``info`` mapping (e.g. the CLI's ``dataset``, ``backbone``, ``selfreg``, ``seed``), then
     ``pl_module.hparams.eval_protocol``, ``pl_module.test_results`` (the chosen protocol),
     ``pl_module.test_results_by_protocol`` and the tested checkpoint (``trainer.ckpt_path``, or None for the
-    weights in memory). It is what :func:`lightning_selfreg.compare.load_results` reads. ``metrics.md`` is
-    :func:`~lightning_selfreg.report.format_paper_table` of both protocols, volumetric when the DataModule says so
-    (``trainer.datamodule.volumetric``, default True). Both files are written atomically
-    (:func:`~lightning_selfreg.io.atomic_write_text`), so a reader never sees a partial file.
+    weights in memory). It is what :func:`lightning_selfreg.tracking.compare.load_results` reads. ``metrics.md`` is
+    :func:`~lightning_selfreg.tracking.report.format_paper_table` of both protocols, volumetric when the DataModule
+    says so (``trainer.datamodule.volumetric``, default True). Both files are written atomically
+    (:func:`~lightning_selfreg.utils.files.atomic_write_text`), so a reader never sees a partial file.
 
     Args:
         dirpath: Folder of the two files (created if needed).
@@ -34,7 +34,7 @@ class MetricsWriter(pl.Callback):
 
     Raises:
         RuntimeError: At test end, if the module has no ``test_results`` (not a
-            :class:`~lightning_selfreg.module.SelfRegSegModule`, or no test case was scored).
+            :class:`~lightning_selfreg.segmentation.module.SelfRegSegModule`, or no test case was scored).
 
     Example:
         >>> writer = MetricsWriter("runs/synapse-unet", info={"dataset": "synapse", "seed": 0})

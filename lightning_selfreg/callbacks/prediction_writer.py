@@ -12,8 +12,8 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from lightning_selfreg.data.image_io import save_prediction
 from lightning_selfreg.data.sampling import is_padding
-from lightning_selfreg.io import save_prediction
 
 __all__ = ["TestPredictionWriter"]
 
@@ -30,10 +30,11 @@ class TestPredictionWriter(BasePredictionWriter):
     Volumes ``(D, H, W)`` become ``<output_dir>/<case>.nii.gz`` with the case's ``spacing`` ``(3,)`` (and its
     ``affine`` ``(4, 4)`` when the batch has one: the prediction then overlays the source file voxel for voxel);
     2D images (``D = 1``) become ``<case>.png`` (binary masks as 0/255, see
-    :func:`~lightning_selfreg.io.save_prediction`). ``<case>`` is the batch's ``"case"`` name, else the batch index.
+    :func:`~lightning_selfreg.data.image_io.save_prediction`). ``<case>`` is the batch's ``"case"`` name, else the batch
+    index.
 
     - ``trainer.test``: from the ``{"prediction": (D, H, W)}`` that
-      :meth:`~lightning_selfreg.module.SelfRegSegModule.test_step` returns (``on_test_batch_end``).
+      :meth:`~lightning_selfreg.segmentation.module.SelfRegSegModule.test_step` returns (``on_test_batch_end``).
     - ``trainer.predict``: from the ``(D, H, W)`` label map that ``predict_step`` returns
       (:meth:`write_on_batch_end`), with the batch's ``case``, ``spacing`` and ``affine`` when it has them.
 

@@ -14,7 +14,7 @@ __all__ = ["TestResultsTable"]
 class TestResultsTable(pl.Callback):
     """Log ``pl_module.test_results`` at the end of testing.
 
-    ``test_results`` is the dict of :class:`~lightning_selfreg.module.SelfRegSegModule`: ``{"num_cases",
+    ``test_results`` is the dict of :class:`~lightning_selfreg.segmentation.module.SelfRegSegModule`: ``{"num_cases",
     "<metric>_mean", ..., "per_class": {name: {"<metric>": value}}}`` with metrics such as ``dice``, ``iou`` and
     ``hd95``, and None for a class absent from every case.
 

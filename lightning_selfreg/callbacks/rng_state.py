@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_selfreg.rng import get_rng_states, set_rng_states
+from lightning_selfreg.utils.rng import get_rng_states, set_rng_states
 
 __all__ = ["RNGStateCheckpoint"]
 
@@ -19,7 +19,7 @@ class RNGStateCheckpoint(pl.Callback):
     restores the position in the epoch; SelfReg's pairing has its own generator in its own state. What it covers
     is everything else that draws from the global generators (dropout masks, a user's augmentation or callback),
     so that a resumed run continues them as an uninterrupted run of the same seed would, from an end-of-epoch or
-    a mid-epoch checkpoint. The states are those of :func:`~lightning_selfreg.rng.get_rng_states` (plain types and
+    a mid-epoch checkpoint. The states are those of :func:`~lightning_selfreg.utils.rng.get_rng_states` (plain types and
     tensors, so checkpoints still load with ``torch.load(weights_only=True)``).
     """
 

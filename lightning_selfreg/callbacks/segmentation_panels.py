@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_selfreg.callbacks._wandb import image_and_label, log_to_wandb, positive_int, wandb_loggers
 from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.data.transforms import resize_image
+from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, positive_int, wandb_loggers
 
 __all__ = ["SegmentationPanels"]
 
@@ -188,7 +188,7 @@ class SegmentationPanels(pl.Callback):
         """Add evenly spaced foreground slices of one whole case (test, or validation in 3D).
 
         The prediction is the step's ``outputs["prediction"]`` ``(D, H, W)`` at the label's grid when the module
-        returns one (:class:`~lightning_selfreg.module.SelfRegSegModule` does), else ``predict_volume`` of the
+        returns one (:class:`~lightning_selfreg.SelfRegSegModule` does), else ``predict_volume`` of the
         chosen slices. The image is shown at the label's grid: a 3D ``(C, D', H', W')`` or slice-wise
         ``(D', C, H', W')`` image at another (preprocessed) grid is sampled at the nearest depth and resized
         in-plane. Padding items (``batch["padding"]``, a DDP rank without a case of its own) are skipped.

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_selfreg.rng import seeded_rngs
+from lightning_selfreg.utils.rng import seeded_rngs
 
 __all__ = ["PairTransform", "accepts_seed", "call_with_global_rngs_seeded", "paper_augmentation"]
 

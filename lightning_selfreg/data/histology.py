@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 
 from lightning_selfreg.data.contract import DataError, Item, check_arrays
 from lightning_selfreg.data.datamodule import SegDataModule
+from lightning_selfreg.data.image_io import load_image_2d
 from lightning_selfreg.data.preflight import READ_ERRORS, image_header
-from lightning_selfreg.io import load_image_2d
 
 __all__ = ["GlaSDataModule", "MoNuSegDataModule", "rasterize_monuseg_xml", "read_image_mask"]
 
@@ -73,7 +73,7 @@ def rasterize_monuseg_xml(path: str | Path, shape: tuple[int, int]) -> np.ndarra
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    """:func:`~lightning_selfreg.io.load_image_2d` (RGB float32 ``(H, W, 3)`` in [0, 1]); DataError naming ``path``.
+    """:func:`~lightning_selfreg.data.image_io.load_image_2d` (RGB ``(H, W, 3)`` in [0, 1]); DataError naming ``path``.
 
     The message names the reader's own error (``UnidentifiedImageError: ...``), not the ``ValueError`` that
     ``load_image_2d`` wraps it in.

@@ -2,8 +2,8 @@
 
 Every reader checks what it reads (keys, shapes, finite values, label range) and raises a one-line
 :class:`~lightning_selfreg.data.contract.DataError` naming the file. The histology images are read with
-:func:`lightning_selfreg.io.load_image_2d`; nnU-Net's raw format has its own readers
-(:mod:`~lightning_selfreg.data.nnunet_format`).
+:func:`lightning_selfreg.data.image_io.load_image_2d`; nnU-Net's raw format has its own readers
+(:mod:`~lightning_selfreg.data.nnunet.format`).
 """
 
 from __future__ import annotations

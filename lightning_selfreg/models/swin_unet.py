@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_selfreg.taps import TapSpec
+from lightning_selfreg.selfreg.taps import TapSpec
 
 __all__ = ["SwinUnet", "swin_unet_tap_spec"]
 
@@ -331,7 +331,7 @@ class SwinUnet(nn.Module):
         in_chans: Input channels. 1 (grey-scale) keeps the 3-channel patch embedding of the ImageNet weights
             (:attr:`embed_chans`) and repeats the input to 3 channels; any other value is the embedding's. A
             1-channel input is accepted by every network (repeated), so the network declares no ``in_channels``
-            for :class:`~lightning_selfreg.module.SelfRegSegModule` to check data against: its own input check
+            for :class:`~lightning_selfreg.SelfRegSegModule` to check data against: its own input check
             names a wrong channel count on the first batch.
         num_classes: Output classes (background included).
         embed_dim: Channels of the first stage; stage ``i`` has ``embed_dim * 2**i``.

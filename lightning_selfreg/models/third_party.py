@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_selfreg.taps import TapSpec
+from lightning_selfreg.selfreg.taps import TapSpec
 
 __all__ = [
     "MONAI_INSTALL_HINT",

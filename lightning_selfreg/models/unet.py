@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfreg.taps import TapSpec
+from lightning_selfreg.selfreg.taps import TapSpec
 
 __all__ = ["UNet"]
 

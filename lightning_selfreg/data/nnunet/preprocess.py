@@ -1,0 +1,352 @@
+"""nnU-Net's preprocessing: fingerprint, target spacing, intensity normalisation, resampling, cached cases.
+
+Follows nnU-Net v2's ``DefaultPreprocessor`` / ``ExperimentPlanner`` (``shared/reference/nnunet.md`` §3–§6):
+
+* **fingerprint** over all training cases at their native resolution: spacings, shapes and, for CT channels,
+  the foreground (``label > 0``) intensities. nnU-Net samples ``1e8 // num_cases`` foreground voxels per case
+  with replacement; here every foreground voxel is used when a case has fewer than that (the statistics
+  nnU-Net's sampling estimates), otherwise that many are drawn without replacement (``RandomState(1234)``);
+* **target spacing**: the per-axis median of the training spacings, with nnU-Net's anisotropy rule (if the
+  coarsest axis is > 3x the others and its median size x 3 is below the others', it takes the 10th percentile
+  of its spacings); the 2D configuration resamples in-plane only (the slice axis keeps each case's spacing);
+* **normalisation** per channel from ``channel_names`` (case-insensitive): ``CT`` clips to the foreground's
+  0.5–99.5 percentiles and z-scores with the foreground mean / std of all training cases; ``noNorm`` casts;
+  ``rescale_to_0_1`` and ``rgb_to_0_1`` rescale; any other name z-scores each case. As in nnU-Net it runs
+  before resampling;
+* **resampling** to the target spacing (``new_shape = round(spacing / target * shape)``): images with order-3
+  splines, labels one class at a time with linear interpolation and a 0.5 threshold (higher labels win), which is
+  nnU-Net's ``resize_segmentation``; when the spacing is anisotropic (max / min > 3) the coarse axis is resampled
+  separately with nearest neighbour, as nnU-Net's "separate z". Centre-aligned coordinates (skimage's
+  ``resize`` with ``mode="edge"``, ``anti_aliasing=False``);
+* **class locations**: per foreground class up to 10,000 voxel coordinates (at least 1 %) for foreground
+  oversampling, drawn with ``RandomState(1234)``.
+
+Not done (documented differences): the crop to the non-zero region (a CT volume has no zero background; MRI
+z-scoring then includes the zero background), the transpose that puts the coarsest axis first (slices run along
+the file's third axis, which is the coarsest for axial CT / MR), and the 3d_lowres configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from lightning_selfreg.data.contract import DataError
+from lightning_selfreg.data.nnunet.format import CaseFiles, DatasetJson, read_case
+from lightning_selfreg.utils.files import atomic_write, atomic_write_text
+
+__all__ = [
+    "ANISO_THRESHOLD",
+    "CACHE_VERSION",
+    "Fingerprint",
+    "cache_key",
+    "class_locations",
+    "compute_fingerprint",
+    "load_preprocessed",
+    "normalize",
+    "preprocess_case",
+    "resample_image",
+    "resample_label",
+    "target_spacing",
+]
+
+ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
+CACHE_VERSION = 1  # bump when the preprocessed format or algorithm changes
+FOREGROUND_SAMPLES = int(1e8)  # nnU-Net's budget of foreground intensity samples, split over the cases
+MAX_LOCATIONS = 10_000
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Dataset statistics that preprocessing needs.
+
+    Attributes:
+        spacings: ``(N, 3)`` training spacings ``(z, y, x)`` mm.
+        shapes: ``(N, 3)`` training shapes ``(D, H, W)``.
+        intensity: Per channel, the foreground statistics (``mean``, ``std``, ``percentile_00_5``,
+            ``percentile_99_5``) of CT channels, ``None`` for others.
+    """
+
+    spacings: np.ndarray
+    shapes: np.ndarray
+    intensity: tuple[dict[str, float] | None, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {"spacings": self.spacings.tolist(), "shapes": self.shapes.tolist(), "intensity": list(self.intensity)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Fingerprint:
+        """Inverse of :meth:`to_json`."""
+        return cls(np.asarray(data["spacings"], dtype=np.float64), np.asarray(data["shapes"], dtype=np.int64),
+                   tuple(data["intensity"]))
+
+
+def _scheme(channel_name: str) -> str:
+    name = channel_name.lower()
+    return name if name in ("ct", "nonorm", "rescale_to_0_1", "rgb_to_0_1") else "zscore"
+
+
+def compute_fingerprint(cases: Sequence[CaseFiles], meta: DatasetJson, progress: bool = False) -> Fingerprint:
+    """Spacings, shapes and CT foreground intensity statistics of the training ``cases`` (native resolution).
+
+    Raises:
+        DataError: Unreadable files or bad label values (the message names the file), or a CT channel of a
+            dataset without any foreground voxel.
+    """
+    from tqdm.auto import tqdm
+
+    schemes = [_scheme(n) for n in meta.channel_names]
+    budget = FOREGROUND_SAMPLES // max(len(cases), 1)
+    spacings, shapes = [], []
+    samples: list[list[np.ndarray]] = [[] for _ in schemes]
+    for case in tqdm(cases, desc="nnU-Net fingerprint", unit="case", disable=not progress):
+        data = read_case(case, meta)
+        spacings.append(data["spacing"])
+        shapes.append(data["image"].shape[1:])
+        if "ct" not in schemes:
+            continue
+        foreground = data["label"] > 0
+        rng = np.random.RandomState(1234)
+        for c, scheme in enumerate(schemes):
+            if scheme == "ct":
+                values = data["image"][c][foreground]
+                if values.size > budget:
+                    values = values[rng.choice(values.size, budget, replace=False)]
+                samples[c].append(values.astype(np.float64))
+    intensity = []
+    for c, scheme in enumerate(schemes):
+        if scheme != "ct":
+            intensity.append(None)
+            continue
+        values = np.concatenate(samples[c]) if samples[c] else np.zeros(0)
+        if values.size == 0:
+            raise DataError(f"{meta.path}: channel {c} is {meta.channel_names[c]!r} (CT normalisation needs "
+                            "foreground statistics) but no training label has a foreground voxel.")
+        low, high = np.percentile(values, [0.5, 99.5])
+        intensity.append({"mean": float(values.mean()), "std": float(values.std()), "percentile_00_5": float(low),
+                          "percentile_99_5": float(high)})
+    return Fingerprint(np.asarray(spacings, dtype=np.float64), np.asarray(shapes, dtype=np.int64), tuple(intensity))
+
+
+def target_spacing(fingerprint: Fingerprint) -> np.ndarray:
+    """nnU-Net's 3d_fullres target spacing ``(z, y, x)``: the median, with the anisotropy rule (§3 of nnunet.md)."""
+    spacings, shapes = fingerprint.spacings, fingerprint.shapes
+    target = np.median(spacings, axis=0)
+    target_size = np.median(shapes, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    if target[worst] > ANISO_THRESHOLD * max(target[others]) and target_size[worst] * ANISO_THRESHOLD < min(
+            target_size[others]):
+        value = np.percentile(spacings[:, worst], 10)
+        target[worst] = max(value, max(target[others]) + 1e-5)
+    return target
+
+
+def normalize(image: np.ndarray, channel_names: Sequence[str], intensity: Sequence[dict[str, float] | None],
+              source: Any = "") -> np.ndarray:
+    """nnU-Net's per-channel intensity normalisation of one case's ``(C, D, H, W)`` image (float32).
+
+    Raises:
+        DataError: ``rgb_to_0_1`` on values outside 0..255 (naming ``source``).
+    """
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, name in enumerate(channel_names):
+        x = image[c].astype(np.float32)
+        scheme = _scheme(name)
+        if scheme == "ct":
+            stats = intensity[c]
+            x = np.clip(x, stats["percentile_00_5"], stats["percentile_99_5"])
+            x = (x - stats["mean"]) / max(stats["std"], 1e-8)
+        elif scheme == "zscore":
+            x = (x - x.mean()) / max(float(x.std()), 1e-8)
+        elif scheme == "rescale_to_0_1":
+            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
+        elif scheme == "rgb_to_0_1":
+            if x.min() < 0 or x.max() > 255:
+                raise DataError(f"{source}: channel {c} ({name!r}) must hold values in 0..255 for rgb_to_0_1.")
+            x = x / 255.0
+        out[c] = x
+    return out
+
+
+def _separate_axis(spacing: Sequence[float], target: Sequence[float]) -> int | None:
+    """nnU-Net's "separate z" decision: the low-resolution axis when a spacing is anisotropic, else None."""
+    for sp in (np.asarray(spacing, dtype=np.float64), np.asarray(target, dtype=np.float64)):
+        if sp.max() / sp.min() > ANISO_THRESHOLD:
+            axes = np.flatnonzero(sp.max() / sp == 1)
+            return int(axes[0]) if len(axes) == 1 else None
+    return None
+
+
+def _resize_axes(x: np.ndarray, shape: Sequence[int], order: int, axes: Sequence[int]) -> np.ndarray:
+    """Resize the ``axes`` of a 3D array to ``shape`` (other axes must keep their size), centre-aligned."""
+    if all(x.shape[a] == shape[a] for a in axes):
+        return x
+    scale = np.array([x.shape[a] / shape[a] if a in axes else 1.0 for a in range(x.ndim)])
+    out_shape = tuple(int(shape[a]) if a in axes else x.shape[a] for a in range(x.ndim))
+    return ndimage.affine_transform(x, scale, offset=0.5 * scale - 0.5, output_shape=out_shape, order=order,
+                                    mode="nearest", prefilter=order > 1)
+
+
+def new_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """``round(spacing / target * shape)`` per axis (at least 1)."""
+    return tuple(max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target, strict=True))
+
+
+def resample_image(image: np.ndarray, spacing: Sequence[float], target: Sequence[float],
+                   shape: Sequence[int] | None = None, order: int = 3) -> np.ndarray:
+    """Resample a ``(C, D, H, W)`` image to ``target`` spacing (or to ``shape``), as nnU-Net does for data.
+
+    Order-3 splines; with an anisotropic spacing the coarse axis is resampled separately with nearest neighbour.
+
+    Returns:
+        float32 ``(C, *shape)``.
+    """
+    shape = new_shape(image.shape[1:], spacing, target) if shape is None else tuple(shape)
+    axis = _separate_axis(spacing, target)
+    out = []
+    for channel in image.astype(np.float32):
+        if axis is None:
+            out.append(_resize_axes(channel, shape, order, (0, 1, 2)))
+        else:
+            inplane = _resize_axes(channel, shape, order, [a for a in range(3) if a != axis])
+            out.append(_resize_axes(inplane, shape, 0, (axis,)))
+    return np.stack(out).astype(np.float32, copy=False)
+
+
+def resample_label(label: np.ndarray, spacing: Sequence[float], target: Sequence[float],
+                   shape: Sequence[int] | None = None) -> np.ndarray:
+    """Resample a ``(D, H, W)`` label map as nnU-Net's ``resize_segmentation`` (per class, linear, >= 0.5).
+
+    Each foreground class is resized as a binary mask with linear interpolation and set where the result is
+    >= 0.5, in increasing label order (higher labels overwrite lower ones); with an anisotropic spacing the coarse
+    axis then takes the nearest slice.
+
+    Returns:
+        int16 ``shape``.
+    """
+    shape = new_shape(label.shape, spacing, target) if shape is None else tuple(shape)
+    if tuple(label.shape) == shape:
+        return label.astype(np.int16)
+    axis = _separate_axis(spacing, target)
+    inplane_axes = (0, 1, 2) if axis is None else [a for a in range(3) if a != axis]
+    mid_shape = shape if axis is None else tuple(label.shape[a] if a == axis else shape[a] for a in range(3))
+    out = np.zeros(mid_shape, dtype=np.int16)
+    for value in np.unique(label):
+        if value == 0:
+            continue
+        mask = _resize_axes((label == value).astype(np.float32), mid_shape, 1, inplane_axes)
+        out[mask >= 0.5] = value
+    if axis is not None:
+        out = _resize_axes(out, shape, 0, (axis,))
+    return out
+
+
+def class_locations(label: np.ndarray, num_classes: int, seed: int = 1234) -> dict[int, np.ndarray]:
+    """Per foreground class present, ``max(min(10000, n), ceil(0.01 n))`` voxel coordinates ``(k, 3)`` int32."""
+    rng = np.random.RandomState(seed)
+    out = {}
+    for value in range(1, num_classes):
+        coords = np.argwhere(label == value)
+        if len(coords) == 0:
+            continue
+        k = min(len(coords), max(MAX_LOCATIONS, math.ceil(0.01 * len(coords))))
+        if k < len(coords):
+            coords = coords[rng.choice(len(coords), k, replace=False)]
+        out[value] = coords.astype(np.int32)
+    return out
+
+
+def preprocess_case(case: CaseFiles, meta: DatasetJson, fingerprint: Fingerprint, target: Sequence[float | None],
+                    out_dir: Path) -> dict[str, Any]:
+    """Read, normalise and resample one case and write it to ``out_dir`` (atomically, one file per array).
+
+    Files: ``{case}_image.npy`` float32 (C, D', H', W'); with a label, ``{case}_label.npy`` int16 (D', H', W') at
+    the preprocessed grid, ``{case}_native.npy`` int16 (D, H, W) at the native grid and ``{case}_locations.npz``
+    (class locations); ``{case}.json`` the properties (written last: its presence marks a complete case).
+
+    Args:
+        case: The case's files.
+        meta: dataset.json.
+        fingerprint: Training statistics (CT normalisation).
+        target: Target spacing ``(z, y, x)``; a ``None`` axis keeps the case's spacing (2D configuration).
+        out_dir: Cache folder.
+
+    Returns:
+        The properties: native shape, spacing and affine; preprocessed shape and spacing; classes present.
+    """
+    data = read_case(case, meta)
+    spacing = data["spacing"]
+    target = np.array([sp if t is None else t for sp, t in zip(spacing, target, strict=True)], dtype=np.float64)
+    image = normalize(data["image"], meta.channel_names, fingerprint.intensity, case.images[0])
+    image = resample_image(image, spacing, target)
+    _save_npy(out_dir / f"{case.case}_image.npy", image)
+    props: dict[str, Any] = {
+        "case": case.case, "split": case.split, "native_shape": list(data["image"].shape[1:]),
+        "native_spacing": spacing.tolist(), "affine": None if data["affine"] is None else data["affine"].tolist(),
+        "spacing": target.tolist(), "shape": list(image.shape[1:]), "has_label": data["label"] is not None,
+        "classes": [],
+    }
+    if data["label"] is not None:
+        native = data["label"]
+        label = resample_label(native, spacing, target, image.shape[1:])
+        locations = class_locations(label, meta.num_classes)
+        _save_npy(out_dir / f"{case.case}_label.npy", label)
+        _save_npy(out_dir / f"{case.case}_native.npy", native.astype(np.int16))
+        atomic_write(out_dir / f"{case.case}_locations.npz",
+                     lambda tmp: np.savez(tmp, **{str(k): v for k, v in locations.items()}))
+        props["classes"] = sorted(int(k) for k in locations)
+    atomic_write_text(out_dir / f"{case.case}.json", json.dumps(props))
+    return props
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+
+    atomic_write(path, write)
+
+
+def load_preprocessed(cache: Path, case: str, mmap: bool = True) -> dict[str, Any]:
+    """Properties and arrays of one preprocessed case (arrays memory-mapped; absent ones are None).
+
+    Returns:
+        The properties of :func:`preprocess_case` plus ``image``, ``label``, ``native`` and ``locations``
+        (``{class: (k, 3) int32}``).
+    """
+    props = json.loads((cache / f"{case}.json").read_text(encoding="utf-8"))
+    mode = "r" if mmap else None
+
+    def load(name: str) -> np.ndarray | None:
+        path = cache / f"{case}_{name}.npy"
+        return np.load(path, mmap_mode=mode) if path.is_file() else None
+
+    props["image"], props["label"], props["native"] = load("image"), load("label"), load("native")
+    props["locations"] = {}
+    if (cache / f"{case}_locations.npz").is_file():
+        with np.load(cache / f"{case}_locations.npz") as z:
+            props["locations"] = {int(k): z[k] for k in z.files}
+    return props
+
+
+def cache_key(meta: DatasetJson, cases: Sequence[CaseFiles], settings: dict[str, Any]) -> str:
+    """A short hash of the settings, dataset.json and every file's name, size and modification time."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True, default=str).encode())
+    digest.update(meta.path.read_bytes())
+    for case in cases:
+        for path in (*case.images, *(() if case.label is None else (case.label,))):
+            stat = os.stat(path)
+            digest.update(f"{case.split}/{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Small shared pieces: atomic file writes, checkpoint files, RNG states, argument checks."""
