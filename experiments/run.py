@@ -30,7 +30,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
-from experiments.cli import ConfigError, RunOptions, SelfRegCLI, as_typed, expand_aliases, run_labels, run_name
+from experiments.cli import ConfigError, RunOptions, SelfRegCLI, expand_aliases, run_labels, run_name
 from lightning_selfreg.utils.files import atomic_write_text
 
 # identity of a run: a resume must not change these (the weights would not fit or the run would be another one)
@@ -50,18 +50,18 @@ def _check_resume(cli: SelfRegCLI, run_dir: Path) -> Path:
 
     resume_from = run_dir / "checkpoints" / "last.ckpt"
     if not resume_from.is_file():
-        raise ConfigError(f"--run.resume: {resume_from} does not exist")
+        raise ConfigError("run.resume", f"{resume_from} does not exist")
     try:
         check_checkpoint_file(resume_from)  # empty / truncated / corrupt: named now, not mid-setup
     except CheckpointError as err:
-        raise ConfigError(f"--run.resume: {err}") from err
+        raise ConfigError("run.resume", str(err)) from err
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
         saved = yaml.safe_load(saved_path.read_text()) or {}
-        now = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+        now = yaml.safe_load(cli.parser.dump(cli.config, skip_unset=False))
         different = [k for k in RESUME_KEYS if _get(saved, k) != _get(now, k)]
         if different:
-            raise ConfigError(f"--run.resume: settings {different} differ from {saved_path}")
+            raise ConfigError("run.resume", f"settings {different} differ from {saved_path}")
     return resume_from
 
 
@@ -113,12 +113,12 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
     try:  # before anything is written: may fall back to offline
         mode = resolve_wandb_mode(options.wandb, sync_hint=str(run_dir / "wandb" / "offline-run-*"))
     except WandbUnavailable as err:
-        raise ConfigError(f"--run.wandb {options.wandb}: {err}") from err
+        raise ConfigError("run.wandb", str(err)) from err
     fast = bool(trainer.get("fast_dev_run"))
     has_val = cli.datamodule.has_validation
     checkpoint_dir = run_dir / "checkpoints"
     labels = run_labels(cli.config)
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_unset=False))
     callbacks = [
         ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val/dice", mode="max",
                         save_top_k=1, save_last=False) if has_val else None,
@@ -164,7 +164,7 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
         for folder in (run_dir, checkpoint_dir):  # temporary files of writes killed in an earlier run here
             remove_orphaned_temp_files(folder)
         if cli.resume_from is None:
-            atomic_write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
+            atomic_write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_unset=False))
         log_run_environment(trainer.logger)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(cli.resume_from) if cli.resume_from else None)
     best = "best" if cli.has_validation and not trainer.fast_dev_run else None
@@ -189,14 +189,15 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
     return metrics
 
 
-def _error_line(err: BaseException) -> str:
+def _error_line(err: BaseException, argv: list[str]) -> str:
+    """One line for ``err``, a setting named as the user typed it in ``argv``."""
     from lightning_selfreg.data import DataError
 
-    message = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-    if isinstance(err, DataError):  # about a file under --data-dir, or about the setting `err.argument`
-        argument = getattr(err, "argument", None)
-        return f"--data.{argument}: {message}" if argument else f"--data.data_dir: {message}"
-    return message
+    if isinstance(err, DataError):  # about a file under --data-dir, or about the setting `err.parameter`
+        err = ConfigError(f"data.{err.parameter}", str(err))
+    if isinstance(err, ConfigError):
+        return err.line(argv)
+    return str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         cli = SelfRegCLI(expand_aliases(argv), run_parts=run_callbacks)
         train_and_test(cli)
     except (ConfigError, DataError, FileNotFoundError, ImportError) as err:
-        print(f"error: {as_typed(_error_line(err), argv)}", file=sys.stderr)
+        print(f"error: {_error_line(err, argv)}", file=sys.stderr)
         return 2
     return 0
 

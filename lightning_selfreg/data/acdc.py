@@ -71,7 +71,7 @@ class ACDCDataModule(SegDataModule):
     in_channels = 1
     layout_help = ACDC_LAYOUT
 
-    def __init__(self, data_dir: str | Path, list_dir: str | Path | None = None, **kwargs) -> None:
+    def __init__(self, data_dir: str | Path | None = None, list_dir: str | Path | None = None, **kwargs) -> None:
         super().__init__(data_dir, **kwargs)
         self.list_dir = list_dir_argument(list_dir)
 

@@ -43,6 +43,7 @@ from lightning_selfreg.data.preflight import run_checks
 from lightning_selfreg.data.sampling import ResumableDataLoader, ResumableSampler, UnpaddedDistributedSampler
 from lightning_selfreg.data.splits import split_cases
 from lightning_selfreg.data.transforms import RandomAffine, derive_seed
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = ["SegDataModule"]
 
@@ -63,7 +64,8 @@ class SegDataModule(pl.LightningDataModule):
     right after construction, without reading the data.
 
     Args:
-        data_dir: Dataset root.
+        data_dir: Dataset root (required: nothing is downloaded; the default None only lets a configuration
+            name the missing folder as this argument).
         image_size: Side (or ``(H, W)``) the network is trained at.
         batch_size: Training batch size (per device).
         num_workers: DataLoader workers (``persistent_workers`` when > 0).
@@ -95,7 +97,7 @@ class SegDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data_dir: str | Path | None = None,
         image_size: int | Sequence[int] = 224,
         batch_size: int = 24,
         num_workers: int = 0,
@@ -110,19 +112,21 @@ class SegDataModule(pl.LightningDataModule):
         check_int(batch_size, "batch_size", 1)
         check_int(num_workers, "num_workers", 0)
         if isinstance(transform, str) and transform != "paper":
-            raise ValueError(f"`transform` must be 'paper', None or a callable, found {transform!r}.")
+            raise SettingError("transform", f"`transform` must be 'paper', None or a callable, found {transform!r}.")
         check_num_classes(self.num_classes, f"{type(self).__name__}.num_classes")
         if len(self.class_names) != self.num_classes - 1:
-            raise ValueError(f"`{type(self).__name__}.class_names` must name the {self.num_classes - 1} "
-                             f"non-background classes, found {len(self.class_names)}: {self.class_names}.")
+            raise SettingError("class_names", f"`{type(self).__name__}.class_names` must name the "
+                               f"{self.num_classes - 1} non-background classes, found {len(self.class_names)}: "
+                               f"{self.class_names}.")
         image_size = check_image_size(image_size)
         check_fold(fold, num_folds)
         val_cases = check_cases(val_cases)
         if val_cases is not None and fold is not None:
-            raise ValueError(f"give `val_cases` or `fold` / `num_folds`, not both; found val_cases={list(val_cases)}, "
-                             f"fold={fold}.")
+            raise SettingError("val_cases", f"give `val_cases` or `fold` / `num_folds`, not both; found "
+                               f"val_cases={list(val_cases)}, fold={fold}.")
         if data_dir is None or (isinstance(data_dir, str) and not data_dir):
-            raise ValueError(f"`data_dir` must be a folder path, found {data_dir!r}.")
+            raise SettingError("data_dir", f"`data_dir` must be the dataset's folder (nothing is downloaded), found "
+                                           f"{data_dir!r}.")
         self.data_dir = Path(data_dir)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -230,7 +234,7 @@ class SegDataModule(pl.LightningDataModule):
             if fold is not None:
                 if len(known) < self.num_folds:
                     raise DataError(f"`num_folds`={self.num_folds} needs at least {self.num_folds} training cases, "
-                                    f"found {len(known)} in {self.data_dir}: {_shorten(known)}.", argument="num_folds")
+                                    f"found {len(known)} in {self.data_dir}: {_shorten(known)}.", parameter="num_folds")
                 _, held_out = split_cases(cases, fold, self.num_folds)
             else:
                 unknown = [c for c in self.val_cases if c not in set(known)]
@@ -238,7 +242,7 @@ class SegDataModule(pl.LightningDataModule):
                     raise DataError(f"`val_cases` {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
                                     f"among the {len(known)} training cases of {self.data_dir} ({_shorten(known)}); "
                                     f"expected held-out cases present in the data (or `fold` / `num_folds`).",
-                                    argument="val_cases")
+                                    parameter="val_cases")
                 held_out = self.val_cases
             held = set(held_out)
             train = [i for i in pool if i.case not in held]

@@ -33,6 +33,7 @@ from lightning_selfreg.data.readers import (
     read_volume,
 )
 from lightning_selfreg.data.transforms import RandomAffine
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = [
     "SAMPLE_CLASS_NAMES",
@@ -94,7 +95,7 @@ class SynapseDataModule(SegDataModule):
     in_channels = 1
     layout_help = SYNAPSE_LAYOUT
 
-    def __init__(self, data_dir: str | Path, val_cases: Sequence[str] | None = None,
+    def __init__(self, data_dir: str | Path | None = None, val_cases: Sequence[str] | None = None,
                  list_dir: str | Path | None = None, **kwargs) -> None:
         if val_cases is None and kwargs.get("fold") is None:
             val_cases = SYNAPSE_VAL_CASES
@@ -168,8 +169,8 @@ class SampleCTDataModule(SynapseDataModule):
     ) -> None:
         if isinstance(batch_transform, str):
             if batch_transform != "default":
-                raise ValueError(f"`batch_transform` must be a RandomAffine, 'default' or None, found "
-                                 f"{batch_transform!r}.")
+                raise SettingError("batch_transform", f"`batch_transform` must be a RandomAffine, 'default' or "
+                                   f"None, found {batch_transform!r}.")
             batch_transform = RandomAffine()
         super().__init__(data_dir, image_size=image_size, batch_size=batch_size, transform=None,
                          batch_transform=batch_transform, cache=True, val_cases=())

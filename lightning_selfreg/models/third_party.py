@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from lightning_selfreg.selfreg.taps import TapSpec
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = [
     "MONAI_INSTALL_HINT",
@@ -69,7 +70,7 @@ def monai_basic_unet_tap_spec() -> TapSpec:
 
 def _check_spatial_dims(spatial_dims: Any) -> None:
     if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-        raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+        raise SettingError("spatial_dims", f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
 
 
 def monai_basic_unet(
@@ -119,7 +120,8 @@ def monai_dynunet_tap_spec(num_levels: int = 5) -> TapSpec:
         ValueError: If ``num_levels`` is not an integer >= 3.
     """
     if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 3:
-        raise ValueError(f"`num_levels` (len(strides) of the DynUNet) must be an integer >= 3, found {num_levels!r}.")
+        raise SettingError("num_levels", f"`num_levels` (len(strides) of the DynUNet) must be an integer >= 3, found "
+                           f"{num_levels!r}.")
     return TapSpec.unet(
         encoder=[*(f"downsamples.{i}" for i in range(num_levels - 2)), "bottleneck"],
         decoder=[f"upsamples.{i}" for i in range(num_levels - 2)],
@@ -157,9 +159,9 @@ def monai_dynunet(
     """
     _check_spatial_dims(spatial_dims)
     if kwargs.get("deep_supervision"):
-        raise ValueError(
-            "`deep_supervision=True` is not supported: SelfRegSegModule trains on one logits map, and DynUNet's "
-            "deep-supervision output stacks the heads."
+        raise SettingError(
+            "deep_supervision", "`deep_supervision=True` is not supported: SelfRegSegModule trains on one logits map, "
+            "and DynUNet's deep-supervision output stacks the heads."
         )
     nets = _require("monai.networks.nets", "monai-dynunet", MONAI_INSTALL_HINT)
     strides = list(strides)
@@ -188,7 +190,7 @@ def monai_swin_unetr_tap_spec(depths: Sequence[int] = (2, 2, 2, 2)) -> TapSpec:
     """
     depths = tuple(depths)
     if len(depths) != 4 or not all(isinstance(d, int) and d >= 1 for d in depths):
-        raise ValueError(f"`depths` must list the 4 SwinUNETR stages (>= 1 block each), found {depths!r}.")
+        raise SettingError("depths", f"`depths` must list the 4 SwinUNETR stages (>= 1 block each), found {depths!r}.")
     enc_first = [f"swinViT.layers{i + 1}.0.blocks.0" for i in range(4)]
     enc_last = [f"swinViT.layers{i + 1}.0.blocks.{d - 1}" for i, d in enumerate(depths)]
     decoder = ["decoder5", "decoder4", "decoder3", "decoder2"]
@@ -251,13 +253,14 @@ def smp_unet_tap_spec(encoder_name: str = "resnet34", encoder_depth: int = 5) ->
         ValueError: For another encoder family (write the spec with ``list_tap_candidates``) or depth.
     """
     if not encoder_name.startswith(("resnet", "resnext")):
-        raise ValueError(
-            f"No ready smp tap spec for encoder {encoder_name!r} (only resnet*/resnext*). Pass "
+        raise SettingError(
+            "encoder_name", f"No ready smp tap spec for encoder {encoder_name!r} (only resnet*/resnext*). Pass "
             "SelfReg(taps={'encoder': [...], 'decoder': [...], 'final': ...}); "
             "lightning_selfreg.list_tap_candidates(model, input_shape) lists the module paths."
         )
     if encoder_depth not in (3, 4, 5):
-        raise ValueError(f"`encoder_depth` must be 3, 4 or 5 for a ResNet encoder, found {encoder_depth!r}.")
+        raise SettingError("encoder_depth",
+                           f"`encoder_depth` must be 3, 4 or 5 for a ResNet encoder, found {encoder_depth!r}.")
     return TapSpec.unet(
         encoder=[f"encoder.layer{i}" for i in range(1, encoder_depth)],
         decoder=[f"decoder.blocks.{i}" for i in range(encoder_depth - 1)],

@@ -20,6 +20,7 @@ from lightning_selfreg.metrics import PROTOCOLS, PerCaseMetrics, Protocol, case_
 from lightning_selfreg.models.third_party import MONAI_INSTALL_HINT, _require
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.segmentation.loss import DiceCELoss
+from lightning_selfreg.utils.checks import SettingError
 
 try:  # the hyper-parameters LightningCLI instantiates the module with (its class_path configs included)
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -42,23 +43,23 @@ def _roi(roi_size: int | Sequence[int]) -> tuple[int, ...]:
 def _check_3d_options(spatial_dims: int, roi_size: int | Sequence[int] | None, input_size: Any, sw_batch_size: int,
                       sw_overlap: float) -> None:
     if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-        raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+        raise SettingError("spatial_dims", f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
     if not isinstance(sw_batch_size, int) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
-        raise ValueError(f"`sw_batch_size` must be an integer >= 1, found {sw_batch_size!r}.")
+        raise SettingError("sw_batch_size", f"`sw_batch_size` must be an integer >= 1, found {sw_batch_size!r}.")
     if not isinstance(sw_overlap, int | float) or not 0 <= sw_overlap < 1:
-        raise ValueError(f"`sw_overlap` must be in [0, 1), found {sw_overlap!r}.")
+        raise SettingError("sw_overlap", f"`sw_overlap` must be in [0, 1), found {sw_overlap!r}.")
     if spatial_dims == 2:
         if roi_size is not None:
-            raise ValueError(f"`roi_size` is for spatial_dims=3 (sliding window); found roi_size={roi_size!r} in 2D "
-                             "(use `input_size`).")
+            raise SettingError("roi_size", f"`roi_size` is for spatial_dims=3 (sliding window); found "
+                               f"roi_size={roi_size!r} in 2D (use `input_size`).")
         return
     if input_size is not None:
-        raise ValueError(f"`input_size` is for spatial_dims=2; in 3D the network runs on `roi_size` windows at the "
-                         f"volume's grid (found input_size={input_size!r}).")
+        raise SettingError("input_size", f"`input_size` is for spatial_dims=2; in 3D the network runs on `roi_size` "
+                           f"windows at the volume's grid (found input_size={input_size!r}).")
     roi = (roi_size,) if isinstance(roi_size, int) else tuple(roi_size) if roi_size is not None else ()
     if roi_size is None or len(roi) not in (1, 3) or not all(isinstance(v, int) and v >= 1 for v in roi):
-        raise ValueError(
-            f"spatial_dims=3 needs `roi_size`, the sliding window (D, H, W) or one int, found {roi_size!r}."
+        raise SettingError(
+            "roi_size", f"spatial_dims=3 needs `roi_size`, the sliding window (D, H, W) or one int, found {roi_size!r}."
         )
     _require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
 
@@ -184,16 +185,16 @@ class SelfRegSegModule(pl.LightningModule):
         super().__init__()
         _check_3d_options(spatial_dims, roi_size, input_size, sw_batch_size, sw_overlap)
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, found {optimizer!r}.")
+            raise SettingError("optimizer", f"`optimizer` must be one of {OPTIMIZERS}, found {optimizer!r}.")
         if lr_schedule not in SCHEDULES:
-            raise ValueError(f"`lr_schedule` must be one of {SCHEDULES}, found {lr_schedule!r}.")
+            raise SettingError("lr_schedule", f"`lr_schedule` must be one of {SCHEDULES}, found {lr_schedule!r}.")
         if eval_protocol not in PROTOCOLS:
-            raise ValueError(f"`eval_protocol` must be one of {PROTOCOLS}, found {eval_protocol!r}.")
+            raise SettingError("eval_protocol", f"`eval_protocol` must be one of {PROTOCOLS}, found {eval_protocol!r}.")
         class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(1, num_classes)]
         if len(class_names) != num_classes - 1:
-            raise ValueError(
-                f"`class_names` must name the {num_classes - 1} foreground classes, found {len(class_names)}: "
-                f"{class_names}."
+            raise SettingError(
+                "class_names", f"`class_names` must name the {num_classes - 1} foreground classes, found "
+                f"{len(class_names)}: {class_names}."
             )
         given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
         # Under LightningCLI `net` also arrives as its class_path config: keep it, so the checkpoint alone rebuilds

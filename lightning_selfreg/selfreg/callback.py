@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.selfreg.losses import Pairing, SelfRegLoss
 from lightning_selfreg.selfreg.taps import FeatureTaps, TapSpec, resolve_tap_spec
+from lightning_selfreg.utils.checks import SettingError, check_int
 
 __all__ = ["SelfReg"]
 
@@ -48,7 +49,7 @@ class SelfReg(AuxiliaryLoss):
 
     def __init__(
         self,
-        taps: TapSpec | Mapping | None = None,
+        taps: Mapping | TapSpec | None = None,
         lambda_scr: float = 0.015,
         lambda_ifd: float = 0.015,
         pairing: Pairing = "random",
@@ -57,9 +58,11 @@ class SelfReg(AuxiliaryLoss):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, found {warmup_steps}.")
-        self.spec = TapSpec.from_config(taps) if taps is not None else None
+        check_int(warmup_steps, "warmup_steps", 0)
+        try:
+            self.spec = TapSpec.from_config(taps) if taps is not None else None
+        except (TypeError, ValueError) as err:
+            raise SettingError("taps", f"`taps`: {err}") from err
         self._loss_kwargs = dict(
             lambda_scr=lambda_scr, lambda_ifd=lambda_ifd, pairing=pairing, detach_shallow=detach_shallow
         )

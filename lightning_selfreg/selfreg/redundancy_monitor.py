@@ -15,7 +15,8 @@ from torch.utils.data import IterableDataset
 from lightning_selfreg.selfreg.callback import SelfReg, _backbone
 from lightning_selfreg.selfreg.redundancy import block_correlations, collect_block_features, redundancy_score
 from lightning_selfreg.selfreg.taps import TapSpec, resolve_tap_spec
-from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, positive_int, wandb_loggers
+from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, wandb_loggers
+from lightning_selfreg.utils.checks import SettingError, check_int
 from lightning_selfreg.utils.rng import preserved_rng_states
 
 __all__ = ["RedundancyMonitor"]
@@ -68,12 +69,15 @@ class RedundancyMonitor(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 10, num_images: int = 4, max_channels: int = 64,
-                 taps: TapSpec | Mapping | None = None) -> None:
+                 taps: Mapping | TapSpec | None = None) -> None:
         super().__init__()
-        self.every_n_epochs = positive_int(every_n_epochs, "every_n_epochs")
-        self.num_images = positive_int(num_images, "num_images")
-        self.max_channels = positive_int(max_channels, "max_channels")
-        self.spec = TapSpec.from_config(taps) if taps is not None else None
+        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", 1)
+        self.num_images = check_int(num_images, "num_images", 1)
+        self.max_channels = check_int(max_channels, "max_channels", 1)
+        try:
+            self.spec = TapSpec.from_config(taps) if taps is not None else None
+        except (TypeError, ValueError) as err:
+            raise SettingError("taps", f"`taps`: {err}") from err
         self.images: Tensor | None = None
         self._warned_plot = False
 

@@ -227,7 +227,7 @@ def test_list_folder_errors_say_what_was_searched_and_found(tmp_path):
     with pytest.raises(DataError) as info:
         SynapseDataModule(root, val_cases=()).validate()
     message = str(info.value)
-    assert info.value.argument == "list_dir"
+    assert info.value.parameter == "list_dir"
     assert f"no folder with train.txt and test_vol.txt under {root}: searched lists, lists/lists_Synapse" in message
     assert "found lists/ holds all.lst, test_vol.txt" in message
     with pytest.raises(DataError, match=r"`list_dir` .*nowhere: expected train.txt and test_vol.txt, found the "
@@ -242,7 +242,7 @@ def test_val_cases_absent_from_the_data_are_named(root):
     with pytest.raises(DataError) as info:
         SynapseDataModule(root).validate()  # the default SYNAPSE_VAL_CASES are not in this tiny set
     message = str(info.value)
-    assert info.value.argument == "val_cases"
+    assert info.value.parameter == "val_cases"
     assert message.startswith("`val_cases` case0006, case0010, case0026, case0031 are not among the 2 training cases")
     assert "(case0000, case0001)" in message
     with pytest.raises(DataError, match="`num_folds`=5 needs at least 5 training cases, found 2"):
@@ -305,8 +305,22 @@ def test_cli_bad_test_volume_exits_2_before_training(root, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data.val_cases: `val_cases` case0006, case0010, case0026, case0031 are not among")
     assert main([*argv, "--val-cases", "case0001", "--fold", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: --val-cases: `val_cases` or `fold` / `num_folds`, not both")
+    assert capsys.readouterr().err.startswith("error: --val-cases: give `val_cases` or `fold` / `num_folds`, not both")
     (root / "lists").rename(root / "elsewhere")
     assert main([*argv, "--val-cases"]) == 2
     assert capsys.readouterr().err.startswith("error: --data.list_dir: no folder with train.txt and test_vol.txt")
     assert not out.exists()
+
+
+def test_setting_and_data_errors_carry_their_parameter_across_processes():
+    """DataLoader workers and DDP ranks send errors pickled: the parameter a command line names must survive."""
+    import pickle
+
+    from lightning_selfreg.utils.checks import SettingError
+
+    setting = pickle.loads(pickle.dumps(SettingError("lr", "`lr` must be > 0, found -1.")))
+    assert (type(setting), setting.parameter, str(setting)) == (SettingError, "lr", "`lr` must be > 0, found -1.")
+    data = pickle.loads(pickle.dumps(DataError("`val_cases` ['x'] are not cases.", parameter="val_cases")))
+    assert (type(data), data.parameter, str(data)) == (DataError, "val_cases", "`val_cases` ['x'] are not cases.")
+    assert DataError("a.h5: truncated").parameter == "data_dir"  # a file under the data folder
+    assert isinstance(data, SettingError) and isinstance(data, ValueError)

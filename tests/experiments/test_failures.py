@@ -95,8 +95,9 @@ def test_a_write_killed_mid_way_leaves_an_orphan_that_the_next_run_removes(tmp_p
     torch.save({"state_dict": {"w": torch.ones(3)}}, last)  # the previous complete checkpoint
     payload = tmp_path / "payload.ckpt"
     torch.save({"state_dict": {"w": torch.randn(256, 1024)}}, payload)  # 1 MiB of real checkpoint bytes
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(ROOT / "lightning_selfreg" / "utils" / "files.py"),
-                               str(last), str(payload)], stdout=subprocess.PIPE, text=True)
+    files_py = ROOT / "lightning_selfreg" / "utils" / "files.py"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(files_py), str(last), str(payload)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "writing"
         writer.send_signal(signal.SIGKILL)
@@ -220,13 +221,13 @@ def test_wandb_online_without_key_or_route_exits_2_before_the_run_folder(no_wand
     out = tmp_path / "runs"
     assert run.main([*TINY, "--wandb", "online", "--output-dir", str(out), "--run-name", "r"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line.startswith("error: --wandb online:") and "WANDB_API_KEY" in line and "wandb login" in line
+    assert line.startswith("error: --wandb: W&B mode 'online'") and "WANDB_API_KEY" in line and "wandb login" in line
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     start = time.perf_counter()
     assert run.main([*TINY, "--wandb", "online", "--output-dir", str(out), "--run-name", "r"]) == 2
     assert time.perf_counter() - start < 5
     line = one_error_line(capsys.readouterr().err)
-    assert line.startswith("error: --wandb online:") and "127.0.0.1" in line and "unreachable" in line
+    assert line.startswith("error: --wandb: W&B mode 'online'") and "127.0.0.1" in line and "unreachable" in line
     assert not out.exists()
     with pytest.raises(WandbUnavailable, match="unreachable"):
         resolve_wandb_mode("online")

@@ -67,21 +67,29 @@ def test_defaults_are_written_once_in_the_constructors():
     assert not hasattr(run, "OPTIONS") and not hasattr(run, "DEFAULTS") and not hasattr(run, "PRESETS")
 
 
-BAD = [
-    (["--model.lr", "abc"], "--model.lr"),
-    (["--colour", "red"], "unknown setting '--colour'"),
-    (["--model.optimizer", "rmsprop"], "--model.optimizer"),
-    (["--run.wandb", "sometimes"], "--run.wandb"),
-    (["--wandb", "sometimes"], "--wandb"),
-    (["--selfreg.lambda_scr", "nan"], "--selfreg.lambda_scr"),
-    (["--lambda-scr", "-0.5"], "--lambda-scr"),  # named as typed: the alias
-    (["--image-size", "8"], "--image-size"),  # too small for the UNet's 4 poolings
-    (["--data.batch_size", "0"], "--data.batch_size"),
-    (["--precision", "16-mixed"], "--precision"),  # no float16 AMP on a CPU
-    (["--dataset", "mnist"], "--dataset"),
-    (["--backbone", "resnet"], "--backbone"),
-    (["--dataset", "synapse"], "--data"),  # no --data-dir
-    (["--data-dir", "/nonexistent/sample"], "--data-dir"),
+BAD = [  # (flags, the start of the one line after "error: "): the flag as typed, what was expected, what was found
+    (["--model.lr", "abc"], "--model.lr: expected a float, found 'abc'"),
+    (["--lr", "abc"], "--lr: expected a float, found 'abc'"),  # named as typed: the alias
+    (["--colour", "red"], "--colour: expected a setting listed by --help"),
+    (["--model.colour", "red"], "--model.colour: expected a parameter of SelfRegSegModule, found 'colour'"),
+    (["--model.net.init_args.foo", "3"], "--model.net.init_args.foo: expected a parameter of UNet, found 'foo'"),
+    (["--model.optimizer", "rmsprop"], "--model.optimizer: expected one of 'sgd', 'adam', 'adamw', found 'rmsprop'"),
+    (["--run.wandb", "sometimes"], "--run.wandb: expected one of 'auto', 'offline'"),
+    (["--wandb", "sometimes"], "--wandb: expected one of 'auto', 'offline'"),
+    (["--model.class_names", "[a]"], "--model.class_names: expected no value (it is set from the DataModule's"),
+    (["--selfreg.lambda_scr", "nan"], "--selfreg.lambda_scr: expected a float, found 'nan'"),
+    (["--lambda-scr", "-0.5"], "--lambda-scr: `lambda_scr` must be a finite number >= 0, found -0.5"),
+    (["--image-size", "8"], "--image-size: the network UNet cannot take inputs"),  # too small for 4 poolings
+    (["--data.batch_size", "0"], "--data.batch_size: `batch_size` must be an int >= 1, found 0"),
+    (["--width", "1"], "--width: `base_channels` must be an int >= 2, found 1"),  # the network's own check
+    (["--data.batch_transform", "lightning_selfreg.data.RandomAffine", "--data.batch_transform.zoom", "0.5"],
+     "--data.batch_transform.zoom: `zoom` must be >= 1"),  # a class inside a class
+    (["--selfreg.taps", "{final: x}"], "--selfreg.taps: `taps`: A TapSpec needs student taps"),
+    (["--precision", "16-mixed"], "--precision: expected 32, 32-true or bf16-mixed on a CPU"),  # no float16 on CPUs
+    (["--dataset", "mnist"], "--dataset: expected one of sample, synapse"),
+    (["--backbone", "resnet"], "--backbone: expected one of"),
+    (["--dataset", "synapse"], "--data.data_dir: `data_dir` must be the dataset's folder"),  # no --data-dir
+    (["--data-dir", "/nonexistent/sample"], "--data-dir: Data directory /nonexistent/sample does not exist"),
 ]
 
 
@@ -98,15 +106,27 @@ def test_bad_settings_exit_2_with_one_line_before_anything_is_written(tmp_path, 
 def test_more_gpus_than_the_machine_has_is_named(tmp_path, capsys):
     assert run.main(["--gpus", "4", "--output-dir", str(tmp_path / "r"), "--wandb", "disabled"]) == 2
     message = capsys.readouterr().err.strip()
-    assert message.startswith("error: --trainer") and "\n" not in message
+    assert message.startswith("error: --gpus: ") and "\n" not in message  # trainer.accelerator, as typed
     assert not (tmp_path / "r").exists()
 
 
 def test_swin_unet_at_a_size_it_cannot_take_is_named(capsys, tmp_path):
+    """SwinUnet's own check of `img_size`, a value linked from the data: named by the data setting."""
     assert run.main(["--gpus", "0", "--backbone", "swinunet", "--image-size", "100", "--output-dir",
                      str(tmp_path), "--wandb", "disabled"]) == 2
     message = capsys.readouterr().err.strip()
-    assert message.startswith("error: --image-size") and "SwinUnet" in message and "\n" not in message
+    assert message.startswith("error: --image-size: SwinUnet: `img_size` (100, 100)") and "\n" not in message
+    assert message.endswith("(passed on as its `img_size`)")
+
+
+def test_a_bad_setting_in_a_config_file_is_named_with_the_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIGS / "sample.yaml").read_text().replace("base_channels: 16", "base_channels: sixteen"))
+    assert "sixteen" in bad.read_text()
+    assert run.main(["--config", str(bad), "--gpus", "0", "--output-dir", str(tmp_path / "r")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message == (f"error: --model.net.init_args.base_channels: expected an int, found 'sixteen' (in {bad})")
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tmp_path, capsys):

@@ -56,6 +56,7 @@ from lightning_selfreg.data.nnunet.preprocess import (
 )
 from lightning_selfreg.data.sampling import PADDING, PaddingKey, UnpaddedDistributedSampler
 from lightning_selfreg.data.transforms import RandomAffine, default_seed, derive_seed
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = ["CONFIGURATIONS", "SAMPLE_NNUNET_DIR", "Configuration", "NnUNetDataModule", "crop_or_pad"]
 
@@ -307,25 +308,29 @@ class NnUNetDataModule(SegDataModule):
         progress: bool = True,
     ) -> None:
         if configuration not in CONFIGURATIONS:
-            raise ValueError(f"`configuration` must be one of {CONFIGURATIONS}, found {configuration!r}.")
+            raise SettingError("configuration",
+                               f"`configuration` must be one of {CONFIGURATIONS}, found {configuration!r}.")
         dims = 3 if configuration == "3d" else 2
         if isinstance(patch_size, int):
             patch_size = (patch_size,) * dims
         if patch_size is not None and (len(patch_size) != dims or min(patch_size) < 1):
-            raise ValueError(f"`patch_size` must be {dims} positive ints for configuration {configuration!r}, "
-                             f"found {patch_size}.")
+            raise SettingError("patch_size", f"`patch_size` must be {dims} positive ints for configuration "
+                               f"{configuration!r}, found {patch_size}.")
         if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"`samples_per_epoch` must be >= 1, found {samples_per_epoch}.")
+            raise SettingError("samples_per_epoch", f"`samples_per_epoch` must be >= 1, found {samples_per_epoch}.")
         if fold is not None and fold < 0:
-            raise ValueError(f"`fold` must be >= 0, found {fold}.")
+            raise SettingError("fold", f"`fold` must be >= 0, found {fold}.")
         if not 0 <= oversample_foreground <= 1:
-            raise ValueError(f"`oversample_foreground` must be in [0, 1], found {oversample_foreground}.")
+            raise SettingError("oversample_foreground",
+                               f"`oversample_foreground` must be in [0, 1], found {oversample_foreground}.")
         if intensity_shift < 0:
-            raise ValueError(f"`intensity_shift` must be >= 0, found {intensity_shift}.")
+            raise SettingError("intensity_shift", f"`intensity_shift` must be >= 0, found {intensity_shift}.")
         if target_spacing is not None and (len(target_spacing) != 3 or min(target_spacing) <= 0):
-            raise ValueError(f"`target_spacing` must be 3 positive numbers (z, y, x) mm, found {target_spacing}.")
+            raise SettingError("target_spacing",
+                               f"`target_spacing` must be 3 positive numbers (z, y, x) mm, found {target_spacing}.")
         if batch_transform is not None and dims == 3:
-            raise ValueError("`batch_transform` augments 2D batches; use configuration='2d' or None.")
+            raise SettingError("batch_transform",
+                               "`batch_transform` augments 2D batches; use configuration='2d' or None.")
         if data_dir is None:
             data_dir = SAMPLE_NNUNET_DIR
         super().__init__(data_dir, image_size=1, batch_size=batch_size, num_workers=num_workers, transform=None,
@@ -392,14 +397,14 @@ class NnUNetDataModule(SegDataModule):
             unknown = sorted(set(self.val_cases) - set(ids))
             if unknown:
                 raise DataError(f"`val_cases` {unknown} are not training cases of {self.data_dir}.",
-                                argument="val_cases")
+                                parameter="val_cases")
             held = set(self.val_cases)
             return [c for c in ids if c not in held], [c for c in ids if c in held]
         if self.nnunet_fold is None:
             return ids, []
         path = self.splits_file or self.data_dir / "splits_final.json"
         if self.splits_file is not None and not path.is_file():
-            raise DataError(f"`splits_file` {path} does not exist.", argument="splits_file")
+            raise DataError(f"`splits_file` {path} does not exist.", parameter="splits_file")
         splits = read_splits(path, ids) if path.is_file() else crossval_split(ids)
         split = splits[self.nnunet_fold] if self.nnunet_fold < len(splits) else random_split(ids, self.nnunet_fold)
         return split["train"], split["val"]
