@@ -821,7 +821,6 @@ class SelfRegCLI(LightningCLI):
             raise instantiation_error(err, self.config) from err
         self.datamodule = self.config_init["data"]
         self.model = self.config_init["model"]
-        _drop_unused_links(self.model)
         check_network(self.datamodule, self.model, self.config)  # shapes only: before the data is read
         try:
             self.datamodule.validate()  # the pre-flight of the data: every file named here, before the Trainer
@@ -884,24 +883,6 @@ def check_network(datamodule: SegDataModule, module: SelfRegSegModule, config: A
         raise ConfigError("model.net", f"{type(module.net).__name__} maps inputs {shape} to {tuple(logits.shape)}; "
                                        f"expected logits {expected} ({datamodule.num_classes} classes of "
                                        f"{type(datamodule).__name__} at the input size)")
-
-
-def _drop_unused_links(module: SelfRegSegModule) -> None:
-    """Remove from the checkpointed ``net`` config the linked arguments its class does not take.
-
-    Lightning records every applied link in the hyper-parameters (``img_size`` for a UNet too), and
-    ``load_from_checkpoint`` would then pass them to the network's constructor.
-    """
-    net = module.hparams.get("net")
-    if not isinstance(net, dict) or not isinstance(net.get("init_args"), dict):
-        return
-    parameters = inspect.signature(type(module.net)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    for hparams in (module.hparams, module._hparams_initial):
-        init_args = hparams["net"]["init_args"]
-        for name in [n for n in init_args if n not in parameters]:
-            del init_args[name]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any, Literal, get_args
@@ -21,11 +23,6 @@ from lightning_selfreg.models.third_party import MONAI_INSTALL_HINT, _require
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.segmentation.loss import DiceCELoss
 from lightning_selfreg.utils.checks import SettingError
-
-try:  # the hyper-parameters LightningCLI instantiates the module with (its class_path configs included)
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # another Lightning version: a network is then stored as weights only
-    _given_hyperparameters = None
 
 __all__ = ["SelfRegSegModule"]
 
@@ -196,10 +193,7 @@ class SelfRegSegModule(pl.LightningModule):
                 "class_names", f"`class_names` must name the {num_classes - 1} foreground classes, found "
                 f"{len(class_names)}: {class_names}."
             )
-        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
-        # Under LightningCLI `net` also arrives as its class_path config: keep it, so the checkpoint alone rebuilds
-        # the network; a network built in Python is stored as weights only.
-        self.save_hyperparameters(ignore=[] if isinstance((given or {}).get("net"), Mapping) else ["net"])
+        self._save_hyperparameters(net)
         self.net = net
         self.class_names = class_names
         self.seg_loss = DiceCELoss(num_classes, ce_weight, dice_weight)
@@ -218,6 +212,28 @@ class SelfRegSegModule(pl.LightningModule):
         self.allow_zero_length_dataloader_with_multiple_devices = True
         if channels_last:
             self.net.to(memory_format=self._memory_format)
+
+    def _save_hyperparameters(self, net: nn.Module) -> None:
+        """``save_hyperparameters()`` as documented, with ``net`` stored as its class_path config or not at all.
+
+        Under LightningCLI (``load_from_checkpoint_support``, its default) ``save_hyperparameters`` records the
+        parsed configuration, where ``net`` is its ``class_path`` / ``init_args`` config: it is kept, so
+        ``load_from_checkpoint(path)`` alone rebuilds the network, without the linked arguments its class does
+        not take (the CLI links ``img_size`` to every network, and a UNet would refuse it). A network built in
+        Python arrives as the module itself and is dropped: it is stored as weights only (the first call copies
+        it once into ``hparams_initial``, the second one replaces that copy).
+        """
+        with warnings.catch_warnings():  # the advice to ignore an nn.Module is moot: it is dropped just below
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        config = self.hparams.pop("net", None)  # `hparams`: where the documentation puts manual updates
+        if isinstance(config, Mapping) and isinstance(config.get("init_args"), Mapping):
+            parameters = inspect.signature(type(net)).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+                config = {**config, "init_args": {k: v for k, v in config["init_args"].items() if k in parameters}}
+        if isinstance(config, Mapping):
+            self.hparams["net"] = config
+        self.save_hyperparameters(dict(self.hparams))  # hparams_initial (what loggers record) = hparams
 
     @property
     def _memory_format(self) -> torch.memory_format:
