@@ -15,15 +15,19 @@ reads named submodules through hooks:
 * segmentation_models_pytorch ``Unet`` with a ResNet/ResNeXt encoder: ``encoder.layer1..layer4``,
   ``decoder.blocks.0..3``, ``F_final`` = ``decoder.blocks.4`` (for ``encoder_depth=5``).
 
-Every factory returns the library's own module with a ``tap_spec`` attribute, so ``SelfReg()`` needs no
-arguments. MONAI is an optional dependency (``pip install 'lightning_selfreg[monai]'``); smp needs timm and
+These are the only place the specs are written: :func:`ready_tap_spec` computes the spec of a network of one of
+these classes from the instance (:data:`READY_TAP_SPECS`), and
+:func:`~lightning_selfreg.selfreg.taps.resolve_tap_spec` falls back to it, so ``SelfReg()`` needs no arguments
+for MONAI's own ``BasicUNet`` built in Python or given by class path (``--backbone monai-basicunet``). Every
+factory here also returns the library's own module with that spec attached as ``tap_spec``. MONAI is an optional
+dependency (``pip install 'lightning_selfreg[monai]'``); smp needs timm and
 torchvision.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -33,12 +37,14 @@ from lightning_selfreg.utils.checks import SettingError
 
 __all__ = [
     "MONAI_INSTALL_HINT",
+    "READY_TAP_SPECS",
     "monai_basic_unet",
     "monai_basic_unet_tap_spec",
     "monai_dynunet",
     "monai_dynunet_tap_spec",
     "monai_swin_unetr",
     "monai_swin_unetr_tap_spec",
+    "ready_tap_spec",
     "smp_unet",
     "smp_unet_tap_spec",
 ]
@@ -99,7 +105,7 @@ def monai_basic_unet(
     nets = _require("monai.networks.nets", "monai-basicunet", MONAI_INSTALL_HINT)
     net = nets.BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
                          features=features, **kwargs)
-    net.tap_spec = monai_basic_unet_tap_spec()
+    net.tap_spec = ready_tap_spec(net)
     return net
 
 
@@ -169,7 +175,7 @@ def monai_dynunet(
     upsample_kernel_size = strides[1:] if upsample_kernel_size is None else list(upsample_kernel_size)
     net = nets.DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
                        kernel_size=kernel_size, strides=strides, upsample_kernel_size=upsample_kernel_size, **kwargs)
-    net.tap_spec = monai_dynunet_tap_spec(len(strides))
+    net.tap_spec = ready_tap_spec(net)
     return net
 
 
@@ -233,7 +239,7 @@ def monai_swin_unetr(
     _require("einops", "monai-swinunetr", MONAI_INSTALL_HINT)
     net = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          feature_size=feature_size, depths=tuple(depths), **kwargs)
-    net.tap_spec = monai_swin_unetr_tap_spec(depths)
+    net.tap_spec = ready_tap_spec(net)
     return net
 
 
@@ -289,9 +295,55 @@ def smp_unet(
         ImportError: If segmentation_models_pytorch (or its timm/torchvision) cannot be imported.
         ValueError: For an encoder without a ready spec.
     """
-    spec = smp_unet_tap_spec(encoder_name, encoder_depth)
+    smp_unet_tap_spec(encoder_name, encoder_depth)  # an encoder without a ready spec fails before the build
     smp = _require("segmentation_models_pytorch", "smp-unet", SMP_INSTALL_HINT)
     net = smp.Unet(encoder_name=encoder_name, encoder_depth=encoder_depth, encoder_weights=encoder_weights,
                    in_channels=in_channels, classes=num_classes, **kwargs)
-    net.tap_spec = spec
+    net.tap_spec = ready_tap_spec(net)
     return net
+
+
+def _dynunet_spec(net: nn.Module) -> TapSpec:
+    return monai_dynunet_tap_spec(len(net.downsamples) + 2)  # input block + downsamples + bottleneck
+
+
+def _swin_unetr_spec(net: nn.Module) -> TapSpec:
+    return monai_swin_unetr_tap_spec(tuple(len(getattr(net.swinViT, f"layers{i}")[0].blocks) for i in range(1, 5)))
+
+
+def _smp_unet_spec(net: nn.Module) -> TapSpec | None:
+    if not all(hasattr(net.encoder, f"layer{i}") for i in range(1, 5)):  # not a ResNet/ResNeXt encoder
+        return None
+    return smp_unet_tap_spec("resnet", len(net.decoder.blocks))  # one decoder block per encoder stage
+
+
+# A third-party class (its module and name, as its library defines it: nothing is imported) -> the ready tap spec
+# of an instance. The specs depend on the instance where the architecture does: DynUNet's number of levels,
+# SwinUNETR's blocks per stage, smp's encoder depth.
+READY_TAP_SPECS: dict[str, Callable[[nn.Module], TapSpec | None]] = {
+    "monai.networks.nets.basic_unet.BasicUNet": lambda net: monai_basic_unet_tap_spec(),
+    "monai.networks.nets.dynunet.DynUNet": _dynunet_spec,
+    "monai.networks.nets.swin_unetr.SwinUNETR": _swin_unetr_spec,
+    "segmentation_models_pytorch.decoders.unet.model.Unet": _smp_unet_spec,
+}
+
+
+def ready_tap_spec(net: nn.Module) -> TapSpec | None:
+    """The ready tap spec of a MONAI ``BasicUNet`` / ``DynUNet`` / ``SwinUNETR`` or an smp ``Unet`` (or a subclass).
+
+    Args:
+        net: The network, as its library builds it.
+
+    Returns:
+        The spec (see :data:`READY_TAP_SPECS`), or None for another class (or an smp encoder without a spec).
+
+    Example:
+        >>> from monai.networks.nets import BasicUNet  # doctest: +SKIP
+        >>> ready_tap_spec(BasicUNet(spatial_dims=2, out_channels=3)).final  # doctest: +SKIP
+        'upcat_1'
+    """
+    for cls in type(net).__mro__:
+        build = READY_TAP_SPECS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if build is not None:
+            return build(net)
+    return None

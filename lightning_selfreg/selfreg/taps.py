@@ -2,8 +2,9 @@
 
 A :class:`TapSpec` is data (module paths grouped the way SelfReg aggregates them); :class:`FeatureTaps` turns it
 into forward hooks that capture outputs only inside :meth:`FeatureTaps.capture`, so evaluation and inference
-never hold on to activations. :func:`resolve_tap_spec` picks the spec a caller was given or the backbone's own
-``tap_spec``; :func:`list_tap_candidates` lists what a model offers, for writing a spec.
+never hold on to activations. :func:`resolve_tap_spec` picks the spec a caller was given, the backbone's own
+``tap_spec`` or the ready spec of a known third-party UNet; :func:`list_tap_candidates` lists what a model offers,
+for writing a spec.
 """
 
 from __future__ import annotations
@@ -133,10 +134,14 @@ class TapSpec:
 
 
 def resolve_tap_spec(net: nn.Module, spec: TapSpec | Mapping | None = None, owner: str = "SelfReg") -> TapSpec:
-    """The tap spec to use on ``net``: ``spec`` when given, else the backbone's own ``tap_spec`` attribute.
+    """The tap spec to use on ``net``: ``spec`` when given, else the backbone's own, else a ready one for its class.
 
-    The one place where "the spec or the backbone's ``tap_spec``" is decided (the ``SelfReg`` callback, the
-    ``RedundancyMonitor`` callback and :func:`~lightning_selfreg.selfreg.redundancy.collect_block_features` use it).
+    The one place where "the spec, the backbone's ``tap_spec`` attribute, or the ready spec of a known third-party
+    class" is decided (the ``SelfReg`` callback, the ``RedundancyMonitor`` callback and
+    :func:`~lightning_selfreg.selfreg.redundancy.collect_block_features` use it). The ready specs are those of
+    MONAI's ``BasicUNet``, ``DynUNet`` and ``SwinUNETR`` and of segmentation_models_pytorch's ``Unet``
+    (:func:`lightning_selfreg.models.third_party.ready_tap_spec`, computed from the instance), so these networks
+    need no spec even when built by their own library.
 
     Args:
         net: The backbone (for a ``SelfRegSegModule``, ``module.net``).
@@ -147,7 +152,8 @@ def resolve_tap_spec(net: nn.Module, spec: TapSpec | Mapping | None = None, owne
         The spec (not yet checked against ``net``'s modules: :class:`FeatureTaps` does that).
 
     Raises:
-        ValueError: If ``spec`` is None and ``net`` has no ``tap_spec``; the message says how to pass one.
+        ValueError: If ``spec`` is None and ``net`` has neither a ``tap_spec`` nor a ready one; the message says how
+            to pass one.
 
     Example:
         >>> from lightning_selfreg.models import UNet
@@ -158,12 +164,17 @@ def resolve_tap_spec(net: nn.Module, spec: TapSpec | Mapping | None = None, owne
     """
     if spec is None:
         spec = getattr(net, "tap_spec", None)
-        if spec is None:
-            raise ValueError(
-                f"{owner} got no tap spec and the backbone {type(net).__name__} has no `tap_spec` attribute. Pass one, "
-                "e.g. SelfReg(taps={'encoder': [...], 'decoder': [...], 'final': ...}); "
-                "lightning_selfreg.list_tap_candidates(net, input_shape) lists the module paths."
-            )
+    if spec is None:
+        from lightning_selfreg.models.third_party import ready_tap_spec  # here: models imports this module
+
+        spec = ready_tap_spec(net)
+    if spec is None:
+        raise ValueError(
+            f"{owner} got no tap spec and the backbone {type(net).__name__} has no `tap_spec` attribute (nor a ready "
+            "spec: MONAI BasicUNet / DynUNet / SwinUNETR, smp Unet). Pass one, e.g. SelfReg(taps={'encoder': [...], "
+            "'decoder': [...], 'final': ...}); lightning_selfreg.list_tap_candidates(net, input_shape) lists the "
+            "module paths."
+        )
     return TapSpec.from_config(spec)
 
 

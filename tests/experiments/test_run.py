@@ -288,8 +288,9 @@ def test_compare_logs_the_summary_to_an_offline_wandb_run(tmp_path, monkeypatch,
                          "--selfreg", "null"]) == 2  # no SelfReg arm to compare
 
 
-def test_a_third_party_network_by_class_path_trains_with_taps_from_the_config(tmp_path):
-    """MONAI's own BasicUNet (no tap_spec attribute, no registry code): the taps come from --selfreg.taps."""
+def test_a_third_party_network_by_class_path_trains_with_its_ready_taps(tmp_path):
+    """MONAI's own BasicUNet (no tap_spec attribute, no registry code, no taps in the file): SelfReg finds the ready
+    spec of its class."""
     pytest.importorskip("monai")
     out = tmp_path / "runs"
     assert run.main(["--gpus", "0", "--backbone", "monai-basicunet", "--model.net.init_args.features",
@@ -297,5 +298,5 @@ def test_a_third_party_network_by_class_path_trains_with_taps_from_the_config(tm
                      "--run-name", "m", "--wandb", "disabled", "--redundancy", "null"]) == 0
     config = parse(["--gpus", "0", "--backbone", "monai-basicunet"])
     assert config["model"]["net"]["class_path"] == "monai.networks.nets.BasicUNet"
-    assert config["selfreg"]["init_args"]["taps"]["final"] == "upcat_1"
+    assert config["selfreg"]["init_args"]["taps"] is None
     assert read_metrics(out, "m")["backbone"] == "basicunet"
