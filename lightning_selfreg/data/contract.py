@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_selfreg.utils.checks import SettingError, check_int
+from lightning_selfreg.utils.checks import SettingError, check_int, label_problem
 
 __all__ = [
     "DataError",
@@ -139,11 +139,6 @@ def check_arrays(source: Any, image: np.ndarray, label: np.ndarray, num_classes:
         first = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise DataError(f"{source}: expected finite image values, found {int(finite.size - finite.sum())} "
                         f"NaN/infinite value(s) (first at index {first}).")
-    if not np.issubdtype(label.dtype, np.number):
-        raise DataError(f"{source}: label has non-numeric dtype {label.dtype}.")
-    if label.size:
-        low, high = label.min(), label.max()
-        if low < 0 or high >= num_classes:
-            raise DataError(f"{source}: labels must lie in [0, {num_classes}), found values in [{low}, {high}].")
-        if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
-            raise DataError(f"{source}: label holds non-integer values.")
+    problem = label_problem(label, num_classes)
+    if problem is not None:
+        raise DataError(f"{source}: label: {problem}.")

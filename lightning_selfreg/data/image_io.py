@@ -10,7 +10,7 @@ from PIL import Image
 
 from lightning_selfreg.utils.files import atomic_write
 
-__all__ = ["HU_WINDOW", "load_image_2d", "load_nifti", "save_nifti", "save_prediction"]
+__all__ = ["HU_WINDOW", "load_image_2d", "load_nifti", "save_nifti", "save_png_mask", "save_prediction"]
 
 # The standard abdominal CT window (Synapse / TransUNet preprocessing), in HU: image = (clip(HU, low, high) - low) /
 # (high - low). The bundled sample was built with it (tools/build_totalseg_sample.py); the default of predict.py's
@@ -35,21 +35,37 @@ def save_nifti(array_dhw: np.ndarray, path: str | Path, spacing: Sequence[float]
     atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
+def save_png_mask(mask_hw: np.ndarray, path: str | Path, num_classes: int) -> None:
+    """Write a ``(H, W)`` label map as an 8-bit PNG (atomically).
+
+    A binary mask (``num_classes == 2``) is written as 0/255, so that it is visible; a multi-class one holds the
+    class index.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "mask.png"
+        >>> save_png_mask(np.array([[0, 1], [1, 0]]), path, num_classes=2)
+        >>> np.asarray(Image.open(path)).tolist()
+        [[0, 255], [255, 0]]
+    """
+    mask = (np.asarray(mask_hw) * (255 if num_classes == 2 else 1)).astype(np.uint8)
+    atomic_write(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+
+
 def save_prediction(pred: np.ndarray, out_dir: Path, case: str, spacing: Sequence[float] | None,
                     num_classes: int, affine: np.ndarray | None = None) -> Path:
     """Save one case's ``(D, H, W)`` prediction: ``<case>.nii.gz`` for volumes, ``<case>.png`` for ``D = 1``.
 
-    Binary PNG masks are written as 0/255 so that they are visible; multi-class ones hold the class index. A
-    volume is written with ``affine`` when given (the input file's, e.g. an nnU-Net case item's ``"affine"``: the
-    prediction then has the input's geometry voxel for voxel), else with ``diag(spacing)``.
+    PNG masks are written by :func:`save_png_mask` (binary ones as 0/255). A volume is written with ``affine``
+    when given (the input file's, e.g. an nnU-Net case item's ``"affine"``: the prediction then has the input's
+    geometry voxel for voxel), else with ``diag(spacing)``.
 
     Returns:
         The written path.
     """
     if pred.shape[0] == 1:
         path = out_dir / f"{case}.png"
-        mask = pred[0].astype(np.uint8) * (255 if num_classes == 2 else 1)
-        atomic_write(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+        save_png_mask(pred[0], path, num_classes)
         return path
     path = out_dir / f"{case}.nii.gz"
     save_nifti(pred, path, spacing, affine)

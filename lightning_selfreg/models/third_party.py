@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 from lightning_selfreg.selfreg.taps import TapSpec
-from lightning_selfreg.utils.checks import SettingError
+from lightning_selfreg.utils.checks import SettingError, check_spatial_dims
 
 __all__ = [
     "MONAI_INSTALL_HINT",
@@ -74,11 +74,6 @@ def monai_basic_unet_tap_spec() -> TapSpec:
     )
 
 
-def _check_spatial_dims(spatial_dims: Any) -> None:
-    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-        raise SettingError("spatial_dims", f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
-
-
 def monai_basic_unet(
     in_channels: int, num_classes: int, features: Sequence[int] = (32, 32, 64, 128, 256, 32), spatial_dims: int = 2,
     **kwargs: Any
@@ -101,7 +96,7 @@ def monai_basic_unet(
         ImportError: If MONAI is not installed (with the install command).
         ValueError: If ``spatial_dims`` is not 2 or 3.
     """
-    _check_spatial_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     nets = _require("monai.networks.nets", "monai-basicunet", MONAI_INSTALL_HINT)
     net = nets.BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
                          features=features, **kwargs)
@@ -163,7 +158,7 @@ def monai_dynunet(
         ImportError: If MONAI is not installed (with the install command).
         ValueError: If ``spatial_dims`` is not 2 or 3, or ``deep_supervision=True`` is asked for.
     """
-    _check_spatial_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     if kwargs.get("deep_supervision"):
         raise SettingError(
             "deep_supervision", "`deep_supervision=True` is not supported: SelfRegSegModule trains on one logits map, "
@@ -234,7 +229,7 @@ def monai_swin_unetr(
         ImportError: If MONAI or einops is not installed (with the install command).
         ValueError: If ``spatial_dims`` is not 2 or 3.
     """
-    _check_spatial_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     nets = _require("monai.networks.nets", "monai-swinunetr", MONAI_INSTALL_HINT)
     _require("einops", "monai-swinunetr", MONAI_INSTALL_HINT)
     net = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,

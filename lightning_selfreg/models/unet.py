@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_selfreg.selfreg.taps import TapSpec
-from lightning_selfreg.utils.checks import SettingError, check_int
+from lightning_selfreg.utils.checks import check_int, check_spatial_dims
 
 __all__ = ["UNet"]
 
@@ -118,8 +118,7 @@ class UNet(nn.Module):
         for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2),
                                  ("base_channels", base_channels, 2), ("depth", depth, 1)):
             check_int(value, name, low)
-        if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise SettingError("spatial_dims", f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         self.in_channels = in_channels  # declared, so SelfRegSegModule checks data and batches against it
         self.depth = depth
         self.spatial_dims = spatial_dims

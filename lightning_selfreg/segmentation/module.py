@@ -22,7 +22,7 @@ from lightning_selfreg.metrics import PROTOCOLS, PerCaseMetrics, Protocol, case_
 from lightning_selfreg.models.third_party import MONAI_INSTALL_HINT, _require
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.segmentation.loss import DiceCELoss
-from lightning_selfreg.utils.checks import SettingError
+from lightning_selfreg.utils.checks import SettingError, check_spatial_dims, label_problem
 
 __all__ = ["SelfRegSegModule"]
 
@@ -39,8 +39,7 @@ def _roi(roi_size: int | Sequence[int]) -> tuple[int, ...]:
 
 def _check_3d_options(spatial_dims: int, roi_size: int | Sequence[int] | None, input_size: Any, sw_batch_size: int,
                       sw_overlap: float) -> None:
-    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-        raise SettingError("spatial_dims", f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+    check_spatial_dims(spatial_dims)
     if not isinstance(sw_batch_size, int) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
         raise SettingError("sw_batch_size", f"`sw_batch_size` must be an integer >= 1, found {sw_batch_size!r}.")
     if not isinstance(sw_overlap, int | float) or not 0 <= sw_overlap < 1:
@@ -293,12 +292,10 @@ class SelfRegSegModule(pl.LightningModule):
                              f"(shape {tuple(image.shape)}), but the network takes {expected} (`in_channels`).")
         if expected is None:
             self._check_first_convolution(stage)
-        num_classes = self.hparams.num_classes
-        low, high = (int(v) for v in torch.stack([label.min(), label.max()]).tolist())  # the one sync
-        if low < 0 or high >= num_classes:
-            bad = high if high >= num_classes else low
-            raise ValueError(f"`batch['label']` of the first {stage} batch holds class {bad}, outside "
-                             f"[0, {num_classes}) for `num_classes`={num_classes}.")
+        problem = label_problem(label, self.hparams.num_classes)  # the one sync
+        if problem is not None:
+            raise ValueError(f"`batch['label']` of the first {stage} batch: {problem} "
+                             f"(`num_classes`={self.hparams.num_classes}).")
 
     def _check_first_convolution(self, stage: str) -> None:
         convs = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.modules.conv._ConvNd)

@@ -94,7 +94,8 @@ def test_preflight_names_the_bad_file(tmp_path):
     data = np.asanyarray(img.dataobj).copy()
     data[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(data, img.affine), path)
-    with pytest.raises(DataError, match=r"case_001.nii.gz: label values .* found \[7\]"):
+    with pytest.raises(DataError, match=r"case_001.nii.gz: label: expected class indices in \[0, \d\), found values "
+                                        r"in \[0, 7\]"):
         _dm(root, tmp_path).validate()
     # a channel on another grid than the label
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), img.affine), root / "imagesTr" / "case_002_0001.nii.gz")

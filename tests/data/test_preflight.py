@@ -55,8 +55,7 @@ def test_test_volume_with_labels_out_of_range(root):
     label[2, 5, 5] = 12
     _write_volume(path, np.zeros((4, 24, 20), np.float32), label)
     message = _preflight_error(_dm(root))
-    assert "case0100.npy.h5 (slices 0-3)" in message and "labels must lie in [0, 9), found values in [0.0, 12.0]" \
-        in message
+    assert "case0100.npy.h5 (slices 0-3): label: expected class indices in [0, 9), found values in [0, 12]" in message
 
 
 def test_test_volume_with_nan(root):
@@ -172,7 +171,8 @@ def test_validation_slice_is_read_in_full(root):
     label[0, 0] = 9
     np.savez_compressed(root / "train_npz" / "case0001_slice000.npz", image=np.zeros((24, 20), np.float32),
                         label=label)
-    assert "case0001_slice000.npz: labels must lie in [0, 9), found values in [0, 9]" in _preflight_error(_dm(root))
+    message = _preflight_error(_dm(root))
+    assert "case0001_slice000.npz: label: expected class indices in [0, 9), found values in [0, 9]" in message
 
 
 def test_acdc_and_histology_headers(tmp_path):
@@ -299,7 +299,7 @@ def test_cli_bad_test_volume_exits_2_before_training(root, tmp_path, capsys):
     assert main([*argv, "--val-cases", "case0001"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: --data-dir: ")
-    assert "case0100.npy.h5 (slices 0-3): labels must lie in [0, 9), found values in [0.0, 14.0]" in err
+    assert "case0100.npy.h5 (slices 0-3): label: expected class indices in [0, 9), found values in [0, 14]" in err
     assert not out.exists()  # nothing written: no run folder, checkpoint or metrics
     assert main(argv) == 2  # the default validation cases are absent: the message names them and the flag
     err = capsys.readouterr().err.strip()

@@ -12,6 +12,7 @@ import yaml
 
 from experiments import cli, compare, run
 from lightning_selfreg import SelfRegSegModule
+from lightning_selfreg.models import list_models
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "experiments" / "configs"
@@ -228,6 +229,11 @@ def test_every_shipped_config_parses_instantiates_and_runs(path, tmp_path):
         flags.remove("--num-workers"), flags.remove("0")  # SampleCTDataModule reads in the main process
     assert run.main(flags) == 0
     assert (tmp_path / "runs" / "r" / "metrics.json").is_file()
+
+
+def test_the_backbone_names_are_the_registry_names_and_each_has_its_file():
+    assert cli.BACKBONES == tuple(list_models())  # one list: --backbone takes what create_model takes
+    assert sorted(p.stem.replace("_", "-") for p in (CONFIGS / "backbones").glob("*.yaml")) == list(cli.BACKBONES)
 
 
 @pytest.mark.parametrize("name", [p.stem for p in sorted((CONFIGS / "backbones").glob("*.yaml"))])
