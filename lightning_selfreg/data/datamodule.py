@@ -66,7 +66,9 @@ class SegDataModule(pl.LightningDataModule):
     Args:
         data_dir: Dataset root (required: nothing is downloaded; the default None only lets a configuration
             name the missing folder as this argument).
-        image_size: Side (or ``(H, W)``) the network is trained at.
+        image_size: Side (or ``(H, W)``) the network is trained at. None only for a DataModule whose own
+            :attr:`input_size` says what the network sees (:class:`~lightning_selfreg.data.nnunet.NnUNetDataModule`:
+            its patches).
         batch_size: Training batch size (per device).
         num_workers: DataLoader workers (``persistent_workers`` when > 0).
         transform: Per-sample CPU augmentation ``f(image, label[, seed]) -> (image, label)`` that ends at
@@ -98,7 +100,7 @@ class SegDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data_dir: str | Path | None = None,
-        image_size: int | Sequence[int] = 224,
+        image_size: int | Sequence[int] | None = 224,
         batch_size: int = 24,
         num_workers: int = 0,
         transform: Literal["paper"] | PairTransform | None = "paper",
@@ -118,7 +120,8 @@ class SegDataModule(pl.LightningDataModule):
             raise SettingError("class_names", f"`{type(self).__name__}.class_names` must name the "
                                f"{self.num_classes - 1} non-background classes, found {len(self.class_names)}: "
                                f"{self.class_names}.")
-        image_size = check_image_size(image_size)
+        if image_size is not None or type(self).input_size is SegDataModule.input_size:
+            image_size = check_image_size(image_size)
         check_fold(fold, num_folds)
         val_cases = check_cases(val_cases)
         if val_cases is not None and fold is not None:

@@ -36,7 +36,6 @@ from lightning_selfreg.data.transforms import RandomAffine
 from lightning_selfreg.utils.checks import SettingError
 
 __all__ = [
-    "SAMPLE_CLASS_NAMES",
     "SAMPLE_DIR",
     "SYNAPSE_CLASS_NAMES",
     "SYNAPSE_LIST_DIRS",
@@ -46,7 +45,6 @@ __all__ = [
 ]
 
 SYNAPSE_CLASS_NAMES = ("aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas", "spleen", "stomach")
-SAMPLE_CLASS_NAMES = SYNAPSE_CLASS_NAMES
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 # The standard protocol has no validation list. We hold out these 4 of the 18 training cases (every 4th case of
 # the sorted list starting from the second: 0006 0010 0026 0031; 14 cases / 1,708 slices stay for training) so

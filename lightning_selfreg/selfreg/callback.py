@@ -27,7 +27,9 @@ class SelfReg(AuxiliaryLoss):
     """Switch SelfReg (SCR + IFD) on for a :class:`~lightning_selfreg.segmentation.module.SelfRegSegModule`.
 
     Forward hooks are put on the tapped modules of ``pl_module.net`` at setup and removed at teardown; features
-    are captured during the training forward pass only.
+    are captured during the training forward pass only. A compiled network works (the hooks are traced into its
+    graph); for that the taps turn on Dynamo's guards on module hooks for the process (see
+    :class:`~lightning_selfreg.selfreg.taps.FeatureTaps`).
 
     Args:
         taps: Tap spec (a :class:`~lightning_selfreg.selfreg.taps.TapSpec` or its mapping form). ``None`` uses the

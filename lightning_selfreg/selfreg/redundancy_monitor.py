@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
@@ -17,7 +18,6 @@ from lightning_selfreg.selfreg.redundancy import block_correlations, collect_blo
 from lightning_selfreg.selfreg.taps import TapSpec, resolve_tap_spec
 from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, wandb_loggers
 from lightning_selfreg.utils.checks import SettingError, check_int
-from lightning_selfreg.utils.rng import preserved_rng_states
 
 __all__ = ["RedundancyMonitor"]
 
@@ -96,15 +96,14 @@ class RedundancyMonitor(pl.Callback):
         dataset = getattr(loader, "dataset", None)
         if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             return None
-        try:  # a per-sample augmentation drawing from the global generators must not shift training's draws
-            with preserved_rng_states():
+        # a per-sample augmentation drawing from the global generators must not shift training's draws
+        with isolate_rng(include_cuda=False):  # restores on a normal exit: the expected errors are caught inside
+            try:
                 n = len(dataset)
-                if n == 0:
-                    return None
                 indices = torch.linspace(0, n - 1, min(self.num_images, n)).round().long().unique().tolist()
-                images = [_item_image(dataset[i]) for i in indices]
-        except (TypeError, KeyError, IndexError, NotImplementedError):
-            return None
+                images = [_item_image(dataset[i]) for i in indices] if n else [None]
+            except (TypeError, KeyError, IndexError, NotImplementedError):
+                images = [None]
         if any(image is None for image in images):
             return None
         return torch.stack([image.detach().cpu() for image in images])

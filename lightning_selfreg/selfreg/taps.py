@@ -196,6 +196,18 @@ class FeatureTaps:
     are (not detached: the losses decide what gets gradient) and released by :meth:`pop`. Call :meth:`remove` (or
     use as a context manager) to take the hooks off.
 
+    **torch.compile.** Hooks that exist when Dynamo compiles a forward pass are traced into the graph, so taps put
+    on before the first compiled call (``SelfReg`` puts them on at setup) capture as in eager mode. Constructing
+    taps also sets ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` for the whole process, and leaves it
+    so: Dynamo skips guards on module hooks by default, so a graph compiled without these hooks would be reused for
+    a network that has them and the hooks silently ignored. With the guards on, every graph compiled from then on
+    is recompiled when hooks change. The setting is process-wide because the library does not own the compile
+    call (Dynamo reads the setting when it compiles, at a compiled module's first call), and it is not restored at
+    :meth:`remove`, or a graph compiled in between would skip the guards of later taps again. It cannot reach a
+    graph compiled before any taps existed (a network compiled and run, then tapped): that one keeps ignoring the
+    hooks until ``torch._dynamo.reset()``; ``SelfReg`` then stops with an error (it captured nothing) rather than
+    training without its terms. The cost is a few more guard checks per call of every compiled module.
+
     Args:
         model: The network to tap.
         paths: Module paths as in ``dict(model.named_modules())``.
@@ -221,9 +233,7 @@ class FeatureTaps:
             raise _unknown_paths_error(missing, [n for n in modules if n])
         self.paths = tuple(dict.fromkeys(paths))
         self.nhwc = frozenset(nhwc)
-        # torch.compile skips guards on module hooks by default, so a graph compiled for another instance of the
-        # same class without hooks would be reused and these hooks silently ignored; guard on them instead.
-        import torch._dynamo
+        import torch._dynamo  # guard compiled graphs on module hooks: see "torch.compile" above
 
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         self._active = False

@@ -239,6 +239,7 @@ def test_patches_are_a_function_of_seed_epoch_index_with_foreground_oversampling
 def test_case_items_follow_the_interface(dataset, tmp_path):
     for configuration, shape in (("3d", (2, 7, 18, 21)), ("2d", (12, 2, 18, 21))):
         dm = _dm(dataset, tmp_path, configuration=configuration, fold=0)
+        assert dm.image_size is None and dm.input_size is None  # no 2D size: the patches are what the net sees
         assert dm.validate() == {"train": 4, "val": 1, "test": 1}
         dm.setup("test")
         item = dm._test[0]

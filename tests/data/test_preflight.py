@@ -259,6 +259,7 @@ def test_val_cases_absent_from_the_data_are_named(root):
     ({"image_size": (224, 0)}, "`image_size` .* found \\(224, 0\\)"),
     ({"image_size": "224"}, "`image_size` .* found '224'"),
     ({"image_size": True}, "`image_size` .* found True"),
+    ({"image_size": None}, "`image_size` .* found None"),  # only a DataModule with its own input_size takes None
     ({"val_cases": "case0006"}, "`val_cases` must be a list of case names, found the string 'case0006' "
                                 "\\(for one case write \\['case0006'\\]\\)"),
     ({"val_cases": [6, 10]}, "`val_cases` must be a list of non-empty case-name strings"),

@@ -233,6 +233,23 @@ def test_wandb_online_without_key_or_route_exits_2_before_the_run_folder(no_wand
         resolve_wandb_mode("online")
 
 
+@pytest.mark.parametrize(("env", "mode", "expected"), [
+    ("offline", "auto", "offline"), ("dryrun", "auto", "offline"), ("DISABLED", "auto", "disabled"),
+    ("offline", "online", "offline"), ("disabled", "offline", "offline"), ("offline", "disabled", "disabled"),
+    ("online", "auto", "online"),
+])
+def test_wandb_mode_is_what_wandb_will_do_when_the_environment_forces_it(no_wandb_login, monkeypatch, env, mode,
+                                                                           expected):
+    """WANDB_MODE in the environment wins over an online run (Lightning's WandbLogger passes no mode to W&B):
+    with credentials and a server that answers, `auto` used to report `online` while W&B stayed offline."""
+    from lightning_selfreg.tracking import wandb_mode
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", env)
+    monkeypatch.setattr(wandb_mode, "probe_server", lambda **kwargs: None)  # the server answers
+    assert resolve_wandb_mode(mode) == expected
+
+
 # ---------------------------------------------------------------- experiments.predict
 
 

@@ -333,7 +333,7 @@ class NnUNetDataModule(SegDataModule):
                                "`batch_transform` augments 2D batches; use configuration='2d' or None.")
         if data_dir is None:
             data_dir = SAMPLE_NNUNET_DIR
-        super().__init__(data_dir, image_size=1, batch_size=batch_size, num_workers=num_workers, transform=None,
+        super().__init__(data_dir, image_size=None, batch_size=batch_size, num_workers=num_workers, transform=None,
                          batch_transform=batch_transform, cache=False, val_cases=val_cases)
         self.configuration = configuration
         self._patch_arg = None if patch_size is None else tuple(int(p) for p in patch_size)
