@@ -11,7 +11,7 @@ Encoder module names follow Microsoft's Swin checkpoints (``patch_embed.proj``, 
 onto the encoder key for key; the decoder is ``layers_up``, ``concat_back_dim``, ``norm_up``, ``up`` (the final
 expansion, producing ``F_final``) and ``output`` (the 1x1 head).
 
-SelfReg taps at the paper's configuration (224x224 input, paper.md §3.2), all channels-last (listed in
+SelfReg taps at the paper's configuration (224x224 input; ``docs/method.md`` §4), all channels-last (listed in
 ``tap_spec.nhwc``) and captured as ``(B, C, H, W)``:
 
 ============================================  ==================  ==================================
@@ -27,7 +27,7 @@ module                                        output (C x H x W)  SelfReg role
 ``up``                                        96 x 224 x 224      ``F_final`` (teacher)
 ============================================  ==================  ==================================
 
-The groups are the authors' Swin aggregation (paper.md §2.3): IFD over ``encoder_last``, ``encoder_first``,
+The groups are the authors' Swin aggregation (``docs/method.md`` §2, §4): IFD over ``encoder_last``, ``encoder_first``,
 ``decoder_first`` and ``decoder_last``; SCR over ``last_blocks`` (decoder then encoder last blocks) and
 ``first_blocks``.
 """

@@ -109,7 +109,7 @@ def monai_dynunet_tap_spec(num_levels: int = 5) -> TapSpec:
 
     ``DynUNet`` runs ``input_block`` (level 0), ``downsamples.0..{L-3}`` (levels 1..L-2), ``bottleneck`` (level
     L-1), then ``upsamples.0`` (deepest) .. ``upsamples.{L-2}`` (level 0, the map ``output_block`` reads). As in the
-    paper's UNet (paper.md §3.1) every encoder block below the input block and every decoder block is tapped:
+    paper's UNet (``docs/method.md`` §4) every encoder block below the input block and every decoder block is tapped:
 
     * IFD groups ``encoder`` = ``downsamples.0..{L-3}, bottleneck`` and ``decoder`` = ``upsamples.0..{L-3}``;
     * one SCR group of all of them, against ``F_final`` = ``upsamples.{L-2}``.
@@ -177,7 +177,7 @@ def monai_dynunet(
 def monai_swin_unetr_tap_spec(depths: Sequence[int] = (2, 2, 2, 2)) -> TapSpec:
     """Taps of a MONAI ``SwinUNETR`` (2D or 3D) with ``depths`` Swin blocks per encoder stage.
 
-    The authors' Swin aggregation (paper.md §2.3) with SwinUNETR's one-block convolutional decoder stages
+    The authors' Swin aggregation (``docs/method.md`` §2, §4) with SwinUNETR's one-block convolutional decoder stages
     (``decoder5`` at 1/16 of the input ... ``decoder2`` at 1/2): IFD over ``encoder_last``, ``encoder_first``,
     ``decoder_first`` and ``decoder_last`` (the two decoder groups hold the same four stages), SCR over
     ``last_blocks`` and ``first_blocks`` (decoder stages, then the encoder's last / first blocks). ``F_final`` is

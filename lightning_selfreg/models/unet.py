@@ -1,7 +1,7 @@
 """The CNN UNet of the SelfReg paper (milesial-style UNet with bilinear up-sampling), written cleanly, in 2D or 3D.
 
 At ``base_channels=64, depth=4`` and a 1-channel 224x224 input it matches the authors' ``UNet_hd`` layer for
-layer (17,262,345 parameters with 9 classes) and its SelfReg taps are the paper's (paper.md §3.1):
+layer (17,262,345 parameters with 9 classes) and its SelfReg taps are the paper's (``docs/method.md`` §4):
 
 ==========  ==================  =================
 module      output (C x H x W)  SelfReg role

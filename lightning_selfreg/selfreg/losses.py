@@ -295,7 +295,7 @@ class SelfRegLoss(nn.Module):
 
     ``total = lambda_ifd * sum_g mean_{t in g} IFD(t) + lambda_scr * sum_g mean_{t in g} SCR(t, final)``, where
     the IFD and SCR groups come from the tap spec. For the paper's UNet the IFD groups are the 4 encoder and the
-    3 decoder taps and SCR has one group of all 7 taps (paper.md §2.3). Maps are ``(B, C, H, W)`` or
+    3 decoder taps and SCR has one group of all 7 taps (``docs/method.md`` §2, §4). Maps are ``(B, C, H, W)`` or
     ``(B, C, D, H, W)`` (all of one dimensionality), in either memory format.
 
     Args:

@@ -1,6 +1,8 @@
 """nnU-Net's preprocessing: fingerprint, target spacing, intensity normalisation, resampling, cached cases.
 
-Follows nnU-Net v2's ``DefaultPreprocessor`` / ``ExperimentPlanner`` (``shared/reference/nnunet.md`` §3–§6):
+Follows nnU-Net v2's ``DefaultPreprocessor`` and ``ExperimentPlanner`` (F. Isensee et al., *nnU-Net*, Nature Methods
+18, 203-211 (2021), and the code at <https://github.com/MIC-DKFZ/nnUNet>, ``nnunetv2/preprocessing`` and
+``nnunetv2/experiment_planning``):
 
 * **fingerprint** over all training cases at their native resolution: spacings, shapes and, for CT channels,
   the foreground (``label > 0``) intensities. nnU-Net samples ``1e8 // num_cases`` foreground voxels per case
@@ -139,7 +141,10 @@ def compute_fingerprint(cases: Sequence[CaseFiles], meta: DatasetJson, progress:
 
 
 def target_spacing(fingerprint: Fingerprint) -> np.ndarray:
-    """nnU-Net's 3d_fullres target spacing ``(z, y, x)``: the median, with the anisotropy rule (§3 of nnunet.md)."""
+    """nnU-Net's 3d_fullres target spacing ``(z, y, x)``: the median, with the anisotropy rule.
+
+    As nnU-Net v2's ``ExperimentPlanner.determine_fullres_target_spacing`` (see the module docstring).
+    """
     spacings, shapes = fingerprint.spacings, fingerprint.shapes
     target = np.median(spacings, axis=0)
     target_size = np.median(shapes, axis=0)
