@@ -47,6 +47,28 @@ def synapse_dir(tmp_path):
     return write_synapse_layout(tmp_path / "synapse")
 
 
+# The tiny command-line run of tiny_run: UNet width 4 at 32 px, 1 epoch on the bundled sample, CSV logs.
+TINY_RUN = ["--gpus", "0", "--width", "4", "--image-size", "32", "--max-epochs", "1", "--batch-size", "16",
+            "--redundancy", "null", "--wandb", "disabled"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny ``experiments.run`` run, made once per session for the tests that only read a run folder or need
+    a trained checkpoint: ``(run folder, what the run printed)``. Tests must not write into the folder."""
+    import contextlib
+    import io
+
+    from experiments import run
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = run.main([*TINY_RUN, "--output-dir", str(out), "--run-name", "tiny"])
+    assert status == 0, printed.getvalue()[-3000:]
+    return out / "tiny", printed.getvalue()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked `gpu` where CUDA is not available (CI never has a GPU)."""
     if torch.cuda.is_available():

@@ -333,6 +333,8 @@ def ready_tap_spec(net: nn.Module) -> TapSpec | None:
         The spec (see :data:`READY_TAP_SPECS`), or None for another class (or an smp encoder without a spec).
 
     Example:
+        >>> ready_tap_spec(nn.Conv2d(1, 3, 1)) is None  # not a class with a ready spec (MONAI below is optional)
+        True
         >>> from monai.networks.nets import BasicUNet  # doctest: +SKIP
         >>> ready_tap_spec(BasicUNet(spatial_dims=2, out_channels=3)).final  # doctest: +SKIP
         'upcat_1'

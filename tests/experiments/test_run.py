@@ -13,6 +13,7 @@ import yaml
 from experiments import cli, compare, run
 from lightning_selfreg import SelfRegSegModule
 from lightning_selfreg.models import list_models
+from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "experiments" / "configs"
@@ -130,9 +131,9 @@ def test_a_bad_setting_in_a_config_file_is_named_with_the_file(capsys, tmp_path)
     assert not (tmp_path / "r").exists()
 
 
-def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tmp_path, capsys):
-    out = tmp_path / "runs"
-    assert run.main([*TINY, "--output-dir", str(out), "--run-name", "tiny", "--wandb", "disabled"]) == 0
+def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tiny_run, capsys):
+    run_dir, printed = tiny_run  # run.main(TINY_RUN + --output-dir OUT --run-name tiny), once per session
+    out = run_dir.parent
     metrics = read_metrics(out, "tiny")
     assert (metrics["dataset"], metrics["backbone"], metrics["selfreg"], metrics["seed"]) == \
         ("samplect", "unet", True, 0)
@@ -146,7 +147,6 @@ def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tmp_
     assert config["trainer"]["max_epochs"] == 1 and config["model"]["net"]["init_args"]["base_channels"] == 4
     last = out / "tiny" / "checkpoints" / "last.ckpt"
     assert not list((out / "tiny").rglob(".tmp*"))  # atomic_write's temporary files are .tmp<pid>.<name>
-    printed = capsys.readouterr().out
     assert "| liver |" in printed and "| **mean** |" in printed
     # the checkpoint alone rebuilds the model: network class and arguments, data-linked sizes, hyper-parameters
     module = SelfRegSegModule.load_from_checkpoint(last, map_location="cpu")
@@ -160,8 +160,7 @@ def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tmp_
     assert run_config["data"]["init_args"]["image_size"] == 32 and run_config == config
     # resuming that run with another identity (seed, network) is refused before anything changes there
     before = sorted(p.name for p in (out / "tiny").rglob("*"))
-    assert run.main([*TINY, "--output-dir", str(out), "--run-name", "tiny", "--wandb", "disabled", "--resume",
-                     "--seed", "1"]) == 2
+    assert run.main([*TINY_RUN, "--output-dir", str(out), "--run-name", "tiny", "--resume", "--seed", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "seed_everything" in err and "differ from" in err and "\n" not in err
     assert sorted(p.name for p in (out / "tiny").rglob("*")) == before
@@ -180,14 +179,12 @@ def test_run_baseline_with_wandb_offline(tmp_path, monkeypatch):
     assert list(offline_runs[0].glob("run-*.wandb"))
 
 
-def test_print_config_output_runs_as_is(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    printed = subprocess.run([sys.executable, "-m", "experiments.run", "--gpus", "0", "--width", "4",
-                              "--lambda-ifd", "0.02", "--print_config"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=120)
-    assert printed.returncode == 0, printed.stderr[-2000:]
+def test_print_config_output_runs_as_is(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:  # jsonargparse prints the configuration and exits 0
+        run.main(["--gpus", "0", "--width", "4", "--lambda-ifd", "0.02", "--print_config"])
+    assert done.value.code in (0, None)
     path = tmp_path / "printed.yaml"
-    path.write_text(printed.stdout)
+    path.write_text(capsys.readouterr().out)
     config = parse(["--config", str(path)])
     assert config["selfreg"]["init_args"]["lambda_ifd"] == 0.02
     assert config["model"]["net"]["init_args"]["base_channels"] == 4
