@@ -106,6 +106,12 @@ class SelfRegSegModule(pl.LightningModule):
         sw_overlap: 3D only: overlap of neighbouring windows, in ``[0, 1)`` (0.5 as nnU-Net); windows are blended
             with Gaussian weights (sigma = 1/8 of the window, as nnU-Net).
 
+    **Preprocessing record.** At :meth:`setup` the module takes the DataModule's
+    :class:`~lightning_selfreg.data.preprocessing.Preprocessing` (what it does to raw images: orientation, spacing,
+    intensity normalisation with its fitted numbers) as :attr:`preprocessing` and writes it into every checkpoint;
+    :class:`~lightning_selfreg.segmentation.inference.Predictor` applies it to new images and calls the same
+    inference (:func:`~lightning_selfreg.segmentation.inference.segment`) as :meth:`test_step`.
+
     **Native grid.** Evaluation cases may come at a preprocessed grid (resampled images) with labels at the
     native grid: whenever the label's ``(D, H, W)`` differs from the grid the network predicted on, the logits are
     resampled linearly to the label's grid before the argmax (see :meth:`predict_volume`), and ``spacing`` is the

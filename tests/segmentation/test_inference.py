@@ -391,3 +391,45 @@ def test_a_checkpoint_without_a_record_predicts_with_the_runs_data_config(synaps
                "--data-config", tmp_path / "run" / "config.yaml") == 0
     assert cli("--checkpoint", ckpt, "--input", tmp_path / "ct.nii.gz", "--output", tmp_path / "b.nii.gz") == 0
     assert np.array_equal(voxels(tmp_path / "a.nii.gz"), voxels(tmp_path / "b.nii.gz"))
+
+
+# ---------------------------------------------------------------------------------------------------- resampling
+@pytest.mark.parametrize(("src", "dst"), [((24, 24), (97, 128)), ((24, 24), (24, 60)), ((9, 13), (5, 7)),
+                                           ((6, 10, 12), (13, 31, 40)), ((12, 16, 16), (4, 16, 9))])
+def test_labels_interpolated_only_at_class_borders_equal_the_full_resample(src, dst):
+    from lightning_selfreg.segmentation.inference import resize_argmax
+
+    torch.manual_seed(0)
+    mode = "bilinear" if len(src) == 2 else "trilinear"
+    coarse = torch.randn(2, 5, *(max(2, s // 3) for s in src), dtype=torch.float64)
+    logits = torch.nn.functional.interpolate(coarse, size=src, mode=mode, align_corners=False)  # class regions
+    expected = torch.nn.functional.interpolate(logits, size=dst, mode=mode, align_corners=False).argmax(1)
+    assert torch.equal(resize_argmax(logits, dst, chunk=3), expected)
+    assert torch.equal(resize_argmax(logits.float(), dst), resize_argmax(logits.float(), dst, chunk=2))
+
+
+@pytest.mark.parametrize("dataset", ["glas", "acdc"])
+def test_predict_equals_test_for_2d_image_and_acdc_layouts(tmp_path, dataset):
+    from PIL import Image
+
+    from lightning_selfreg.data import ACDCDataModule, GlaSDataModule
+    from tests.data.test_data import write_acdc, write_uctransnet
+
+    if dataset == "glas":
+        root = write_uctransnet(tmp_path / "glas")
+        datamodule, channels, classes, inputs = GlaSDataModule(root, image_size=32), 3, 2, root / "Test_Folder" / "img"
+    else:
+        root = write_acdc(tmp_path / "acdc")
+        datamodule, channels, classes, inputs = ACDCDataModule(root, image_size=32), 1, 4, root / "test"
+    module = SelfRegSegModule(varied_unet(channels, classes), classes, datamodule.class_names, input_size=32)
+    trainer = run_test(module, datamodule, tmp_path / "test")
+    ckpt = save_like_the_cli(trainer, tmp_path / "model.ckpt", channels, classes)
+    assert cli("--checkpoint", ckpt, "--input", inputs, "--output", tmp_path / "pred") == 0
+    tested, predicted = sorted((tmp_path / "test").iterdir()), sorted((tmp_path / "pred").iterdir())
+    assert len(tested) == len(predicted) == len(list(inputs.iterdir()))
+    for a, b in zip(tested, predicted, strict=True):
+        if dataset == "glas":
+            assert a.name == b.name and np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        else:  # ACDC declares no orientation: the volume as stored, an identity affine
+            assert np.array_equal(voxels(a), voxels(b)) and np.array_equal(nib.load(b).affine, np.eye(4))
+    assert len(np.unique(voxels(b) if dataset == "acdc" else np.asarray(Image.open(b)))) >= 2

@@ -2,6 +2,11 @@
 
 Follows nnU-Net v2's ``DefaultPreprocessor`` / ``ExperimentPlanner`` (``shared/reference/nnunet.md`` §3–§6):
 
+* **orientation** (not in nnU-Net, whose readers use the arrays as stored): every case is first brought to the
+  DataModule's voxel order (``NnUNetDataModule(orientation="auto")``: the one most training cases are stored in,
+  so a dataset stored in one orientation is used as stored), exactly (flips and axis permutations), and the
+  record of all the steps below (:class:`~lightning_selfreg.data.preprocessing.Preprocessing`) is what checkpoints
+  carry for prediction;
 * **fingerprint** over all training cases at their native resolution: spacings, shapes and, for CT channels,
   the foreground (``label > 0``) intensities. nnU-Net samples ``1e8 // num_cases`` foreground voxels per case
   with replacement; here every foreground voxel is used when a case has fewer than that (the statistics
