@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lightning_selfreg.data.image_io import label_image, save_image, save_png
+from lightning_selfreg.data.nnunet.format import SPACING_2D
 from lightning_selfreg.data.preprocessing import Preprocessing, affine_for
 from lightning_selfreg.segmentation.inference import PredictionError
 from lightning_selfreg.utils.files import atomic_write
@@ -196,6 +197,18 @@ def _group_channels(files: list[Path], record: Preprocessing, folder: Path) -> l
     return sorted(cases, key=lambda c: c.name)
 
 
+def _single_files(files: list[Path], kind: Kind) -> list[CaseSource]:
+    """One case per file.
+
+    nnU-Net's ``_0000`` channel suffix is dropped from the names when every file has it (a 2D image holds all its
+    channels in one file: ``case_0000.png`` -> ``case``).
+    """
+    stems = [_stem(p) for p in files]
+    if all(s.endswith("_0000") for s in stems):
+        stems = [s[:-5] for s in stems]
+    return [CaseSource(s, (p,), kind) for s, p in zip(stems, files, strict=True)]
+
+
 def _check_kind(path: Path, kind: str, record: Preprocessing) -> None:
     if record.image_dims == 2 and kind in ("nifti", "layout", "dicom"):
         raise _fail(path, "the model segments 2D images (PNG/TIFF/BMP/JPEG), found a volume file")
@@ -229,7 +242,7 @@ def find_cases(path: Path, record: Preprocessing) -> list[CaseSource]:
             return _group_channels(siblings, record, path.parent)
         if kind == "nifti":
             return _group_channels([path], record, path.parent)
-        return [CaseSource(_stem(path), (path,), kind)]
+        return _single_files([path], kind)
     files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
     by_kind: dict[str, list[Path]] = {}
     for file in files:
@@ -247,7 +260,7 @@ def find_cases(path: Path, record: Preprocessing) -> list[CaseSource]:
     _check_kind(path, kind, record)
     if kind == "nifti":
         return _group_channels(by_kind["nifti"], record, path)
-    return [CaseSource(_stem(p), (p,), kind) for p in by_kind[kind]]  # type: ignore[arg-type]
+    return _single_files(by_kind[kind], kind)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -368,7 +381,9 @@ def _image_case(source: CaseSource, record: Preprocessing) -> Case:
     except _READ_ERRORS as err:
         raise _fail(path, f"cannot be read as an image ({type(err).__name__}: {str(err).splitlines()[0]})") from err
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, H, W)
-    return Case(source.name, np.asarray(array, dtype=np.float32)[:, None], None, None, "image",
+    # nnU-Net's spacing of 2D images (a dummy slice axis), so that a 2D-image nnU-Net model's recorded target
+    # spacing (None, 1, 1) applies as in training
+    return Case(source.name, np.asarray(array, dtype=np.float32)[:, None], None, SPACING_2D, "image",
                 display=str(path))
 
 

@@ -433,3 +433,31 @@ def test_predict_equals_test_for_2d_image_and_acdc_layouts(tmp_path, dataset):
         else:  # ACDC declares no orientation: the volume as stored, an identity affine
             assert np.array_equal(voxels(a), voxels(b)) and np.array_equal(nib.load(b).affine, np.eye(4))
     assert len(np.unique(voxels(b) if dataset == "acdc" else np.asarray(Image.open(b)))) >= 2
+
+
+def test_predict_equals_test_for_an_nnunet_dataset_of_2d_images(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "Dataset002_Png"
+    rng = np.random.default_rng(6)
+    for split, n in (("Tr", 3), ("Ts", 2)):
+        (root / f"images{split}").mkdir(parents=True)
+        (root / f"labels{split}").mkdir()
+        for i in range(n):
+            label = np.zeros((28, 34), np.uint8)
+            label[6:20, 8:25] = 1
+            image = (rng.integers(0, 120, (28, 34, 3)) + 100 * label[..., None]).astype(np.uint8)
+            Image.fromarray(image).save(root / f"images{split}" / f"c{split}{i}_0000.png")
+            Image.fromarray(label).save(root / f"labels{split}" / f"c{split}{i}.png")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {
+        "background": 0, "gland": 1}, "numTraining": 3, "file_ending": ".png"}))
+    datamodule = NnUNetDataModule(root, configuration="2d", patch_size=(16, 16), cache_dir=tmp_path / "cache",
+                                  progress=False)
+    module = SelfRegSegModule(varied_unet(3, 2), 2, datamodule.class_names)
+    trainer = run_test(module, datamodule, tmp_path / "test")
+    assert module.preprocessing.image_dims == 2 and module.preprocessing.orientation is None
+    ckpt = save_like_the_cli(trainer, tmp_path / "model.ckpt", 3, 2)
+    assert cli("--checkpoint", ckpt, "--input", root / "imagesTs", "--output", tmp_path / "pred") == 0
+    for name in ("cTs0.png", "cTs1.png"):
+        tested, predicted = (np.asarray(Image.open(tmp_path / f / name)) for f in ("test", "pred"))
+        assert np.array_equal(tested, predicted) and len(np.unique(predicted)) == 2
