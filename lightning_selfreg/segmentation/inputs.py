@@ -252,15 +252,21 @@ def find_cases(path: Path, record: Preprocessing) -> list[CaseSource]:
         _check_kind(path, "dicom", record)
         return _dicom_series(path)
     if not known:
-        raise _fail(path, f"expected {ACCEPTED}, found no image file in the folder")
+        raise _fail(path, f"expected {ACCEPTED}, found no image file in the folder (a DICOM export: give the folder "
+                          "of one series)")
     if len(known) > 1:
         raise _fail(path, f"expected one kind of input per folder, found {' and '.join(known)} files; put them in "
                           "separate folders")
     kind = known[0]
     _check_kind(path, kind, record)
-    if kind == "nifti":
-        return _group_channels(by_kind["nifti"], record, path)
-    return _single_files(by_kind[kind], kind)
+    cases = _group_channels(by_kind["nifti"], record, path) if kind == "nifti" else _single_files(by_kind[kind], kind)
+    seen: dict[str, CaseSource] = {}
+    for case in cases:  # two inputs must not write one output (ct.nii.gz and ct_0000.nii.gz)
+        if case.name in seen:
+            raise _fail(path, f"expected one input per case name, found {seen[case.name].paths[0].name} and "
+                              f"{case.paths[0].name} both named {case.name!r}")
+        seen[case.name] = case
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------------- reading

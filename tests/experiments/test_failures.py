@@ -306,6 +306,7 @@ def test_predict_writes_the_models_own_prediction(ckpt, tmp_path):
         ("text_as_nifti", "cannot be read as NIfTI"),
         ("other_file_type", "expected a NIfTI volume (.nii/.nii.gz), a DICOM series folder"),
         ("empty_folder", "found no image file in the folder"),
+        ("two_inputs_one_case", "expected one input per case name, found ct.nii.gz and ct_0000.nii.gz"),
         ("output_is_input", "resolves to the input file"),
         ("output_is_input_via_dotdot", "resolves to the input file"),
         ("output_is_input_via_symlink", "resolves to the input file"),
@@ -383,6 +384,10 @@ def test_bad_predict_inputs_exit_2_with_one_line(ckpt, tmp_path, capsys, monkeyp
         image.write_bytes(b"ObjectType = Image\n")
     elif case == "empty_folder":
         image.unlink()
+        image = named = inputs
+        output = tmp_path / "out"
+    elif case == "two_inputs_one_case":
+        nifti(inputs / "ct_0000.nii.gz", volume)
         image = named = inputs
         output = tmp_path / "out"
     elif case == "output_is_input":
