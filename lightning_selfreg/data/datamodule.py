@@ -14,7 +14,9 @@ A dataset module only declares what differs (:class:`SegDataModule` subclasses i
 * what a model needs to know about the data (:attr:`~SegDataModule.in_channels`, ``num_classes``,
   ``class_names``, :attr:`~SegDataModule.volumetric`, :attr:`~SegDataModule.spatial_dims`,
   :attr:`~SegDataModule.input_size`, :attr:`~SegDataModule.roi_size`) is available right after construction,
-  so a command line can link it to the model's arguments before any data is read.
+  so a command line can link it to the model's arguments before any data is read;
+* what the DataModule does to a raw image (orientation, spacing, intensity normalisation) is recorded by
+  :meth:`~SegDataModule.preprocessing`; the module stores that record in its checkpoints for prediction.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lightning_selfreg.data.contract import (
 )
 from lightning_selfreg.data.datasets import CaseDataset, SampleDataset
 from lightning_selfreg.data.preflight import run_checks
+from lightning_selfreg.data.preprocessing import ChannelNorm, Preprocessing
 from lightning_selfreg.data.sampling import ResumableDataLoader, ResumableSampler, UnpaddedDistributedSampler
 from lightning_selfreg.data.splits import split_cases
 from lightning_selfreg.data.transforms import RandomAffine, derive_seed
@@ -57,7 +60,8 @@ def _shorten(names: Sequence[str], limit: int = 10) -> str:
 class SegDataModule(pl.LightningDataModule):
     """Base DataModule: subclasses declare the layout, classes, splits and readers; this class does the rest.
 
-    Subclasses set :attr:`num_classes`, :attr:`class_names`, :attr:`in_channels`, :attr:`layout_help` and
+    Subclasses set :attr:`num_classes`, :attr:`class_names`, :attr:`in_channels`, :attr:`layout_help`,
+    :attr:`channel_names` and :attr:`intensity` (what :meth:`preprocessing` records) and
     implement :meth:`check_layout`, :meth:`_index` and the readers :meth:`_read_sample` / :meth:`_read_case`;
     they override :attr:`volumetric`, :attr:`spatial_dims`, :attr:`input_size` and :attr:`roi_size` where the
     defaults (volumes, a 2D network at ``image_size``, no sliding window) do not hold. All of these are known
@@ -93,6 +97,9 @@ class SegDataModule(pl.LightningDataModule):
     num_classes: int = 2
     class_names: tuple[str, ...] = ("foreground",)
     in_channels: int = 1
+    # what a raw image's channels are and how they are normalised (see `preprocessing`)
+    channel_names: tuple[str, ...] = ("image",)
+    intensity: tuple[ChannelNorm, ...] = (ChannelNorm("none"),)
     layout_help: str = ""
     # fold used for validation when the dataset has no validation split and none is configured (None: no val)
     fallback_val_fold: int | None = None
@@ -173,6 +180,28 @@ class SegDataModule(pl.LightningDataModule):
     def roi_size(self) -> tuple[int, int, int] | None:
         """The sliding window ``(D, H, W)`` of 3D evaluation (the training patch); None for a 2D network."""
         return None
+
+    @property
+    def orientation(self) -> tuple[str, str, str] | None:
+        """Axis codes of the ``(W, H, D)`` axes of the arrays the network is trained on, or None.
+
+        None: no anatomical orientation is declared, images are used in their stored voxel order. See
+        :mod:`~lightning_selfreg.data.preprocessing`.
+        """
+        return None
+
+    def preprocessing(self) -> Preprocessing:
+        """The record of what this DataModule does to a raw image before the network sees it.
+
+        :class:`~lightning_selfreg.SelfRegSegModule` stores it in its checkpoints; prediction applies it to new
+        images (:class:`~lightning_selfreg.segmentation.inference.Predictor`). The default: the class's
+        :attr:`channel_names` and :attr:`intensity`, :attr:`orientation`, no resampling (slices are resized to
+        :attr:`input_size` by the module). A layout whose files store arrays that are already normalised (the
+        TransUNet / MT-UNet copies) reads them as they are; :attr:`intensity` says what a raw image needs.
+        """
+        return Preprocessing(spatial_dims=self.spatial_dims, image_dims=3 if self.volumetric else 2,
+                             channel_names=self.channel_names, intensity=self.intensity,
+                             class_names=self.class_names, orientation=self.orientation)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_layout(self) -> None:

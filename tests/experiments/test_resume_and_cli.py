@@ -171,15 +171,18 @@ def test_predict_cli_on_a_user_nifti(tiny_run, tmp_path, capsys):
 
     last = tiny_run[0] / "checkpoints" / "last.ckpt"  # a 1-epoch run of experiments.run (once per session)
     hu = np.random.default_rng(0).integers(-1000, 400, size=(40, 36, 3)).astype(np.int16)
-    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])  # RAS; the sample's arrays (and so the model) are LPS
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
-    low, high = -125.0, 275.0  # the default --window
-    volume = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0)).astype(np.float32))  # (D, H, W) axial
-    windowed = (volume.clamp(low, high) - low) / (high - low)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    record = checkpoint["preprocessing"]  # written by the run: what SampleCTDataModule does to a raw CT
+    assert record["orientation"] == ["L", "P", "S"] and record["intensity"] == [
+        {"scheme": "window", "low": -125.0, "high": 275.0}]
+    low, high = -125.0, 275.0
+    lps = np.ascontiguousarray(hu[::-1, ::-1].transpose(2, 1, 0)).astype(np.float32)  # (D, H, W) in LPS order
+    windowed = (torch.from_numpy(lps).clamp(low, high) - low) / (high - low)
     # The tiny trained model predicts one class everywhere (its last features are nearly constant), which an
     # all-background predictor would match almost as well. Give it a random 1x1 head on the centred features
     # (bias = -W @ mean feature), so that its own prediction varies from voxel to voxel, and save that model.
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     module = SelfRegSegModule.load_from_checkpoint(last, map_location="cpu")
     features = []
     hook = module.net.outc.register_forward_pre_hook(lambda _, args: features.append(args[0]))
@@ -192,7 +195,8 @@ def test_predict_cli_on_a_user_nifti(tiny_run, tmp_path, capsys):
         module.net.outc.bias.copy_(-(head.flatten(1) @ mean))
     checkpoint["state_dict"] = module.state_dict()
     torch.save(checkpoint, tmp_path / "varied.ckpt")
-    expected = module.predict_volume(windowed).numpy().transpose(2, 1, 0)  # back to the file's (x, y, z)
+    # the model's own slice-wise prediction of the LPS volume, flipped back to the file's (x, y, z)
+    expected = module.predict_volume(windowed).numpy().transpose(2, 1, 0)[::-1, ::-1]
     assert len(np.unique(expected)) >= 3, np.unique(expected)  # a prediction no constant predictor matches
 
     res = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path / "varied.ckpt"),
@@ -200,8 +204,7 @@ def test_predict_cli_on_a_user_nifti(tiny_run, tmp_path, capsys):
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     seg = nib.load(tmp_path / "seg.nii.gz")
-    assert seg.shape == (40, 36, 3) and np.allclose(seg.affine, affine)
-    # the CLI's output is the model's own slice-wise prediction of the same windowed volume
+    assert seg.shape == (40, 36, 3) and np.array_equal(seg.affine, nib.load(tmp_path / "ct.nii.gz").affine)
     np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
     capsys.readouterr()
     assert predict.main(["--checkpoint", str(tmp_path / "no.ckpt"), "--input", str(tmp_path / "ct.nii.gz"),
