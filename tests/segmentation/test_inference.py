@@ -2,6 +2,7 @@
 
 import csv
 import json
+import locale
 
 import lightning.pytorch as pl
 import nibabel as nib
@@ -280,7 +281,9 @@ def test_a_dicom_series_folder_is_read_with_its_geometry(synapse_model, tmp_path
     affine = np.diag([-0.8, -0.7, 2.5, 1.0])
     affine[:3, 3] = (-10.0, 20.0, 30.0)
     nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0).astype(np.int16), affine), tmp_path / "same.nii.gz")
+    encoding = locale.getpreferredencoding(False)
     assert cli("--checkpoint", ckpt, "--input", tmp_path / "series", "--output", tmp_path / "dicom.nii.gz") == 0
+    assert locale.getpreferredencoding(False) == encoding  # GDCM's switch to the "C" locale is undone
     assert cli("--checkpoint", ckpt, "--input", tmp_path / "same.nii.gz", "--output", tmp_path / "nifti.nii.gz") == 0
     from_dicom = nib.load(tmp_path / "dicom.nii.gz")
     assert np.allclose(from_dicom.affine, affine) and int(from_dicom.header["sform_code"]) == 1
