@@ -20,11 +20,9 @@ naming the file, what was expected and what was found.
 
 from __future__ import annotations
 
-import locale
 import re
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -157,24 +155,9 @@ def _sitk() -> Any:
     return sitk
 
 
-@contextmanager
-def _locale_kept() -> Iterator[None]:
-    """Restore the process's locale after SimpleITK's DICOM (GDCM) calls, which switch it to "C".
-
-    Without this, every later ``open()`` without an encoding in the process (YAML configs, ``read_text``) would
-    decode as ASCII instead of UTF-8.
-    """
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
 def _dicom_series(folder: Path) -> list[CaseSource]:
     sitk = _sitk()
-    with _locale_kept():
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if not ids:
         raise _fail(folder, "expected a DICOM series, found DICOM files without a readable series (no image slices)")
     if len(ids) == 1:
@@ -339,10 +322,9 @@ def _dicom_case(source: CaseSource) -> Case:
     sitk = _sitk()
     folder = source.paths[0]
     try:
-        with _locale_kept():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), source.series))
-            image = reader.Execute()
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), source.series))
+        image = reader.Execute()
     except RuntimeError as err:
         raise _fail(folder, f"cannot be read as a DICOM series ({str(err).strip().splitlines()[-1]})") from err
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:

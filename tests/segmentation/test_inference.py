@@ -259,7 +259,15 @@ def _write_dicom_series(folder, volume_zyx, spacing_xyz, origin):
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     series = "1.2.826.0.1.3680043.2.1125.1.4242"
-    for z in range(volume_zyx.shape[0]):
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM switches the process to the "C" locale
+    try:
+        _write_slices(writer, image, folder, series)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(writer, image, folder, series):
+    for z in range(image.GetSize()[2]):
         s = image[:, :, z]
         for tag, value in {"0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".1",
                            "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{series}.{z + 10}",
