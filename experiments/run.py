@@ -93,14 +93,18 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from lightning_selfreg.callbacks import (
+        CurvesWriter,
         FiniteLossGuard,
         ImagesPerSecondMonitor,
         MetricsWriter,
+        OverlayWriter,
+        RedundancyFigure,
         RNGStateCheckpoint,
         SegmentationPanels,
         TestPredictionWriter,
         TestResultsTable,
     )
+    from lightning_selfreg.tracking.report import settings_line
     from lightning_selfreg.tracking.wandb_mode import WandbUnavailable, resolve_wandb_mode
     from lightning_selfreg.utils.checkpoint import AtomicCheckpointIO
 
@@ -133,7 +137,12 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         ImagesPerSecondMonitor(),
         SegmentationPanels(),
         TestResultsTable(),
-        MetricsWriter(run_dir, info=labels),
+        # the run folder's pictures (issue 22): curves.png, redundancy.png, overlays/ (before MetricsWriter, which
+        # links them from metrics.md)
+        CurvesWriter(run_dir / "curves.png", title=settings_line(config)),
+        RedundancyFigure(run_dir / "redundancy.png"),
+        OverlayWriter(run_dir / "overlays"),
+        MetricsWriter(run_dir, info=labels, settings=settings_line(config)),
         TestPredictionWriter(run_dir / "predictions") if options.save_predictions else None,
         None if fast else LearningRateMonitor(logging_interval="step"),  # fast_dev_run has no logger
         ConfigInCheckpoint(config),

@@ -121,6 +121,10 @@ def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tmp_
     assert all(set(v) == {"dice", "iou", "hd95"} for v in per_class.values())
     assert per_class["liver"]["dice"] is not None
     assert "| protocol |" in (out / "tiny" / "metrics.md").read_text()
+    # the run folder to look at: curves, one picture per test case, no redundancy picture without the monitor
+    assert (out / "tiny" / "curves.png").stat().st_size > 0 and not (out / "tiny" / "redundancy.png").exists()
+    assert [p.name for p in (out / "tiny" / "overlays").iterdir()] == ["001_totalseg_dicom.png"]
+    assert "HD95 strict (mm)" in (out / "tiny" / "metrics.md").read_text()
     config = yaml.safe_load((out / "tiny" / "config.yaml").read_text())
     assert config["trainer"]["max_epochs"] == 1 and config["model"]["net"]["init_args"]["base_channels"] == 4
     last = out / "tiny" / "checkpoints" / "last.ckpt"
