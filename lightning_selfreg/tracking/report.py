@@ -9,7 +9,9 @@
 - :func:`format_run_markdown`: a run's ``metrics.md``: settings, per-organ table, per-case Dice, the papers'
   layout and links to the run folder's pictures.
 - :func:`format_comparison_markdown`: the paired comparison of
-  :func:`lightning_selfreg.tracking.compare.summarize_comparison`.
+  :func:`lightning_selfreg.tracking.compare.summarize_comparison` as one table.
+- :func:`verdict_sentence`: one class's Dice difference in plain words, with the seeds a clear answer needs.
+- :func:`format_comparison_report`: a comparison's ``summary.md``: verdicts, the table, power, bootstrap intervals.
 
 Example:
     >>> results = {"dice_mean": 0.8, "iou_mean": 0.7, "hd95_mean": 3.0,
@@ -26,8 +28,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARMS", "MEAN_ROW", "format_comparison_markdown", "format_organ_table", "format_paper_table",
-           "format_run_markdown", "format_table", "hd95_units", "settings_line"]
+__all__ = ["ARMS", "MEAN_ROW", "format_comparison_markdown", "format_comparison_report", "format_organ_table",
+           "format_paper_table", "format_run_markdown", "format_table", "hd95_units", "settings_line",
+           "verdict_sentence"]
 
 ARMS = ("baseline", "selfreg")  # the arms of a comparison summary, in table order
 MEAN_ROW = "mean"  # the comparison summary's row of the runs' own class means
@@ -268,3 +271,97 @@ def format_comparison_markdown(summary: Mapping[str, Any]) -> str:
         "skipped for that seed). Lower HD95 is better (mm under the strict protocol, voxels under transunet).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pp(value: float, sign: bool = True) -> str:
+    """A Dice fraction as percentage points with one decimal and a real minus sign: ``+1.5``, ``−9.9``."""
+    text = f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
+    return text.replace("-", "−")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def verdict_sentence(difference: Mapping[str, Any], power: Mapping[str, Any] | None = None) -> str:
+    """One class's paired Dice difference (SelfReg − baseline) in plain words.
+
+    Args:
+        difference: The ``difference[class]["dice"]`` entry of a comparison summary (``n``, ``mean``, ``ci95``).
+        power: The ``power[class]`` entry (``seeds_for``: seeds needed per effect), or None.
+
+    Example:
+        >>> verdict_sentence({"n": 3, "mean": 0.015, "ci95": [-0.099, 0.129]})
+        '+1.5 pp [−9.9, +12.9]: not distinguishable from no effect with 3 seeds'
+        >>> verdict_sentence({"n": 3, "mean": 0.03, "ci95": [0.005, 0.055]}, {"seeds_for": {"+1 pp": 21}})
+        '+3.0 pp [+0.5, +5.5]: SelfReg better (the 95 % interval excludes 0) with 3 seeds; +1 pp would need 21 seeds'
+    """
+    n, mean, ci = difference.get("n", 0), difference.get("mean"), difference.get("ci95")
+    if not n or mean is None:
+        return "no seed has a Dice in both arms"
+    if ci is None:
+        text = f"{_pp(mean)} pp with {_seeds(n)}: no interval (a paired comparison needs at least 2 seeds)"
+    else:
+        where = (f"{_pp(mean)} pp [{_pp(ci[0])}, {_pp(ci[1])}]")
+        if ci[0] > 0:
+            text = f"{where}: SelfReg better (the 95 % interval excludes 0) with {_seeds(n)}"
+        elif ci[1] < 0:
+            text = f"{where}: SelfReg worse (the 95 % interval excludes 0) with {_seeds(n)}"
+        else:
+            text = f"{where}: not distinguishable from no effect with {_seeds(n)}"
+    needs = []
+    for label, seeds in ((power or {}).get("seeds_for") or {}).items():
+        if ci is None:
+            continue
+        needs.append(f"{label} would need {_seeds(seeds) if seeds else 'more than 1000 seeds'}")
+    return text + ("; " + ", ".join(needs) if needs else "")
+
+
+def format_comparison_report(summary: Mapping[str, Any], plot: str | None = None) -> str:
+    """A comparison's ``summary.md``: verdicts in plain words, the table, seeds needed, bootstrap intervals.
+
+    Args:
+        summary: The result of :func:`lightning_selfreg.tracking.compare.summarize_comparison`.
+        plot: The forest plot's file name, relative to ``summary.md`` (None: no picture).
+    """
+    seeds = summary["seeds"]
+    context = ", ".join(f"{k} `{summary[k]}`" for k in ("dataset", "backbone", "eval_protocol") if summary.get(k))
+    lines = [f"# Does SelfReg help? {context}, {_seeds(len(seeds))} ({', '.join(map(str, seeds))})", ""]
+    if plot:
+        lines += [f"![SelfReg − baseline, Dice per class]({plot})", ""]
+    verdicts = summary.get("verdicts") or {}
+    if verdicts:
+        lines += ["## Verdict: Dice, SelfReg − baseline, paired by seed (95 % Student-t interval)", ""]
+        lines += [f"- **{name}**: {text}" if name == MEAN_ROW else f"- {name}: {text}"
+                  for name, text in sorted(verdicts.items(), key=lambda kv: kv[0] != MEAN_ROW)]
+        lines.append("")
+    lines += ["## Per class", "", format_comparison_markdown(summary).rstrip("\n"), ""]
+    power = summary.get("power") or {}
+    if power:
+        labels = list(next(iter(power.values()))["seeds_for"])
+        lines += ["## How many seeds?", "",
+                  "| class | sd of Δ Dice over seeds (pp) | " + " | ".join(f"seeds to detect {lb}" for lb in labels)
+                  + " |", "|---|---:|" + "---:|" * len(labels)]
+        for name, entry in power.items():
+            counts = [str(v) if v else ("n/a" if entry["sd"] is None else "> 1000")
+                      for v in entry["seeds_for"].values()]
+            sd = "n/a" if entry["sd"] is None else _pp(entry["sd"], sign=False)
+            lines.append(f"| {'**mean**' if name == MEAN_ROW else name} | {sd} | " + " | ".join(counts) + " |")
+        lines += ["", "Seeds (pairs of runs) a two-sided paired t-test at the 5 % level needs for 80 % power, if the "
+                  "paired differences spread as observed here (+3.5 pp: the paper's gain on Synapse). n/a: fewer than "
+                  "2 seeds, no spread to plan from.", ""]
+    bootstrap = {k: v for k, v in (summary.get("bootstrap") or {}).items() if v is not None}
+    if bootstrap:
+        first = next(iter(bootstrap.values()))
+        lines += ["## Bootstrap over seeds and test cases", "",
+                  "| class | Δ Dice (pp) | 95 % bootstrap interval (pp) | seeds | case pairs |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, b in bootstrap.items():
+            lines.append(f"| {'**mean**' if name == MEAN_ROW else name} | {_pp(b['mean'])} | "
+                         f"[{_pp(b['ci95'][0])}, {_pp(b['ci95'][1])}] | {b['n_seeds']} | {b['n_cases']} |")
+        lines += ["", f"Two-stage percentile bootstrap ({first['resamples']} resamples, numpy seed {first['seed']}): "
+                  "seeds drawn with replacement, then each drawn seed's test cases; the statistic is the mean "
+                  "per-case Dice difference. It adds the test set's variation to the seeds'; with few seeds it "
+                  "understates the spread between training runs, so the t interval above is the answer to quote. "
+                  "The per-case paired differences are in `summary.json` under `cases`.", ""]
+    return "\n".join(lines)

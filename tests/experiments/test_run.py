@@ -264,7 +264,14 @@ def test_compare_logs_the_summary_to_an_offline_wandb_run(tmp_path, monkeypatch,
                      "--run-name", "cmp", "--wandb", "offline"]) == 0
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert summary["difference"]["liver"]["dice"]["mean"] == pytest.approx(0.02)
-    assert list((tmp_path / "cmp").rglob("offline-run-*")), "the summary goes to an offline W&B run"
+    (offline,) = (tmp_path / "cmp").rglob("offline-run-*")  # the summary goes to an offline W&B run
+    from tests.tracking.test_tracking import parse_run, read_wandb_records
+
+    (record,) = [r.run for r in read_wandb_records(next(offline.glob("run-*.wandb")))
+                 if r.WhichOneof("record_type") == "run"]
+    assert (record.run_group, record.job_type) == ("cmp", "compare")  # beside the runs it summarises
+    history, _, _ = parse_run(offline)
+    assert {"compare/table", "compare/plot", "compare/summary"} <= set().union(*history)
     printed = capsys.readouterr().out
     assert "W&B comparison run" in printed and "[compare] run 4/4: selfreg, seed 1" in printed
     assert compare.main(["--seeds", "x"]) == 2
