@@ -174,6 +174,13 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
             remove_orphaned_temp_files(folder)
         if cli.resume_from is None:
             atomic_write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
+        if getattr(cli, "plan", None) is not None:  # nnU-Net: what was planned, and what the user's flags overrode
+            from experiments.planning import plan_record
+
+            record = plan_record(cli.plan, cli.config)
+            print(record["line"] + (f"; overridden by your flags: {record['overridden']}" if record["overridden"]
+                                    else ""), flush=True)
+            atomic_write_text(run_dir / "plan.json", json.dumps(record, indent=2) + "\n")
         log_run_environment(trainer.logger)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(cli.resume_from) if cli.resume_from else None)
     best = "best" if cli.has_validation and not trainer.fast_dev_run else None
@@ -218,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_selfreg.data import DataError
 
     try:
-        cli = SelfRegCLI(expand_aliases(argv), run_parts=run_callbacks)
+        from experiments.planning import plan_arguments
+
+        args, plan = plan_arguments(expand_aliases(argv))  # --dataset nnunet: planned from the data and device
+        cli = SelfRegCLI(args, run_parts=run_callbacks)
+        cli.plan = plan
         train_and_test(cli)
     except (ConfigError, DataError, FileNotFoundError, ImportError) as err:
         print(f"error: {as_typed(_error_line(err), argv)}", file=sys.stderr)
