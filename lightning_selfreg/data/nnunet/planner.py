@@ -15,8 +15,9 @@ budget with the batch size, capped so that one batch covers at most 5 % of the d
 * a GPU: half its memory, at most nnU-Net's 8 GiB reference (so a large GPU trains nnU-Net's recipe rather than
   larger batches), nnU-Net's schedule (250 iterations per epoch; the epochs stay the preset's);
 * a CPU: :data:`CPU_MEMORY_BUDGET` of activations, width 16 (the bundled sample's measured CPU recipe) and a
-  training length fitted to :data:`CPU_TRAIN_FLOPS` (about 4 minutes at :data:`CPU_FLOPS_PER_S`, the rate a
-  UNet trains at on 2 busy cores of the machine the figures in ``benchmarks/`` come from), so a run on any
+  training length fitted to :data:`CPU_TRAIN_SECONDS` of one core at :data:`CPU_FLOPS_PER_S` (the rates whole
+  runs trained at per CPU-second on the 2-core machine the figures in ``benchmarks/`` come from: a 3D UNet's
+  large convolutions run several times faster per operation than a 2D UNet's small ones), so a run on any
   nnU-Net dataset ends in minutes: a smoke test of the whole pipeline, not a trained model.
 
 The plan is a pure function of the fingerprint and the device's description (never of a timing), so every rank,
@@ -43,7 +44,7 @@ import numpy as np
 __all__ = [
     "CPU_FLOPS_PER_S",
     "CPU_MEMORY_BUDGET",
-    "CPU_TRAIN_FLOPS",
+    "CPU_TRAIN_SECONDS",
     "DatasetShape",
     "DeviceBudget",
     "Plan",
@@ -54,8 +55,11 @@ __all__ = [
 
 GIB = 1024**3
 CPU_MEMORY_BUDGET = GIB // 2  # activations of one training batch on a CPU
-CPU_FLOPS_PER_S = 10e9  # a UNet's training rate on 2 busy cores (measured 12-34 GFLOP/s, see benchmarks/)
-CPU_TRAIN_FLOPS = 240 * CPU_FLOPS_PER_S  # about 4 minutes of training at that rate
+# training rate per CPU-second of whole nnU-Net runs on the bundled sample (2-core machine, torch 2.13 CPU, batch 2,
+# UNet width 16; everything in the step counted: SelfReg, optimizer, data): 2D 112x128 ~3.9 GFLOP/s (0.84 CPU-s
+# per 3.3-GFLOP sample), 3D 48x56x56 >= 25 GFLOP/s; rounded down
+CPU_FLOPS_PER_S = {"2d": 4e9, "3d": 20e9}
+CPU_TRAIN_SECONDS = 150.0  # of one core: a shared 2-core machine still ends a run on the sample in minutes
 CPU_WIDTH = 16  # base channels on a CPU (the bundled sample's CPU preset)
 GPU_REFERENCE = 8 * GIB  # nnU-Net's reference memory
 REFERENCE_BATCH = {3: 2, 2: 12}  # nnU-Net's reference batch sizes
@@ -96,15 +100,15 @@ class DeviceBudget:
         kind: ``"cpu"`` or ``"gpu"``.
         name: For the plan's line (e.g. ``"NVIDIA H100 80GB HBM3 (79 GiB)"``).
         memory_bytes: Activation memory one training batch may use.
-        train_flops: CPU: the training compute (floating-point operations) the plan fits its length to; None on
-            a GPU (nnU-Net's schedule).
+        train_seconds: CPU: the training time (of one core) the plan fits its length to; None on a GPU
+            (nnU-Net's schedule).
         num_cpus: CPU cores (for the DataLoader workers).
     """
 
     kind: Literal["cpu", "gpu"]
     name: str
     memory_bytes: int
-    train_flops: float | None
+    train_seconds: float | None
     num_cpus: int = 1
 
 
@@ -112,7 +116,7 @@ def device_budget(kind: Literal["cpu", "gpu"], gpu_memory_bytes: int | None = No
                   num_cpus: int = 2) -> DeviceBudget:
     """The budget of a CPU, or of a GPU with ``gpu_memory_bytes`` of memory (see the module docstring)."""
     if kind == "cpu":
-        return DeviceBudget("cpu", name or f"CPU ({num_cpus} cores)", CPU_MEMORY_BUDGET, CPU_TRAIN_FLOPS, num_cpus)
+        return DeviceBudget("cpu", name or f"CPU ({num_cpus} cores)", CPU_MEMORY_BUDGET, CPU_TRAIN_SECONDS, num_cpus)
     if not gpu_memory_bytes:
         raise ValueError("`gpu_memory_bytes` is needed for a GPU budget.")
     budget = min(gpu_memory_bytes // 2, GPU_REFERENCE)
@@ -192,7 +196,7 @@ class Plan:
         device: The budget's device name.
         memory_budget_bytes: The activation budget.
         estimated_bytes: Estimated activations of one batch.
-        estimated_train_s: CPU: estimated training time at :data:`CPU_FLOPS_PER_S`.
+        estimated_train_s: CPU: estimated training time on one core at :data:`CPU_FLOPS_PER_S`.
         median_shape: The dataset's median shape the patch came from.
         reasons: Why each choice, in words.
         applied: The settings a command line took from the plan (:meth:`flags` of the network's parameters).
@@ -244,7 +248,7 @@ class Plan:
                  f"{self.samples_per_epoch} patches/epoch" + (f" x {self.max_epochs} epochs" if self.max_epochs
                                                               else "")]
         if self.estimated_train_s is not None:
-            parts[-1] += f" (~{self.estimated_train_s / 60:.0f} min of training at {CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s)"
+            parts[-1] += f" (~{self.estimated_train_s / 60:.1f} min of training on one core)"
         parts.append("fold " + (str(self.fold) if self.fold is not None else f"none ({self.reasons.get('fold')})"))
         return f"plan for nnU-Net {self.configuration} on {self.device}: " + ", ".join(parts)
 
@@ -322,11 +326,12 @@ def plan_configuration(dataset: DatasetShape, configuration: Literal["2d", "3d"]
         reasons["fold"] = (f"{dataset.num_training_cases} training case(s): nnU-Net's 5-fold split needs 5; "
                            "trains on all")
     if device.kind == "cpu":
-        samples = max(batch, device.train_flops / estimated[1])
+        rate = CPU_FLOPS_PER_S[configuration]
+        samples = max(batch, device.train_seconds * rate / estimated[1])
         iterations = int(min(ITERATIONS_PER_EPOCH, max(1, round(samples / batch / 10))))  # about 10 epochs
         epochs = int(max(1, samples // (iterations * batch)))
         samples_per_epoch, max_epochs = iterations * batch, epochs
-        train_s = samples_per_epoch * epochs * estimated[1] / CPU_FLOPS_PER_S
+        train_s = samples_per_epoch * epochs * estimated[1] / rate
         workers = 0 if device.num_cpus <= 2 else min(4, device.num_cpus // 2)
         base = width
     else:
