@@ -104,6 +104,7 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         TestPredictionWriter,
         TestResultsTable,
     )
+    from lightning_selfreg.callbacks.progress import EpochLines, RunProgressBar
     from lightning_selfreg.tracking.report import settings_line
     from lightning_selfreg.tracking.wandb_mode import WandbUnavailable, resolve_wandb_mode
     from lightning_selfreg.utils.checkpoint import AtomicCheckpointIO
@@ -118,6 +119,10 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         mode = resolve_wandb_mode(options.wandb, sync_hint=str(run_dir / "wandb" / "offline-run-*"))
     except WandbUnavailable as err:
         raise ConfigError(f"--run.wandb {options.wandb}: {err}") from err
+    if mode != "disabled":
+        from experiments.terminal import quiet_wandb
+
+        quiet_wandb(mode)  # the run says in one line where its W&B run is (experiments.terminal.wandb_line)
     fast = bool(trainer.get("fast_dev_run"))
     has_val = cli.datamodule.has_validation
     checkpoint_dir = run_dir / "checkpoints"
@@ -146,6 +151,9 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         TestPredictionWriter(run_dir / "predictions") if options.save_predictions else None,
         None if fast else LearningRateMonitor(logging_interval="step"),  # fast_dev_run has no logger
         ConfigInCheckpoint(config),
+        # progress with the run's ETA: one line per epoch into a file, a bar on a terminal
+        None if trainer.get("enable_progress_bar") is False else RunProgressBar() if sys.stdout.isatty()
+        else EpochLines(),
     ]
     if mode == "disabled":
         logger = CSVLogger(save_dir=run_dir, name="csv", version="")
@@ -162,13 +170,14 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
     """Fit, test, write the run folder; returns the ``metrics.json`` content on rank 0 (else None)."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from experiments.terminal import end_report, start_line
     from lightning_selfreg.tracking.environment import log_run_environment
-    from lightning_selfreg.tracking.report import format_paper_table, format_table
     from lightning_selfreg.utils.files import remove_orphaned_temp_files
 
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     run_dir, checkpoint_dir = cli.run_dir, cli.run_dir / "checkpoints"
     if trainer.is_global_zero:
+        print(start_line(cli), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, checkpoint_dir):  # temporary files of writes killed in an earlier run here
             remove_orphaned_temp_files(folder)
@@ -191,17 +200,10 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
             logger.experiment.finish()
         return None
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    labels = run_labels(cli.config)
-    print(f"\nTest results ({labels['dataset']}, {labels['backbone']}, "
-          f"{'SelfReg' if labels['selfreg'] else 'baseline'}, protocol {module.hparams.eval_protocol}):")
-    print(format_table(module.test_results))
-    print("\nBoth protocols, in the layout of the papers' tables:")
-    print(format_paper_table(module.test_results_by_protocol, datamodule.volumetric))
-    print(f"\nrun folder: {run_dir}\ncheckpoints: {checkpoint_dir}\nmetrics: {run_dir / 'metrics.json'}")
-    if isinstance(logger, WandbLogger):
-        print(f"W&B run: {Path(logger.experiment.dir).parent}" +
-              (" (offline: `wandb sync` that folder)" if cli.wandb_mode == "offline" else ""))
-        logger.experiment.finish()  # close the run so that a later run in this process starts its own
+    print(end_report(cli, metrics), flush=True)  # the per-organ table with units, the run folder, W&B in a line
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # close the run so that a later run in this process starts its own
     return metrics
 
 
@@ -217,6 +219,9 @@ def _error_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one experiment (or a comparison, ``--compare``); returns the process exit status."""
+    from experiments.terminal import quiet_framework
+
+    quiet_framework()  # Lightning's tips and known-harmless notices; real warnings still show
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--compare" in argv:
         from experiments import compare
