@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.cli import RUN_NAME_ENV, ConfigError, SelfRegCLI, as_typed, expand_aliases, run_labels
+from lightning_selfreg.callbacks.progress import format_duration
 from lightning_selfreg.utils.files import atomic_write_text
 
 ARMS = ("baseline", "selfreg")
@@ -59,14 +60,6 @@ def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
     if not seeds:
         raise ConfigError("--seeds: expected one or more integers, found none")
     return seeds, argv[:i] + argv[j:]
-
-
-def _minutes(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
 def _check_state(out_dir: Path, flags: list[str]) -> None:
@@ -171,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[compare] run {k}/{len(plan)}: {arm}, seed {seed}: finished earlier, kept", flush=True)
             continue
         remaining = sum(1 for s, a in plan[k - 1:] if not (out_dir / f"{a}-seed{s}" / "metrics.json").is_file())
-        eta = f"ETA of the comparison {_minutes(remaining * sum(durations) / len(durations))}" if durations else \
-            "ETA after this run"
+        mean = sum(durations) / len(durations) if durations else None
+        eta = f"ETA of the comparison {format_duration(remaining * mean)}" if mean else "ETA after this run"
         print(f"[compare] run {k}/{len(plan)}: {arm}, seed {seed}{' (resumed)' if action == 'resume' else ''} -> "
-              f"{out_dir / name} (elapsed {_minutes(time.monotonic() - start)}, {eta})", flush=True)
+              f"{out_dir / name} (elapsed {format_duration(time.monotonic() - start)}, {eta})", flush=True)
         # later flags win: the run's own seed, arm and folder after the shared flags
         cmd = [sys.executable, "-m", "experiments.run", *flags, "--seed", str(seed),
                *(["--no-selfreg"] if arm == "baseline" else []), "--output-dir", str(out_dir), "--run-name", name,
@@ -192,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_comparison(summary, out_dir)
     print("\n" + "\n".join(f"{name}: {text}" for name, text in summary["verdicts"].items()))
     print(f"\ncomparison folder: {out_dir} (summary.md, compare.png, summary.json; "
-          f"{_minutes(time.monotonic() - start)})")
+          f"{format_duration(time.monotonic() - start)})")
     if mode != "disabled":
         _log_to_wandb(config, base, out_dir, mode, seeds, flags, summary, paths)
     return 0
