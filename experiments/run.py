@@ -15,7 +15,12 @@ win over earlier ones and over the files.
 Every run writes ``<run.output_dir>/<run.name>/config.yaml`` (the resolved configuration), ``checkpoints/``
 (best by validation Dice when there is a validation split, and ``last.ckpt`` every epoch; each checkpoint carries
 the configuration, so ``SelfRegSegModule.load_from_checkpoint(path)`` rebuilds the model), the W&B (or CSV) logs,
-and at the end, atomically, ``metrics.json`` and ``metrics.md``. ``--resume`` continues a killed run from its
+``plan.json`` (``--dataset nnunet``: :mod:`experiments.planning`), and, atomically, pictures to look at without
+W&B: ``curves.png`` (loss terms, validation Dice per class), ``redundancy.png`` (channel redundancy per block,
+first and last epoch), ``overlays/`` (every test case, lowest Dice first), then ``metrics.json`` and
+``metrics.md`` (per-organ table with units, both protocols, per-case Dice, links to the pictures). The terminal
+gets a start line, one line per epoch with the run's ETA (a bar on a terminal) and the per-organ table
+(:mod:`experiments.terminal`). ``--resume`` continues a killed run from its
 ``last.ckpt``. ``--compare --seeds 0 1 2`` trains SelfReg and the baseline for every seed
 (:mod:`experiments.compare`).
 """

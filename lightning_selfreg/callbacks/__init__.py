@@ -12,6 +12,9 @@ Training safety and resume:
 - :class:`FiniteLossGuard`: stop with a clear error on a NaN / infinite loss.
 - :class:`RNGStateCheckpoint`: the global RNG states in checkpoints.
 
+Progress (the run's ETA): :class:`EpochLines` (one line per epoch, for logs) and :class:`RunProgressBar` (a
+terminal).
+
 Dashboards (any logger or none; media to W&B only, from rank 0):
 
 - :class:`SegmentationPanels`: image / ground truth / prediction overlays.
@@ -35,6 +38,7 @@ from lightning_selfreg.callbacks.images_per_second import ImagesPerSecondMonitor
 from lightning_selfreg.callbacks.metrics_writer import MetricsWriter
 from lightning_selfreg.callbacks.overlay_writer import OverlayWriter
 from lightning_selfreg.callbacks.prediction_writer import TestPredictionWriter
+from lightning_selfreg.callbacks.progress import EpochLines, RunProgressBar
 from lightning_selfreg.callbacks.redundancy_figure import RedundancyFigure
 from lightning_selfreg.callbacks.results_table import TestResultsTable
 from lightning_selfreg.callbacks.rng_state import RNGStateCheckpoint
@@ -46,6 +50,7 @@ from lightning_selfreg.selfreg.redundancy_monitor import RedundancyMonitor
 __all__ = [
     "AuxiliaryLoss",
     "CurvesWriter",
+    "EpochLines",
     "FiniteLossGuard",
     "ImagesPerSecondMonitor",
     "MetricsWriter",
@@ -53,6 +58,7 @@ __all__ = [
     "RNGStateCheckpoint",
     "RedundancyFigure",
     "RedundancyMonitor",
+    "RunProgressBar",
     "SegmentationPanels",
     "SelfReg",
     "TestPredictionWriter",

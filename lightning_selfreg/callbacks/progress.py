@@ -103,6 +103,7 @@ class EpochLines(ProgressBar):
         self._clock = _RunClock()
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._test_began = time.monotonic()
 
     @property
     def is_enabled(self) -> bool:
