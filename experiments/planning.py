@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from typing import Any
 
 import yaml
@@ -79,7 +80,9 @@ def plan_arguments(args: list[str]) -> tuple[list[str], Plan | None]:
                               datamodule.in_channels, datamodule.num_classes, base)
     parameters = inspect.signature(_import(_get(config, "model.net.class_path"))).parameters
     plan.applied = plan.flags(net_has_depth="depth" in parameters, net_has_width="base_channels" in parameters)
-    return ["--config", str(preset), *plan.applied, *args[2:]], plan
+    # preprocessing's progress bars are carriage-return updates: not into a log file (the user's flag still wins)
+    quiet = [] if sys.stderr.isatty() else ["--data.progress", "false"]
+    return ["--config", str(preset), *plan.applied, *quiet, *args[2:]], plan
 
 
 def plan_record(plan: Plan, config: Any) -> dict[str, Any]:

@@ -8,8 +8,9 @@ notices are silenced at their source (:func:`quiet_framework`, :func:`quiet_wand
 Silenced, each by its exact text on the logger or warning that emits it (everything else, real warnings included,
 still shows):
 
-- Lightning's start-up notices: the LitLogger tip, ``GPU/TPU/HPU available``, ``Seed set to``, ``Trainer.fit
-  stopped: max_epochs reached`` (the run prints its own start line, one line per epoch and the end table);
+- Lightning's start-up notices: the LitLogger tip, ``GPU/TPU/HPU available``, ``Seed set to``, ``Loading
+  train_dataloader to estimate number of stepping batches``, ``Trainer.fit stopped: max_epochs reached`` (the run
+  prints its own start line, one line per epoch and the end table);
 - the ``isinstance(treespec, LeafSpec)`` deprecation that Lightning's pytree helper triggers in torch >= 2.10
   (Lightning's code, not the user's);
 - W&B's banners, run history and summary (``wandb.Settings(silent=True)``, unless ``WANDB_SILENT`` is set): the
@@ -33,7 +34,8 @@ import yaml
 __all__ = ["HARMLESS", "end_report", "quiet_framework", "quiet_wandb", "start_line", "wandb_line"]
 
 # message starts of Lightning's INFO notices that say nothing a user of this script needs
-HARMLESS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to", "`Trainer.fit` stopped:")
+HARMLESS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to", "`Trainer.fit` stopped:",
+            "Loading `train_dataloader` to estimate number of stepping batches")
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
             "lightning.fabric.utilities.seed", "lightning_utilities.core.rank_zero")
 

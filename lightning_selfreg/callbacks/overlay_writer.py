@@ -17,7 +17,7 @@ from torch import Tensor
 from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.metrics.overlap import class_dice
 from lightning_selfreg.tracking.figures import save_figure
-from lightning_selfreg.tracking.overlays import plot_case, to_label_grid
+from lightning_selfreg.tracking.overlays import plot_case, radiological, to_label_grid
 from lightning_selfreg.tracking.wandb_logging import image_and_label, positive_int
 from lightning_selfreg.utils.distributed import gather_lists
 
@@ -49,10 +49,11 @@ class OverlayWriter(pl.Callback):
     Each picture is :func:`~lightning_selfreg.tracking.overlays.plot_case` of the case's image, ground truth and
     the test step's prediction (``outputs["prediction"]``, at the label's grid, as
     :class:`~lightning_selfreg.SelfRegSegModule` returns it): a 2D image whole, a volume as the three orthogonal
-    planes through each organ. The rank (``001`` = the lowest mean Dice over the classes present) is known once
-    every case is scored, so the pictures are drawn into ``<dirpath>.partial/`` during the test and moved into a
-    new ``dirpath`` at its end, which then replaces the earlier folder (a re-test of the run); a reader sees the old
-    set or the new one. Every rank draws its own cases; the ranking is gathered over ranks and rank 0 moves them.
+    planes through each organ, in the radiological layout when the case has its NIfTI ``affine``. The rank
+    (``001`` = the lowest mean Dice over the classes present) is known once every case is scored, so the pictures
+    are drawn into ``<dirpath>.partial/`` during the test and moved into a new ``dirpath`` at its end, which then
+    replaces the earlier folder (a re-test of the run); a reader sees the old set or the new one. Every rank draws
+    its own cases; the ranking is gathered over ranks and rank 0 moves them.
 
     Args:
         dirpath: The folder of the pictures (e.g. ``<run>/overlays``).
@@ -108,8 +109,16 @@ class OverlayWriter(pl.Callback):
         spacing = None if spacing is None else [float(v) for v in np.asarray(spacing.cpu()).reshape(-1)]
         spatial_dims = int(getattr(pl_module.hparams, "spatial_dims", 2) or 2)
         shown = display_image(image, tuple(label.shape), spatial_dims)
+        label_np, pred_np = label.cpu().numpy(), prediction.cpu().numpy()
+        affine = batch.get("affine") if isinstance(batch, Mapping) else None
+        if affine is not None and label_np.ndim == 3 and label_np.shape[0] > 1:  # NIfTI: the radiological layout
+            axes, flips = radiological(np.asarray(affine.cpu()))
+            flipped = [i for i, f in enumerate(flips) if f]
+            shown = np.flip(shown.transpose(*axes, *range(3, shown.ndim)), flipped)
+            label_np, pred_np = (np.flip(a.transpose(axes), flipped) for a in (label_np, pred_np))
+            spacing = None if spacing is None else [spacing[a] for a in axes]
         stem = _file_stem(case)
-        fig = plot_case(shown, label.cpu().numpy(), prediction.cpu().numpy(), names, spacing, dice,
+        fig = plot_case(shown, label_np, pred_np, names, spacing, dice,
                         title=f"{case}: mean Dice {100 * mean:.1f} % (solid: ground truth, dashed: prediction)"
                         if math.isfinite(mean) else case, max_organs=self.max_organs)
         save_figure(fig, self._rank_dir(trainer) / f"{stem}.png")

@@ -11,7 +11,10 @@
 
 Ground truth is a solid line, the prediction a dashed line, in the colour of the class
 (:func:`~lightning_selfreg.tracking.figures.class_colour`); the legend names the classes. Images are shown in
-grey between their 1st and 99th percentile (RGB images as they are).
+grey between the 1st and 99th percentile of their unsaturated voxels (a CT normalised with clipping piles up at its
+clip values, which would otherwise wash out the soft tissue; RGB images as they are). A case read from NIfTI (with
+its ``affine``) is shown in the radiological convention (:func:`radiological`): the patient's right on the left,
+anterior and superior up; other arrays as they are stored.
 
 Example:
     >>> import numpy as np
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["MIN_CROP_MM", "PANEL_INCHES", "figure_inches", "is_thin_slab", "organ_box", "organ_planes", "plot_case",
-           "slab_slices", "to_label_grid"]
+           "radiological", "slab_slices", "to_label_grid"]
 
 PANEL_INCHES = 2.6  # side of one panel
 _MARGIN_INCHES = 0.7  # title and legend
@@ -111,12 +114,36 @@ def organ_box(label: np.ndarray, pred: np.ndarray, c: int, spacing: Sequence[flo
     return tuple(box)
 
 
+def radiological(affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """``(axes, flips)`` that put a NIfTI volume's ``(D, H, W)`` array in the radiological layout.
+
+    The array is the file's ``(x, y, z)`` reversed, ``affine`` the file's. The layout: axis 0 superior to inferior,
+    axis 1 anterior to posterior, axis 2 the patient's right to left; apply it as
+    ``np.flip(array.transpose(axes), [i for i, f in enumerate(flips) if f])``.
+
+    Example:
+        >>> radiological(np.eye(4))  # RAS: every axis runs the other way
+        ((0, 1, 2), (True, True, True))
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))  # per NIfTI axis: (RAS axis, sign)
+    axes, flips = [], []
+    for target in range(3):  # world axis S (2), A (1), R (0), each decreasing along the target array axis
+        world = 2 - target
+        source = next(a for a in range(3) if int(ornt[2 - a][0]) == world)
+        axes.append(source)
+        flips.append(bool(ornt[2 - source][1] > 0))
+    return tuple(axes), tuple(flips)
+
+
 def _window(image: np.ndarray) -> tuple[float, float]:
     finite = image[np.isfinite(image)]
     if finite.size == 0:
         return 0.0, 1.0
     sample = finite if finite.size <= 1_000_000 else finite[:: finite.size // 1_000_000]
-    low, high = (float(v) for v in np.percentile(sample, (1, 99)))
+    inner = sample[(sample > sample.min()) & (sample < sample.max())]  # saturated (clipped) values left out
+    low, high = (float(v) for v in np.percentile(inner if inner.size > 0.1 * sample.size else sample, (1, 99)))
     return (low, high) if high > low else (low, low + 1.0)
 
 

@@ -72,6 +72,7 @@ def test_a_cpu_plan_is_small_and_short():
     for configuration in ("2d", "3d"):
         plan = plan_configuration(SAMPLE, configuration, CPU, 1, 9)
         assert plan.base_channels == 16 and plan.num_workers == 0
+        assert plan.log_every_n_steps <= plan.samples_per_epoch // plan.batch_size  # every epoch in metrics.csv
         flops = unet_cost(plan.patch_size, 16, plan.depth, 1, 9)[1]
         seconds = plan.samples_per_epoch * plan.max_epochs * flops / CPU_FLOPS_PER_S[configuration]
         assert 0.5 * CPU_TRAIN_SECONDS <= seconds <= CPU_TRAIN_SECONDS  # fitted to the CPU's training budget

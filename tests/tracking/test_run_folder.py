@@ -195,3 +195,18 @@ def test_redundancy_figure_shows_the_first_and_last_epoch(synapse_dir, tmp_path)
     restored.load_state_dict(monitor.state_dict())
     assert restored.first[0] == 0 and torch.equal(restored.first[1]["down1"], monitor.first[1]["down1"])
     assert RedundancyMonitor().figure() is None
+
+
+def test_nifti_cases_are_shown_in_the_radiological_layout():
+    from lightning_selfreg.tracking.overlays import radiological
+
+    assert radiological(np.diag([1.0, 1.0, 1.0, 1.0])) == ((0, 1, 2), (True, True, True))  # RAS: all reversed
+    assert radiological(np.diag([-1.0, -1.0, 1.0, 1.0])) == ((0, 1, 2), (True, False, False))  # LPS (DICOM)
+    sagittal_first = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # i = z, k = x
+    axes, flips = radiological(sagittal_first)
+    assert axes == (2, 1, 0) and flips == (True, True, True)
+    # a voxel at the patient's right-anterior-superior corner lands top-left of the first axial slice
+    volume = np.zeros((4, 5, 6))
+    volume[-1, -1, -1] = 1  # RAS array: the largest index on every axis
+    shown = np.flip(volume.transpose(axes := radiological(np.eye(4))[0]), [0, 1, 2])
+    assert axes == (0, 1, 2) and shown[0, 0, 0] == 1

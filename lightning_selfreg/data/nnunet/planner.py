@@ -191,6 +191,8 @@ class Plan:
         base_channels: UNet width (None: the preset's).
         samples_per_epoch: Training patches per epoch.
         max_epochs: Epochs (None: the preset's).
+        log_every_n_steps: Training steps between two logged values (CPU: at most the steps of an epoch, so
+            every epoch has its loss terms in ``metrics.csv``; None: the run's default).
         num_workers: DataLoader workers.
         fold: Validation fold, None for none.
         device: The budget's device name.
@@ -209,6 +211,7 @@ class Plan:
     base_channels: int | None
     samples_per_epoch: int
     max_epochs: int | None
+    log_every_n_steps: int | None
     num_workers: int
     fold: int | None
     device: str
@@ -236,6 +239,8 @@ class Plan:
             out += ["--model.net.init_args.base_channels", str(self.base_channels)]
         if self.max_epochs is not None:
             out += ["--trainer.max_epochs", str(self.max_epochs)]
+        if self.log_every_n_steps is not None:
+            out += ["--trainer.log_every_n_steps", str(self.log_every_n_steps)]
         return out
 
     def line(self) -> str:
@@ -330,15 +335,15 @@ def plan_configuration(dataset: DatasetShape, configuration: Literal["2d", "3d"]
         samples = max(batch, device.train_seconds * rate / estimated[1])
         iterations = int(min(ITERATIONS_PER_EPOCH, max(1, round(samples / batch / 10))))  # about 10 epochs
         epochs = int(max(1, samples // (iterations * batch)))
-        samples_per_epoch, max_epochs = iterations * batch, epochs
+        samples_per_epoch, max_epochs, log_every = iterations * batch, epochs, min(5, iterations)
         train_s = samples_per_epoch * epochs * estimated[1] / rate
         workers = 0 if device.num_cpus <= 2 else min(4, device.num_cpus // 2)
         base = width
     else:
-        samples_per_epoch, max_epochs, train_s = ITERATIONS_PER_EPOCH * batch, None, None
+        samples_per_epoch, max_epochs, train_s, log_every = ITERATIONS_PER_EPOCH * batch, None, None, None
         workers = min(8, max(0, device.num_cpus - 1))
         base = base_channels
     return Plan(configuration, tuple(int(p) for p in patch_size), batch, depth, base, samples_per_epoch, max_epochs,
-                workers, fold, device.name, device.memory_bytes, per_sample * batch + 4 * PARAMETER_COPIES * params,
-                train_s,
+                log_every, workers, fold, device.name, device.memory_bytes,
+                per_sample * batch + 4 * PARAMETER_COPIES * params, train_s,
                 tuple(int(round(m)) for m in median), reasons)
