@@ -6,8 +6,9 @@
   truth, or its prediction when the truth is empty, has the largest area), drawn at the voxel spacing so that
   the proportions are physical. A thin slab (its depth in mm under half its in-plane extent, e.g. a stack of a
   few slices) has no useful coronal or sagittal view: it shows three axial slices through the organ instead (at
-  a quarter, half and three quarters of its extent in depth). Each row is cropped to its organ (ground truth and
-  prediction) with a margin of 30 % of its size, at least :data:`MIN_CROP_MM` mm wide, so small organs are seen.
+  a quarter, half and three quarters of its extent in depth). Each row is cropped to its organ (the ground truth;
+  the prediction where the truth is empty) with a margin of 30 % of its size, at least :data:`MIN_CROP_MM` mm
+  wide, so small organs are seen.
 
 Ground truth is a solid line, the prediction a dashed line, in the colour of the class
 (:func:`~lightning_selfreg.tracking.figures.class_colour`); the legend names the classes. Images are shown in
@@ -99,8 +100,13 @@ def is_thin_slab(shape: Sequence[int], spacing: Sequence[float]) -> bool:
 
 
 def organ_box(label: np.ndarray, pred: np.ndarray, c: int, spacing: Sequence[float]) -> tuple[slice, slice, slice]:
-    """The crop of class ``c`` (ground truth or prediction): its bounding box, 30 % margin, >= MIN_CROP_MM wide."""
-    mask = (label == c) | (pred == c)
+    """The crop of class ``c``: its ground truth's box (the prediction's without truth), 30 % margin, >= MIN_CROP_MM.
+
+    Scattered false positives elsewhere do not widen it: the row is about the organ.
+    """
+    mask = label == c
+    if not mask.any():
+        mask = pred == c
     box = []
     for axis in range(3):
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))

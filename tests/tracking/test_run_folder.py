@@ -106,6 +106,9 @@ def test_case_picture_rows_are_the_organs_lowest_dice_first():
     assert box[1] == slice(0, 40) and box[0].start >= 0
     small = organ_box(label, pred, 2, (2.0, 10.0, 10.0))  # 10 mm voxels: the 5-voxel organ plus 30 % margin
     assert small[1] == slice(23, 32)
+    stray = pred.copy()
+    stray[0, 0, 0] = 2  # a false positive far away does not widen the organ's crop
+    assert organ_box(label, stray, 2, (2.0, 10.0, 10.0)) == small
     with pytest.raises(ValueError, match="share the grid"):
         plot_case(image[:2], label, pred, ["a", "b"])
 
