@@ -12,9 +12,9 @@ wall time of the whole run) and the range over seeds, which is how the README qu
     python benchmarks/default_run.py --seeds 0 -- --max-epochs 1   # after --: extra flags for every run
 
 What varies: between seeds, the initial weights, the batch order and augmentation draws and SelfReg's pairing
-(all derived from the seed); between machines with the same seed, the floating-point order of the CPU kernels
-(oneDNN picks its algorithms by CPU model and thread count), so the same seed agrees to the last digit only on the
-same kind of machine with the same thread count; and the wall time with the CPU and its load.
+(all derived from the seed); between machines with the same seed, the scores only where the CPU kernels add in
+another order (another CPU model or thread count may, and a small difference early in training can grow); the wall
+time with the CPU and its load.
 """
 
 from __future__ import annotations
