@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         durations.append(time.monotonic() - began)
     summary = summarize_comparison(load_results(runs))
     paths = write_comparison(summary, out_dir)
-    print("\n" + "\n".join(f"{name}: {text}" for name, text in summary["verdicts"].items()))
+    verdicts = sorted(summary["verdicts"].items(), key=lambda kv: kv[0] != "mean")  # the mean first, as summary.md
+    print("\n" + "\n".join(f"{name}: {text}" for name, text in verdicts))
     print(f"\ncomparison folder: {out_dir} (summary.md, compare.png, summary.json; "
           f"{format_duration(time.monotonic() - start)})")
     if mode != "disabled":

@@ -57,13 +57,12 @@ def seeds_for_power(sd: float | None, effect: float, target: float = 0.8, alpha:
         alpha: Two-sided significance level.
 
     Returns:
-        The number of seeds; 2 when ``sd`` is 0 (no spread: any difference is seen); None when ``sd`` is None
-        (fewer than 2 seeds observed: no spread to plan from) or more than :data:`MAX_SEEDS` would be needed.
+        The number of seeds; None when there is no spread to plan from (``sd`` None: fewer than 2 seeds; ``sd``
+        0: the seeds gave identical differences, e.g. an organ both arms always miss) or when more than
+        :data:`MAX_SEEDS` would be needed.
     """
-    if sd is None or not math.isfinite(sd):
+    if sd is None or not math.isfinite(sd) or sd == 0:
         return None
-    if sd == 0:
-        return 2
     low, high = 2, MAX_SEEDS
     if power(high, sd, effect, alpha) < target:
         return None

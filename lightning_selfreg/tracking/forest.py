@@ -3,7 +3,7 @@
 One row per class, the mean at the bottom: each seed's difference as a dot (colour = seed), the mean difference
 with its 95 % Student-t interval (black), and the two-stage bootstrap interval over seeds and cases (grey, below)
 when the summary has one; a line at 0 (no effect) and a dotted line at +3.5 pp (the paper's gain on Synapse). The
-numbers are printed at the right.
+numbers are printed at the right; an interval beyond the possible +-100 pp (few seeds) is cut there, with an arrow.
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ def _label(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.1f}".replace("-", "−")
 
 
+LIMIT_PP = 100.0  # a Dice difference lies in [-100, +100] pp: longer intervals (few seeds) are cut there, with arrows
+
+
+def _clipped_line(ax: Any, low: float, high: float, y: float, **style: Any) -> None:
+    """A horizontal interval in pp, cut at +-LIMIT_PP with an arrow head where it goes on."""
+    a, b = max(low, -LIMIT_PP), min(high, LIMIT_PP)
+    ax.plot([a, b], [y, y], **style)
+    for cut, end, marker in ((low < -LIMIT_PP, a, "<"), (high > LIMIT_PP, b, ">")):
+        if cut:
+            ax.plot(end, y, marker=marker, color=style.get("color", "black"), markersize=7)
+
+
 def plot_comparison(summary: Mapping[str, Any]) -> Figure:
     """Draw the forest plot of a comparison summary's Dice differences (see the module docstring).
 
@@ -58,15 +70,17 @@ def plot_comparison(summary: Mapping[str, Any]) -> Figure:
                     markersize=5, alpha=0.8, zorder=2)
         if d["mean"] is not None:
             if d["ci95"] is not None:
-                ax.plot([100 * d["ci95"][0], 100 * d["ci95"][1]], [y, y], color="black", linewidth=2.2, zorder=3)
+                _clipped_line(ax, 100 * d["ci95"][0], 100 * d["ci95"][1], y, color="black", linewidth=2.2, zorder=3)
             ax.plot(100 * d["mean"], y, "D", color="black", markersize=7 if name == MEAN_ROW else 6, zorder=4)
         b = bootstrap.get(name)
         if b is not None:
-            ax.plot([100 * b["ci95"][0], 100 * b["ci95"][1]], [y + 0.3, y + 0.3], color="0.55", linewidth=1.6,
-                    zorder=1)
+            _clipped_line(ax, 100 * b["ci95"][0], 100 * b["ci95"][1], y + 0.3, color="0.55", linewidth=1.6,
+                          zorder=1)
         text = _label(d["mean"]) + (f" [{_label(d['ci95'][0])}, {_label(d['ci95'][1])}]" if d["ci95"] else "")
-        ax.annotate(text + " pp", xy=(1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8,
-                    fontweight="bold" if name == MEAN_ROW else "normal")
+        ax.annotate(text + (" pp" if d["mean"] is not None else ""), xy=(1.01, y), xycoords=("axes fraction", "data"),
+                    va="center", fontsize=8, fontweight="bold" if name == MEAN_ROW else "normal")
+    low, high = ax.get_xlim()
+    ax.set_xlim(max(low, -LIMIT_PP - 5), min(high, LIMIT_PP + 5))
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.axvline(PAPER_GAIN_PP, color="0.4", linewidth=0.8, linestyle=":")
     ax.set_yticks(range(len(rows)), [f"{n}" for n in rows])

@@ -293,7 +293,7 @@ def verdict_sentence(difference: Mapping[str, Any], power: Mapping[str, Any] | N
     Example:
         >>> verdict_sentence({"n": 3, "mean": 0.015, "ci95": [-0.099, 0.129]})
         '+1.5 pp [−9.9, +12.9]: not distinguishable from no effect with 3 seeds'
-        >>> verdict_sentence({"n": 3, "mean": 0.03, "ci95": [0.005, 0.055]}, {"seeds_for": {"+1 pp": 21}})
+        >>> verdict_sentence({"n": 3, "mean": 0.03, "ci95": [0.005, 0.055]}, {"sd": 0.01, "seeds_for": {"+1 pp": 21}})
         '+3.0 pp [+0.5, +5.5]: SelfReg better (the 95 % interval excludes 0) with 3 seeds; +1 pp would need 21 seeds'
     """
     n, mean, ci = difference.get("n", 0), difference.get("mean"), difference.get("ci95")
@@ -309,11 +309,12 @@ def verdict_sentence(difference: Mapping[str, Any], power: Mapping[str, Any] | N
             text = f"{where}: SelfReg worse (the 95 % interval excludes 0) with {_seeds(n)}"
         else:
             text = f"{where}: not distinguishable from no effect with {_seeds(n)}"
-    needs = []
-    for label, seeds in ((power or {}).get("seeds_for") or {}).items():
-        if ci is None:
-            continue
-        needs.append(f"{label} would need {_seeds(seeds) if seeds else 'more than 1000 seeds'}")
+    if ci is None or not power:
+        return text
+    if not power.get("sd"):
+        return text + "; the seeds gave identical differences: no spread to plan more seeds from"
+    needs = [f"{label} would need {_seeds(seeds) if seeds else 'more than 1000 seeds'}"
+             for label, seeds in (power.get("seeds_for") or {}).items()]
     return text + ("; " + ", ".join(needs) if needs else "")
 
 
@@ -343,13 +344,12 @@ def format_comparison_report(summary: Mapping[str, Any], plot: str | None = None
                   "| class | sd of Δ Dice over seeds (pp) | " + " | ".join(f"seeds to detect {lb}" for lb in labels)
                   + " |", "|---|---:|" + "---:|" * len(labels)]
         for name, entry in power.items():
-            counts = [str(v) if v else ("n/a" if entry["sd"] is None else "> 1000")
-                      for v in entry["seeds_for"].values()]
+            counts = [str(v) if v else ("n/a" if not entry["sd"] else "> 1000") for v in entry["seeds_for"].values()]
             sd = "n/a" if entry["sd"] is None else _pp(entry["sd"], sign=False)
             lines.append(f"| {'**mean**' if name == MEAN_ROW else name} | {sd} | " + " | ".join(counts) + " |")
         lines += ["", "Seeds (pairs of runs) a two-sided paired t-test at the 5 % level needs for 80 % power, if the "
-                  "paired differences spread as observed here (+3.5 pp: the paper's gain on Synapse). n/a: fewer than "
-                  "2 seeds, no spread to plan from.", ""]
+                  "paired differences spread as observed here (+3.5 pp: the paper's gain on Synapse). n/a: no "
+                  "spread to plan from (fewer than 2 seeds, or identical differences).", ""]
     bootstrap = {k: v for k, v in (summary.get("bootstrap") or {}).items() if v is not None}
     if bootstrap:
         first = next(iter(bootstrap.values()))

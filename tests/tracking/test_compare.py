@@ -191,7 +191,7 @@ def test_power_is_the_rejection_rate_of_a_paired_t_test():
     n = seeds_for_power(0.02, 0.035)
     assert n == 5 and power(n - 1, 0.02, 0.035) < 0.8 <= power(n, 0.02, 0.035)
     assert seeds_for_power(0.1, 0.01) == 787  # (1.96 + 0.84)^2 / 0.1^2 + the t correction
-    assert seeds_for_power(None, 0.01) is None and seeds_for_power(0.0, 0.01) == 2
+    assert seeds_for_power(None, 0.01) is None and seeds_for_power(0.0, 0.01) is None  # no spread to plan from
     assert seeds_for_power(10.0, 0.01) is None  # more than 1000 seeds
     assert power(40, 0.005, 0.01) == 1.0  # scipy's non-central t gives NaN this far in the tail
 
@@ -239,7 +239,7 @@ def test_summary_has_verdicts_power_bootstrap_and_per_case_pairs(tmp_path):
     assert summary["power"]["aorta"]["seeds_for"] == {"+1 pp": 10, "+3.5 pp": 3}  # sd 1 pp: d = 1 needs 10 (G*Power)
     assert summary["verdicts"]["aorta"].startswith("+3.0 pp [+0.5, +5.5]: SelfReg better")
     assert summary["verdicts"]["liver"] == "+0.0 pp [+0.0, +0.0]: not distinguishable from no effect with 3 seeds; " \
-        "+1 pp would need 2 seeds, +3.5 pp would need 2 seeds"
+        "the seeds gave identical differences: no spread to plan more seeds from"  # liver 0.9 in every run
     paths = write_comparison(summary, tmp_path)
     text = paths["markdown"].read_text()
     assert "![SelfReg − baseline, Dice per class](compare.png)" in text
@@ -262,3 +262,16 @@ def test_verdict_words(ci, words):
     from lightning_selfreg.tracking.report import verdict_sentence
 
     assert words in verdict_sentence({"n": 3 if ci else 1, "mean": 0.03, "ci95": ci})
+
+
+def test_forest_plot_cuts_intervals_at_the_possible_range():
+    from lightning_selfreg.tracking.forest import plot_comparison
+
+    wide = [run(False, 0, 0.1, 1.0, 0.5), run(False, 1, 0.9, 1.0, 0.5), run(True, 0, 0.9, 1.0, 0.5),
+            run(True, 1, 0.1, 1.0, 0.5)]  # aorta: +80 and -80 pp with 2 seeds: t interval about +-1000 pp
+    summary = summarize_comparison(wide)
+    assert summary["difference"]["aorta"]["dice"]["ci95"][1] > 5
+    ax = plot_comparison(summary).axes[0]
+    low, high = ax.get_xlim()
+    assert -106 <= low and high <= 106  # a Dice difference is within +-100 pp
+    assert {line.get_marker() for line in ax.get_lines()} >= {"<", ">"}  # the cut interval goes on
