@@ -1,7 +1,9 @@
 """The comparison driver (experiments.compare) with faked child runs: progress, ETA, resume, W&B grouping."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,17 +80,12 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(tmp_path, monkeypatc
     assert "was started with the flags" in capsys.readouterr().err and len(more.calls) == 2
 
 
-def test_the_child_runs_are_grouped_in_wandb(tmp_path, monkeypatch):
-    """A real offline W&B run given the environment the driver sets gets the group, job type and tags."""
-    import wandb
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for key, value in {"WANDB_RUN_GROUP": "cmp", "WANDB_JOB_TYPE": "selfreg", "WANDB_TAGS": "selfreg,seed2"}.items():
-        monkeypatch.setenv(key, value)
-    run = wandb.init(project="p", dir=str(tmp_path))
-    try:
-        assert (run.group, run.job_type, tuple(run.tags)) == ("cmp", "selfreg", ("selfreg", "seed2"))
-    finally:
-        run.finish()
+def test_the_child_runs_are_grouped_in_wandb(tmp_path):
+    """A fresh process (as each child run is) with the environment the driver sets: W&B reads group, type, tags."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+                "WANDB_RUN_GROUP": "cmp", "WANDB_JOB_TYPE": "selfreg", "WANDB_TAGS": "selfreg,seed2"})
+    code = (f"import wandb; r = wandb.init(project='p', dir={str(tmp_path)!r}); "
+            "print(r.group, r.job_type, ','.join(r.tags)); r.finish()")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["cmp", "selfreg", "selfreg,seed2"], out.stderr[-2000:]
