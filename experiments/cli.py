@@ -785,13 +785,17 @@ class SelfRegCLI(LightningCLI):
             super().__init__(
                 SelfRegSegModule, SegDataModule, subclass_mode_data=True, run=False, args=args,
                 save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=0,
-                trainer_defaults={"log_every_n_steps": 5}, parser_kwargs={
-                    "exit_on_error": False, "prog": "python -m experiments.run", "epilog": _aliases_help()},
+                trainer_defaults={"log_every_n_steps": 5, "enable_model_summary": False}, parser_kwargs={
+                    "exit_on_error": False, "prog": "python -m experiments.run", "epilog": _aliases_help(),
+                    "add_help": False},  # -h/--help: experiments/help.py
             )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """SelfReg, the redundancy monitor, the run options and the links (:func:`_add_arguments`)."""
+        """SelfReg, the redundancy monitor, the run options and the links (:func:`_add_arguments`); the help flags."""
+        from experiments.help import add_help_flags
+
         _add_arguments(parser)
+        add_help_flags(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args``; a value the parser rejects raises :class:`ConfigError` (:func:`locate_parse_error`)."""

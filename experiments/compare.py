@@ -4,21 +4,41 @@ Also ``python -m experiments.run --compare --seeds 0 1 2 [run flags]``. The run 
 :mod:`experiments.run` (checked once, up front, before any training); each of the ``2 x len(seeds)`` runs is a
 subprocess of ``experiments.run`` with the same flags plus its seed, its arm (``--no-selfreg`` for the baseline)
 and its run folder ``<run.output_dir>/<run.name or compare-...>/<arm>-seed<seed>``, so ``--gpus N`` works as in a
-single run and both arms see the same batches (the data draws derive from the seed alone). At the end
-``summary.json`` / ``summary.md`` hold the mean +- std of both arms and the paired differences
-(:func:`lightning_selfreg.tracking.compare.summarize_comparison`), and a W&B run of job type ``compare`` holds the
-table.
+single run and both arms see the same batches (the data draws derive from the seed alone).
+
+- Progress: ``[compare] run k/N`` with the elapsed time and the ETA of the whole comparison (from the mean time
+  of the runs done so far).
+- Resume: the comparison folder keeps its flags in ``compare.json``; running the same command with
+  ``--run-name <folder>`` again keeps the finished runs (those with a ``metrics.json``), continues an interrupted
+  one from its ``last.ckpt`` (``--resume``), moves a run folder that died before its first checkpoint aside
+  (``<arm>-seed<seed>.incomplete-<k>``, never deleted) and starts the rest. Other flags are refused (exit 2);
+  more seeds are welcome (``--seeds 0 1 2 3 4``: the power analysis may ask for them).
+- W&B: every run of one comparison is in the W&B group ``<folder>`` with its arm as job type and tags
+  ``<arm>``, ``seed<seed>`` (``WANDB_RUN_GROUP``, ``WANDB_JOB_TYPE``, ``WANDB_TAGS`` of the child runs), so W&B's
+  grouping shows the two arms side by side; a run of job type ``compare`` in the same group gets the summary
+  table and the forest plot.
+- At the end ``summary.json``, ``summary.md`` and ``compare.png``
+  (:func:`lightning_selfreg.tracking.compare.write_comparison`): per class the paired difference with its t
+  interval, a plain-words verdict, the seeds that would detect +1 pp and +3.5 pp with 80 % power, a bootstrap
+  interval over seeds and cases, and the per-case paired differences.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from experiments.cli import RUN_NAME_ENV, ConfigError, SelfRegCLI, expand_aliases, run_labels
+from lightning_selfreg.callbacks.progress import format_duration
+from lightning_selfreg.utils.files import atomic_write_text
+
+ARMS = ("baseline", "selfreg")
+STATE_FILE = "compare.json"  # the comparison's flags, for resuming it
 
 
 def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
@@ -42,14 +62,73 @@ def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
     return seeds, argv[:i] + argv[j:]
 
 
+def _check_state(out_dir: Path, flags: list[str]) -> None:
+    """Record the comparison's flags in ``out_dir``, or check them against those of the run being resumed."""
+    state = out_dir / STATE_FILE
+    if state.is_file():
+        before = json.loads(state.read_text()).get("flags")
+        if before != flags:
+            raise ConfigError("run.name", f"the comparison in {out_dir} was started with the flags {before}, found "
+                                          f"{flags}; resume it with the same flags or choose another --run-name")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state, json.dumps({"flags": flags}, indent=2) + "\n")
+
+
+def _prepare_run(run_dir: Path) -> tuple[str, list[str]]:
+    """What to do with one run's folder: ``("kept" | "resume" | "start", extra flags)``.
+
+    A folder without ``metrics.json`` or ``checkpoints/last.ckpt`` (killed before its first checkpoint) is moved
+    aside, not deleted.
+    """
+    if (run_dir / "metrics.json").is_file():
+        return "kept", []
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return "resume", ["--resume"]
+    if run_dir.exists():
+        k = 1
+        while run_dir.with_name(f"{run_dir.name}.incomplete-{k}").exists():
+            k += 1
+        aside = run_dir.with_name(f"{run_dir.name}.incomplete-{k}")
+        os.replace(run_dir, aside)
+        print(f"[compare] {run_dir.name} died before its first checkpoint: moved aside to {aside.name}", flush=True)
+    return "start", []
+
+
+def _log_to_wandb(config: Any, base: str, out_dir: Path, mode: str, seeds: list[int], flags: list[str],
+                  summary: dict[str, Any], paths: dict[str, Any]) -> None:
+    """The comparison's W&B run (job type ``compare``, in the comparison's group): table, plot, summary values."""
+    import wandb
+
+    run = wandb.init(project=config["run"]["wandb_project"], name=f"{base}-summary", group=base, dir=str(out_dir),
+                     mode=mode, job_type="compare", tags=["compare"], config={"seeds": seeds, "flags": flags},
+                     settings=wandb.Settings(silent=True))
+    columns = ["class", "baseline dice", "selfreg dice", "delta dice", "t ci low", "t ci high", "bootstrap low",
+               "bootstrap high", "seeds for +1 pp", "seeds for +3.5 pp", "verdict"]
+    rows = []
+    for name in summary["classes"]:
+        if "dice" not in summary["metrics"]:
+            break
+        d = summary["difference"][name]["dice"]
+        b = summary["bootstrap"].get(name) or {}
+        power = summary["power"][name]["seeds_for"]
+        rows.append([name, summary["arms"]["baseline"][name]["dice"]["mean"],
+                     summary["arms"]["selfreg"][name]["dice"]["mean"], d["mean"], *(d["ci95"] or [None, None]),
+                     *(b.get("ci95") or [None, None]), *power.values(), summary["verdicts"][name]])
+    values: dict[str, Any] = {"compare/table": wandb.Table(columns=columns, data=rows),
+                              "compare/summary": wandb.Html(f"<pre>{paths['markdown'].read_text()}</pre>")}
+    if paths.get("plot") is not None:
+        values["compare/plot"] = wandb.Image(str(paths["plot"]))
+    run.log(values)
+    run.summary.update({"compare": {k: v for k, v in summary.items() if k != "cases"}})
+    run.finish()
+    where = Path(run.dir).parent
+    print(f"W&B comparison run: {where}" + (f" (offline: upload with `wandb sync {where}`)" if mode == "offline"
+                                            else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run both arms for every seed and write the paired summary; returns the exit status."""
-    from lightning_selfreg.tracking.compare import (
-        format_comparison_markdown,
-        load_results,
-        summarize_comparison,
-        write_comparison,
-    )
+    """Run both arms for every seed (keeping finished runs) and write the paired summary; returns the exit status."""
+    from lightning_selfreg.tracking.compare import load_results, summarize_comparison, write_comparison
     from lightning_selfreg.tracking.wandb_mode import WandbUnavailable, resolve_wandb_mode
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -59,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         config = SelfRegCLI(expand_aliases(flags), instantiate=False).config  # every setting checked up front
         if config.get("selfreg") is None:
             raise ConfigError("selfreg", "--compare needs a SelfReg configuration (found `selfreg: null`)")
+        if config["run"]["resume"]:
+            raise ConfigError("resume", "a comparison resumes by itself; run it again with the same --run-name")
         labels = run_labels(config)
         base = config["run"]["name"] or f"compare-{labels['dataset']}-{labels['backbone']}-" \
                                         f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -67,37 +148,47 @@ def main(argv: list[str] | None = None) -> int:
             mode = resolve_wandb_mode(config["run"]["wandb"], sync_hint=str(out_dir / "wandb" / "offline-run-*"))
         except WandbUnavailable as err:
             raise ConfigError("run.wandb", str(err)) from err
+        _check_state(out_dir, flags)
     except ConfigError as err:
         print(f"error: {err.line(argv)}", file=sys.stderr)
         return 2
-    runs = []
-    plan = [(seed, arm) for seed in seeds for arm in ("baseline", "selfreg")]
+    plan = [(seed, arm) for seed in seeds for arm in ARMS]
+    print(f"[compare] {len(plan)} runs ({len(seeds)} seeds x SelfReg and baseline) in {out_dir}; interrupted, it "
+          f"resumes with the same command and --run-name {base}", flush=True)
+    runs, durations, start = [], [], time.monotonic()
     for k, (seed, arm) in enumerate(plan, start=1):
         name = f"{arm}-seed{seed}"
+        action, extra = _prepare_run(out_dir / name)
+        runs.append(out_dir / name)
+        if action == "kept":
+            print(f"[compare] run {k}/{len(plan)}: {arm}, seed {seed}: finished earlier, kept", flush=True)
+            continue
+        remaining = sum(1 for s, a in plan[k - 1:] if not (out_dir / f"{a}-seed{s}" / "metrics.json").is_file())
+        mean = sum(durations) / len(durations) if durations else None
+        eta = f"ETA of the comparison {format_duration(remaining * mean)}" if mean else "ETA after this run"
+        print(f"[compare] run {k}/{len(plan)}: {arm}, seed {seed}{' (resumed)' if action == 'resume' else ''} -> "
+              f"{out_dir / name} (elapsed {format_duration(time.monotonic() - start)}, {eta})", flush=True)
         # later flags win: the run's own seed, arm and folder after the shared flags
         cmd = [sys.executable, "-m", "experiments.run", *flags, "--seed", str(seed),
-               *(["--no-selfreg"] if arm == "baseline" else []), "--output-dir", str(out_dir), "--run-name", name]
-        print(f"[compare] run {k}/{len(plan)}: {arm}, seed {seed} -> {out_dir / name}", flush=True)
+               *(["--no-selfreg"] if arm == "baseline" else []), "--output-dir", str(out_dir), "--run-name", name,
+               *extra]
         env = {key: value for key, value in os.environ.items() if key != RUN_NAME_ENV}
+        env.update({"WANDB_RUN_GROUP": base, "WANDB_JOB_TYPE": arm, "WANDB_TAGS": f"{arm},seed{seed}"})
+        began = time.monotonic()
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
-            print(f"error: run {k}/{len(plan)} ({name}) failed with status {proc.returncode}", file=sys.stderr)
+            print(f"error: run {k}/{len(plan)} ({name}) failed with status {proc.returncode}; the comparison "
+                  f"resumes from there with the same command and --run-name {base}", file=sys.stderr)
             return proc.returncode
-        runs.append(out_dir / name)
+        durations.append(time.monotonic() - began)
     summary = summarize_comparison(load_results(runs))
-    write_comparison(summary, out_dir)
-    markdown = format_comparison_markdown(summary)
-    print(markdown)
-    print(f"\nsummary: {out_dir / 'summary.md'}")
+    paths = write_comparison(summary, out_dir)
+    verdicts = sorted(summary["verdicts"].items(), key=lambda kv: kv[0] != "mean")  # the mean first, as summary.md
+    print("\n" + "\n".join(f"{name}: {text}" for name, text in verdicts))
+    print(f"\ncomparison folder: {out_dir} (summary.md, compare.png, summary.json; "
+          f"{format_duration(time.monotonic() - start)})")
     if mode != "disabled":
-        import wandb
-
-        run = wandb.init(project=config["run"]["wandb_project"], name=base, dir=str(out_dir), mode=mode,
-                         job_type="compare", config={"seeds": seeds, "flags": flags})
-        run.log({"compare/summary": wandb.Html(f"<pre>{markdown}</pre>")})
-        run.summary.update({"compare": summary})
-        run.finish()
-        print(f"W&B comparison run: {run.dir}")
+        _log_to_wandb(config, base, out_dir, mode, seeds, flags, summary, paths)
     return 0
 
 

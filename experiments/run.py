@@ -15,7 +15,12 @@ win over earlier ones and over the files.
 Every run writes ``<run.output_dir>/<run.name>/config.yaml`` (the resolved configuration), ``checkpoints/``
 (best by validation Dice when there is a validation split, and ``last.ckpt`` every epoch; each checkpoint carries
 the configuration, so ``SelfRegSegModule.load_from_checkpoint(path)`` rebuilds the model), the W&B (or CSV) logs,
-and at the end, atomically, ``metrics.json`` and ``metrics.md``. ``--resume`` continues a killed run from its
+``plan.json`` (``--dataset nnunet``: :mod:`experiments.planning`), and, atomically, pictures to look at without
+W&B: ``curves.png`` (loss terms, validation Dice per class), ``redundancy.png`` (channel redundancy per block,
+first and last epoch), ``overlays/`` (every test case, lowest Dice first), then ``metrics.json`` and
+``metrics.md`` (per-organ table with units, both protocols, per-case Dice, links to the pictures). The terminal
+gets a start line, one line per epoch with the run's ETA (a bar on a terminal) and the per-organ table
+(:mod:`experiments.terminal`). ``--resume`` continues a killed run from its
 ``last.ckpt``. ``--compare --seeds 0 1 2`` trains SelfReg and the baseline for every seed
 (:mod:`experiments.compare`).
 """
@@ -93,14 +98,19 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from lightning_selfreg.callbacks import (
+        CurvesWriter,
         FiniteLossGuard,
         ImagesPerSecondMonitor,
         MetricsWriter,
+        OverlayWriter,
+        RedundancyFigure,
         RNGStateCheckpoint,
         SegmentationPanels,
         TestPredictionWriter,
         TestResultsTable,
     )
+    from lightning_selfreg.callbacks.progress import EpochLines, RunProgressBar
+    from lightning_selfreg.tracking.report import settings_line
     from lightning_selfreg.tracking.wandb_mode import WandbUnavailable, resolve_wandb_mode
     from lightning_selfreg.utils.checkpoint import AtomicCheckpointIO
 
@@ -114,6 +124,10 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         mode = resolve_wandb_mode(options.wandb, sync_hint=str(run_dir / "wandb" / "offline-run-*"))
     except WandbUnavailable as err:
         raise ConfigError("run.wandb", str(err)) from err
+    if mode != "disabled":
+        from experiments.terminal import quiet_wandb
+
+        quiet_wandb(mode)  # the run says in one line where its W&B run is (experiments.terminal.wandb_line)
     fast = bool(trainer.get("fast_dev_run"))
     has_val = cli.datamodule.has_validation
     checkpoint_dir = run_dir / "checkpoints"
@@ -133,10 +147,18 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         ImagesPerSecondMonitor(),
         SegmentationPanels(),
         TestResultsTable(),
-        MetricsWriter(run_dir, info=labels),
+        # the run folder's pictures (issue 22): curves.png, redundancy.png, overlays/ (before MetricsWriter, which
+        # links them from metrics.md)
+        CurvesWriter(run_dir / "curves.png", title=settings_line(config)),
+        RedundancyFigure(run_dir / "redundancy.png"),
+        OverlayWriter(run_dir / "overlays"),
+        MetricsWriter(run_dir, info=labels, settings=settings_line(config)),
         TestPredictionWriter(run_dir / "predictions") if options.save_predictions else None,
         None if fast else LearningRateMonitor(logging_interval="step"),  # fast_dev_run has no logger
         ConfigInCheckpoint(config),
+        # progress with the run's ETA: one line per epoch into a file, a bar on a terminal
+        None if trainer.get("enable_progress_bar") is False else RunProgressBar() if sys.stdout.isatty()
+        else EpochLines(),
     ]
     if mode == "disabled":
         logger = CSVLogger(save_dir=run_dir, name="csv", version="")
@@ -153,18 +175,26 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
     """Fit, test, write the run folder; returns the ``metrics.json`` content on rank 0 (else None)."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from experiments.terminal import end_report, start_line
     from lightning_selfreg.tracking.environment import log_run_environment
-    from lightning_selfreg.tracking.report import format_paper_table, format_table
     from lightning_selfreg.utils.files import remove_orphaned_temp_files
 
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     run_dir, checkpoint_dir = cli.run_dir, cli.run_dir / "checkpoints"
     if trainer.is_global_zero:
+        print(start_line(cli), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, checkpoint_dir):  # temporary files of writes killed in an earlier run here
             remove_orphaned_temp_files(folder)
         if cli.resume_from is None:
             atomic_write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_unset=False))
+        if getattr(cli, "plan", None) is not None:  # nnU-Net: what was planned, and what the user's flags overrode
+            from experiments.planning import plan_record
+
+            record = plan_record(cli.plan, cli.config)
+            print(record["line"] + (f"; overridden by your flags: {record['overridden']}" if record["overridden"]
+                                    else ""), flush=True)
+            atomic_write_text(run_dir / "plan.json", json.dumps(record, indent=2) + "\n")
         log_run_environment(trainer.logger)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(cli.resume_from) if cli.resume_from else None)
     best = "best" if cli.has_validation and not trainer.fast_dev_run else None
@@ -175,17 +205,10 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
             logger.experiment.finish()
         return None
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    labels = run_labels(cli.config)
-    print(f"\nTest results ({labels['dataset']}, {labels['backbone']}, "
-          f"{'SelfReg' if labels['selfreg'] else 'baseline'}, protocol {module.hparams.eval_protocol}):")
-    print(format_table(module.test_results))
-    print("\nBoth protocols, in the layout of the papers' tables:")
-    print(format_paper_table(module.test_results_by_protocol, datamodule.volumetric))
-    print(f"\nrun folder: {run_dir}\ncheckpoints: {checkpoint_dir}\nmetrics: {run_dir / 'metrics.json'}")
-    if isinstance(logger, WandbLogger):
-        print(f"W&B run: {Path(logger.experiment.dir).parent}" +
-              (" (offline: `wandb sync` that folder)" if cli.wandb_mode == "offline" else ""))
-        logger.experiment.finish()  # close the run so that a later run in this process starts its own
+    print(end_report(cli, metrics), flush=True)  # the per-organ table with units, the run folder, W&B in a line
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # close the run so that a later run in this process starts its own
     return metrics
 
 
@@ -202,6 +225,9 @@ def _error_line(err: BaseException, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one experiment (or a comparison, ``--compare``); returns the process exit status."""
+    from experiments.terminal import quiet_framework
+
+    quiet_framework()  # Lightning's tips and known-harmless notices; real warnings still show
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--compare" in argv:
         from experiments import compare
@@ -210,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_selfreg.data import DataError
 
     try:
-        cli = SelfRegCLI(expand_aliases(argv), run_parts=run_callbacks)
+        from experiments.planning import plan_arguments
+
+        args, plan = plan_arguments(expand_aliases(argv))  # --dataset nnunet: planned from the data and device
+        cli = SelfRegCLI(args, run_parts=run_callbacks)
+        cli.plan = plan
         train_and_test(cli)
     except (ConfigError, DataError, FileNotFoundError, ImportError) as err:
         print(f"error: {_error_line(err, argv)}", file=sys.stderr)

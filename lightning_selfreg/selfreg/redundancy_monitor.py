@@ -80,6 +80,9 @@ class RedundancyMonitor(pl.Callback):
             raise SettingError("taps", f"`taps`: {err}") from err
         self.images: Tensor | None = None
         self._warned_plot = False
+        # (epoch, {block: (C', C') CPU tensor}) of the first and the latest measurement, for the paper's Fig. 1c
+        self.first: tuple[int, dict[str, Tensor]] | None = None
+        self.last: tuple[int, dict[str, Tensor]] | None = None
 
     def _resolve_spec(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TapSpec:
         """The spec of the trainer's ``SelfReg`` callback if there is one, else the backbone's ``tap_spec``.
@@ -149,6 +152,9 @@ class RedundancyMonitor(pl.Callback):
         correlations = self.compute(pl_module)
         if not correlations:
             return
+        self.last = (trainer.current_epoch, correlations)
+        if self.first is None:
+            self.first = self.last
         scores = {block: redundancy_score(corr) for block, corr in correlations.items()}
         for block, score in scores.items():
             pl_module.log(f"redundancy/{block}", score, on_step=False, on_epoch=True)
@@ -158,6 +164,32 @@ class RedundancyMonitor(pl.Callback):
             heatmap = self._heatmap(correlations, trainer.current_epoch)
             if heatmap is not None:
                 log_to_wandb(trainer, loggers, {"redundancy/heatmaps": heatmap})
+
+    def figure(self) -> Any:
+        """The heat-maps of the first and the latest measured epoch (rows) per block (columns), or None before any.
+
+        The paper's Fig. 1c for this run: does the channel redundancy of each block fall over training?
+        """
+        from lightning_selfreg.selfreg.redundancy import plot_correlation_heatmaps
+
+        if self.first is None or self.last is None:
+            return None
+        measured = dict([self.first, self.last])  # one row when the first measurement is also the latest
+        rows = {f"after epoch {epoch + 1}": correlations for epoch, correlations in measured.items()}
+        fig = plot_correlation_heatmaps(rows)
+        images = len(self.images) if self.images is not None else self.num_images
+        fig.suptitle(f"|channel correlation| of each tapped block on {images} fixed training images "
+                     f"(first {self.max_channels} channels; r = mean off-diagonal, lower = less redundant)",
+                     fontsize=10)
+        return fig
+
+    def state_dict(self) -> dict[str, Any]:
+        """The first and the latest correlations, so that a resumed run's figure still starts at epoch 1."""
+        return {"first": self.first, "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.first, self.last = state_dict.get("first"), state_dict.get("last")
 
     def _heatmap(self, correlations: Mapping[str, Tensor], epoch: int) -> Any:
         try:

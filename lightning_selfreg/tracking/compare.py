@@ -27,7 +27,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_selfreg.tracking.report import ARMS, MEAN_ROW, format_comparison_markdown
+from lightning_selfreg.tracking.evidence import EFFECTS, bootstrap_interval, case_differences, seeds_for_power
+from lightning_selfreg.tracking.report import (
+    ARMS,
+    MEAN_ROW,
+    format_comparison_markdown,
+    format_comparison_report,
+    verdict_sentence,
+)
 from lightning_selfreg.utils.files import atomic_write_text
 
 __all__ = ["ARMS", "format_comparison_markdown", "load_results", "summarize_comparison", "write_comparison"]
@@ -147,7 +154,15 @@ def summarize_comparison(results: Sequence[Mapping[str, Any]],
         ``{"dataset", "backbone", "eval_protocol", "seeds", "num_seeds", "metrics", "classes",
         "arms": {"baseline" | "selfreg": {class: {metric: {"n", "mean", "std", "seeds", "values"}}}},
         "difference": {class: {metric: {"n", "mean", "std", "ci95": [low, high] | None, "note", "seeds",
-        "values"}}}}``, JSON serialisable; ``classes`` ends with ``"mean"``.
+        "values"}}}, "verdicts": {class: one sentence on the Dice difference}, "power": {class: {"sd",
+        "seeds_for": {"+1 pp": n | None, "+3.5 pp": n | None}}}, "bootstrap": {class: {"mean", "ci95", "n_seeds",
+        "n_cases", "resamples", "seed"} | None}, "cases": [per-case paired Dice, see
+        :func:`~lightning_selfreg.tracking.evidence.case_differences`]}``, JSON serialisable; ``classes`` ends
+        with ``"mean"``. ``power`` is the number of seeds a paired t-test needs to detect each effect of
+        :data:`~lightning_selfreg.tracking.evidence.EFFECTS` with 80 % power given the observed spread of the Dice
+        differences (None: fewer than 2 seeds, or more than 1000 needed); ``bootstrap`` the two-stage (seeds,
+        then cases) bootstrap interval of the per-case Dice difference (None without per-case results in
+        ``metrics.json`` or with fewer than 2 seeds).
 
     Raises:
         ValueError: If a run lacks a key, runs mix datasets/backbones/protocols, an arm has no run or repeats a
@@ -155,11 +170,13 @@ def summarize_comparison(results: Sequence[Mapping[str, Any]],
     """
     _check_runs(results)
     by_arm: dict[str, dict[Any, Mapping[str, Any]]] = {arm: {} for arm in ARMS}
+    runs: dict[str, dict[Any, Mapping[str, Any]]] = {arm: {} for arm in ARMS}
     for i, run in enumerate(results):
         arm = "selfreg" if run["selfreg"] else "baseline"
         if run["seed"] in by_arm[arm]:
             raise ValueError(f"`results[{i}]`: the {arm} arm has two runs with seed {run['seed']!r}.")
         by_arm[arm][run["seed"]] = run["test"]
+        runs[arm][run["seed"]] = run
     empty = [arm for arm in ARMS if not by_arm[arm]]
     if empty:
         raise ValueError(f"`results` hold no {' and no '.join(empty)} run; both arms are needed.")
@@ -197,6 +214,16 @@ def summarize_comparison(results: Sequence[Mapping[str, Any]],
         name: {m: _difference_stats(seeds, column("selfreg", name, m), column("baseline", name, m)) for m in metrics}
         for name in rows
     }
+    cases = case_differences({s: runs["selfreg"][s] for s in seeds}, runs["baseline"], rows)
+    bootstrap = {name: bootstrap_interval({seed: [c["difference"][name] for c in cases if c["seed"] == seed
+                                                  and name in c["difference"]] for seed in seeds})
+                 for name in rows}
+    power = {name: {"sd": difference[name]["dice"]["std"],
+                    "seeds_for": {label: seeds_for_power(difference[name]["dice"]["std"], effect)
+                                  for label, effect in EFFECTS.items()}}
+             for name in rows} if "dice" in metrics else {}
+    verdicts = {name: verdict_sentence(difference[name]["dice"], power[name]) for name in rows} \
+        if "dice" in metrics else {}
     first = results[0]
     return {
         "dataset": first.get("dataset"),
@@ -208,22 +235,33 @@ def summarize_comparison(results: Sequence[Mapping[str, Any]],
         "classes": rows,
         "arms": arms,
         "difference": difference,
+        "verdicts": verdicts,
+        "power": power,
+        "bootstrap": bootstrap,
+        "cases": cases,
     }
 
 
 def write_comparison(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``summary.json`` and ``summary.md`` into ``out_dir`` (created if needed), each atomically.
+    """Write ``summary.json``, ``compare.png`` and ``summary.md`` into ``out_dir`` (created if needed), atomically.
 
-    Each file is written to a temporary file in ``out_dir`` and moved into place with ``os.replace``, so a reader
-    never sees a partial file.
+    ``compare.png`` is the forest plot of :func:`~lightning_selfreg.tracking.forest.plot_comparison` (written only
+    when the runs have Dice); ``summary.md`` is :func:`~lightning_selfreg.tracking.report.format_comparison_report`
+    (verdicts, the table, power, bootstrap intervals, the plot). Each file is written to a temporary file in
+    ``out_dir`` and moved into place with ``os.replace``, so a reader never sees a partial file.
 
     Returns:
-        ``{"json": path, "markdown": path}``.
+        ``{"json": path, "markdown": path, "plot": path | None}``.
     """
+    from lightning_selfreg.tracking.figures import save_figure
+    from lightning_selfreg.tracking.forest import plot_comparison
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "summary.json", "markdown": out / "summary.md"}
-    markdown = format_comparison_markdown(summary)
+    paths = {"json": out / "summary.json", "markdown": out / "summary.md", "plot": None}
     atomic_write_text(paths["json"], json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    if "dice" in summary.get("metrics", ()):
+        paths["plot"] = save_figure(plot_comparison(summary), out / "compare.png")
+    markdown = format_comparison_report(summary, plot=paths["plot"].name if paths["plot"] else None)
     atomic_write_text(paths["markdown"], markdown)
     return paths

@@ -143,6 +143,10 @@ def test_run_writes_metrics_config_and_a_checkpoint_that_rebuilds_its_model(tiny
     assert all(set(v) == {"dice", "iou", "hd95"} for v in per_class.values())
     assert per_class["liver"]["dice"] is not None
     assert "| protocol |" in (out / "tiny" / "metrics.md").read_text()
+    # the run folder to look at: curves, one picture per test case, no redundancy picture without the monitor
+    assert (out / "tiny" / "curves.png").stat().st_size > 0 and not (out / "tiny" / "redundancy.png").exists()
+    assert [p.name for p in (out / "tiny" / "overlays").iterdir()] == ["001_totalseg_dicom.png"]
+    assert "HD95 strict (mm)" in (out / "tiny" / "metrics.md").read_text()
     config = yaml.safe_load((out / "tiny" / "config.yaml").read_text())
     assert config["trainer"]["max_epochs"] == 1 and config["model"]["net"]["init_args"]["base_channels"] == 4
     last = out / "tiny" / "checkpoints" / "last.ckpt"
@@ -283,7 +287,14 @@ def test_compare_logs_the_summary_to_an_offline_wandb_run(tmp_path, monkeypatch,
                      "--run-name", "cmp", "--wandb", "offline"]) == 0
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert summary["difference"]["liver"]["dice"]["mean"] == pytest.approx(0.02)
-    assert list((tmp_path / "cmp").rglob("offline-run-*")), "the summary goes to an offline W&B run"
+    (offline,) = (tmp_path / "cmp").rglob("offline-run-*")  # the summary goes to an offline W&B run
+    from tests.tracking.test_tracking import parse_run, read_wandb_records
+
+    (record,) = [r.run for r in read_wandb_records(next(offline.glob("run-*.wandb")))
+                 if r.WhichOneof("record_type") == "run"]
+    assert (record.run_group, record.job_type) == ("cmp", "compare")  # beside the runs it summarises
+    history, _, _ = parse_run(offline)
+    assert {"compare/table", "compare/plot", "compare/summary"} <= set().union(*history)
     printed = capsys.readouterr().out
     assert "W&B comparison run" in printed and "[compare] run 4/4: selfreg, seed 1" in printed
     assert compare.main(["--seeds", "x"]) == 2

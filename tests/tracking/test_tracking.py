@@ -335,7 +335,7 @@ def test_metrics_writer_writes_metrics_json_and_the_paper_table(tmp_path):
     from types import SimpleNamespace
 
     from lightning_selfreg.callbacks import MetricsWriter
-    from lightning_selfreg.tracking.report import format_paper_table
+    from lightning_selfreg.tracking.report import format_organ_table, format_paper_table
 
     module = SelfRegSegModule(threshold_net(), 2, ["square"])
     writer = MetricsWriter(tmp_path / "run", info={"dataset": "toy", "selfreg": False, "seed": 3})
@@ -343,11 +343,16 @@ def test_metrics_writer_writes_metrics_json_and_the_paper_table(tmp_path):
     text = (tmp_path / "run" / "metrics.json").read_text()
     metrics = json.loads(text)
     assert text.endswith("}\n") and text.startswith('{\n  "dataset": "toy"')
-    assert list(metrics) == ["dataset", "selfreg", "seed", "eval_protocol", "test", "protocols", "checkpoint"]
+    assert list(metrics) == ["dataset", "selfreg", "seed", "eval_protocol", "test", "protocols", "hd95_units",
+                             "cases", "checkpoint"]
     assert metrics["eval_protocol"] == "strict" and metrics["checkpoint"] is None
     assert metrics["test"] == module.test_results and metrics["test"]["per_class"]["square"]["dice"] == 1.0
     assert metrics["protocols"] == module.test_results_by_protocol
-    assert (tmp_path / "run" / "metrics.md").read_text() == format_paper_table(metrics["protocols"], False) + "\n"
+    assert metrics["cases"] == [{"case": "c0", "mean_dice": 1.0, "dice": {"square": 1.0}}]
+    assert metrics["hd95_units"] == {"strict": "voxels", "transunet": "voxels"}  # the case has no spacing
+    markdown = (tmp_path / "run" / "metrics.md").read_text()
+    assert format_organ_table(metrics["protocols"], spacing_known=False) in markdown
+    assert format_paper_table(metrics["protocols"], False) in markdown
     other_rank = tmp_path / "rank1"
     MetricsWriter(other_rank).on_test_end(SimpleNamespace(is_global_zero=False), module)
     assert not other_rank.exists()

@@ -47,6 +47,7 @@ from lightning_selfreg.data.nnunet.format import (
     read_dataset_json,
     read_splits,
 )
+from lightning_selfreg.data.nnunet.planner import DatasetShape
 from lightning_selfreg.data.nnunet.preprocess import (
     Fingerprint,
     cache_key,
@@ -484,7 +485,9 @@ class NnUNetDataModule(SegDataModule):
         if patch is None:
             cap = MAX_DEFAULT_PATCH[self.configuration]
             patch = tuple(int(16 * math.ceil(min(m, cap) / 16)) for m in median)
-        self._headers = {"target": target, "patch": tuple(patch), "headers": headers, "orientation": orientation}
+        self._headers = {"target": target, "patch": tuple(patch), "headers": headers, "orientation": orientation,
+                         "median_shape": tuple(int(round(m)) for m in np.median(shapes, axis=0)),
+                         "total_voxels": int(np.prod(shapes, axis=1).sum())}
         return self._headers
 
     def _resolve_orientation(self, train: Sequence[Any]) -> tuple[str, str, str] | None:
@@ -499,6 +502,16 @@ class NnUNetDataModule(SegDataModule):
     def orientation(self) -> tuple[str, str, str] | None:
         """The voxel order of the arrays the network sees (the ``orientation`` argument, ``"auto"`` resolved)."""
         return self._read_headers()["orientation"]
+
+    def dataset_shape(self) -> DatasetShape:
+        """The training cases' median shape at the target spacing, their number and voxels: what the planner needs.
+
+        Reads the image headers only (see :mod:`~lightning_selfreg.data.nnunet.planner`).
+        """
+        headers = self._read_headers()
+        path = self.splits_file or self.data_dir / "splits_final.json"
+        return DatasetShape(headers["median_shape"], tuple(float(t) for t in headers["target"]),
+                            len(self._all_cases()["train"]), headers["total_voxels"], path.is_file())
 
     @property
     def patch_size(self) -> tuple[int, ...]:
