@@ -71,7 +71,10 @@ class RunOptions:
     Args:
         output_dir: Folder that receives the run folder.
         name: Run folder and W&B run name; default ``<dataset>-<network>-<selfreg|baseline>-seed<seed>-<time>``.
-        resume: Continue the run ``name`` from its ``checkpoints/last.ckpt`` (the same settings are required).
+        resume: Continue the run ``name`` from its ``checkpoints/last.ckpt``; only the settings that do not change
+            the trained model may differ (:data:`experiments.run_folder.RESUMABLE`), and are recorded.
+        overwrite: Replace an existing run folder ``name`` (it is moved aside when the new run starts and deleted
+            when the new run has finished); without it an existing run folder is an error.
         wandb: W&B mode; ``auto`` = online when W&B credentials are set and the server answers within 3 s, else
             offline; ``disabled`` logs to CSV.
         wandb_project: W&B project.
@@ -83,6 +86,7 @@ class RunOptions:
     output_dir: str = "runs"
     name: str | None = None
     resume: bool = False
+    overwrite: bool = False
     wandb: Literal["auto", "offline", "online", "disabled"] = "auto"
     wandb_project: str = "lightning_selfreg"
     checkpoint_every_n_steps: int = 0
@@ -95,6 +99,9 @@ class RunOptions:
             raise ValueError(f"`name` must be a folder name (no '/'), found {self.name!r}.")
         if self.resume and not self.name:
             raise ValueError("`resume` needs `name`, the run folder to continue (--run-name).")
+        if self.resume and self.overwrite:
+            raise ValueError("`overwrite` replaces the run folder that `resume` continues: give one of them, "
+                             "found both.")
 
 
 class ConfigError(ValueError):
@@ -139,6 +146,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "--output-dir": ("run.output_dir", "value"),
     "--run-name": ("run.name", "value"),
     "--resume": ("run.resume", "true"),
+    "--overwrite": ("run.overwrite", "true"),
+    "--cache-dir": ("data.cache_dir", "value"),
     "--wandb": ("run.wandb", "value"),
     "--wandb-project": ("run.wandb_project", "value"),
     "--checkpoint-every-n-steps": ("run.checkpoint_every_n_steps", "value"),

@@ -11,6 +11,7 @@ Training safety and resume:
 
 - :class:`FiniteLossGuard`: stop with a clear error on a NaN / infinite loss.
 - :class:`RNGStateCheckpoint`: the global RNG states in checkpoints.
+- :class:`GracefulStop`: on SIGTERM / SIGINT, a resumable checkpoint at the current step, then stop.
 
 Dashboards (any logger or none; media to W&B only, from rank 0):
 
@@ -26,6 +27,7 @@ Outputs of a test run:
 """
 
 from lightning_selfreg.callbacks.finite_loss_guard import FiniteLossGuard
+from lightning_selfreg.callbacks.graceful_stop import GracefulStop
 from lightning_selfreg.callbacks.images_per_second import ImagesPerSecondMonitor
 from lightning_selfreg.callbacks.metrics_writer import MetricsWriter
 from lightning_selfreg.callbacks.prediction_writer import TestPredictionWriter
@@ -39,6 +41,7 @@ from lightning_selfreg.selfreg.redundancy_monitor import RedundancyMonitor
 __all__ = [
     "AuxiliaryLoss",
     "FiniteLossGuard",
+    "GracefulStop",
     "ImagesPerSecondMonitor",
     "MetricsWriter",
     "RNGStateCheckpoint",

@@ -95,8 +95,9 @@ def test_a_write_killed_mid_way_leaves_an_orphan_that_the_next_run_removes(tmp_p
     torch.save({"state_dict": {"w": torch.ones(3)}}, last)  # the previous complete checkpoint
     payload = tmp_path / "payload.ckpt"
     torch.save({"state_dict": {"w": torch.randn(256, 1024)}}, payload)  # 1 MiB of real checkpoint bytes
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(ROOT / "lightning_selfreg" / "utils" / "files.py"),
-                               str(last), str(payload)], stdout=subprocess.PIPE, text=True)
+    files_py = str(ROOT / "lightning_selfreg" / "utils" / "files.py")
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, files_py, str(last), str(payload)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "writing"
         writer.send_signal(signal.SIGKILL)
@@ -125,8 +126,9 @@ def test_a_write_killed_mid_way_leaves_an_orphan_that_the_next_run_removes(tmp_p
             raise Stop
 
         monkeypatch.setattr(pl.Trainer, "fit", stop)  # the run has started in that folder: stop before training
-        with pytest.raises(Stop):
-            run.main([*TINY, "--wandb", "disabled", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"])
+        with pytest.raises(Stop):  # --resume: the folder exists (a new run there would be refused)
+            run.main([*TINY, "--wandb", "disabled", "--output-dir", str(tmp_path / "runs"), "--run-name", "r",
+                      "--resume"])
         assert not orphan.exists() and not orphan_in_run_dir.exists()
         assert in_flight.exists() and all(p.exists() for p in unrelated)
         assert torch.load(last, weights_only=True)["state_dict"]["w"].shape == (3,)
