@@ -44,6 +44,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from experiments.settings import (
+    SettingsError,
+    check_config_files,
+    check_settings,
+    meta_forward_error,
+    smallest_valid_size,
+)
 from lightning_selfreg import SelfReg, SelfRegSegModule
 from lightning_selfreg.callbacks import RedundancyMonitor
 from lightning_selfreg.data import SegDataModule
@@ -206,6 +213,39 @@ def _preset(dataset: str, gpu: bool) -> Path:
     return CONFIG_DIR / files.get("gpu" if gpu else "cpu", files.get("any", ""))
 
 
+def _selfreg_setting(arg: str) -> bool:
+    flag = arg.split("=", 1)[0]
+    return flag.startswith("--selfreg.") or (flag in ALIASES and ALIASES[flag][0].startswith("selfreg."))
+
+
+def without_selfreg_settings(argv: list[str]) -> list[str]:
+    """``argv`` without the flags that configure SelfReg (``--lambda-scr 0.1``, ``--selfreg.pairing=random``, ...).
+
+    The baseline arm of a comparison runs the shared flags with ``--no-selfreg``, which conflicts with them.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        if _selfreg_setting(argv[i]):
+            i += 1 if "=" in argv[i] else 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _check_selfreg_intent(argv: list[str]) -> None:
+    """``--no-selfreg`` (or ``--selfreg null``) beside a flag that configures SelfReg: conflicting intent, named."""
+    off = next((a for i, a in enumerate(argv) if a == "--no-selfreg" or (
+        a in ("--selfreg", "--selfreg=null") and (a.endswith("=null") or (
+            i + 1 < len(argv) and argv[i + 1].lower() in ("null", "none"))))), None)
+    if off is None:
+        return
+    setting = next((a.split("=", 1)[0] for a in argv if _selfreg_setting(a)), None)
+    if setting is not None:
+        raise ConfigError(f"{off if off.startswith('--no') else '--selfreg null'}: conflicts with {setting}, which "
+                          "configures SelfReg; give --no-selfreg for the baseline or the SelfReg settings, not both")
+
+
 def expand_aliases(argv: list[str], cuda_available: bool | None = None) -> list[str]:
     """Translate the short flags into full keys; put the dataset's preset first unless ``--config`` is given.
 
@@ -223,6 +263,7 @@ def expand_aliases(argv: list[str], cuda_available: bool | None = None) -> list[
     Raises:
         ConfigError: For a missing value, an unknown ``--dataset`` / ``--backbone``, or a negative ``--gpus``.
     """
+    _check_selfreg_intent(argv)
     gpus = requested_gpus(argv)
     if gpus is None and cuda_available is None:
         cuda_available = torch.cuda.is_available()
@@ -435,6 +476,10 @@ class SelfRegCLI(LightningCLI):
         self._instantiate = instantiate
         self._run_parts = run_parts
         try:
+            check_config_files(args)  # missing, empty, not a mapping, YAML syntax: named with the file and line
+        except SettingsError as err:
+            raise ConfigError(str(err)) from err
+        try:
             with warnings.catch_warnings():
                 # `args` is the expanded sys.argv, not a second command line
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -452,6 +497,10 @@ class SelfRegCLI(LightningCLI):
         _add_arguments(parser)
 
     def _set_seed(self) -> None:
+        try:  # right after parsing: the seed and the Trainer's settings (experiments.settings)
+            check_settings(self.config)
+        except SettingsError as err:
+            raise ConfigError(str(err)) from err
         if self._instantiate:
             super()._set_seed()
 
@@ -500,31 +549,43 @@ class SelfRegCLI(LightningCLI):
 
 
 def check_network(datamodule: SegDataModule, module: SelfRegSegModule) -> None:
-    """Run the network once on a shape-only (meta) copy at the DataModule's input size, before any data is read.
+    """Run the network on a shape-only (meta) copy at the DataModule's input size, before any data is read.
 
-    Catches a size the backbone cannot take (too small for its depth, not a multiple of its patch or window) and
-    an output that is not ``num_classes`` channels, at no cost (no memory, no arithmetic).
+    Catches a size the backbone cannot take (too small for its depth, not a multiple of its patch or window), in
+    evaluation (one sample) and in training (a batch of ``datamodule.batch_size``: BatchNorm on a 1 x 1 x 1
+    bottleneck of one sample, InstanceNorm on a single voxel), naming the smallest size the network takes
+    (:func:`~experiments.settings.smallest_valid_size`), and an output that is not ``num_classes`` channels, at
+    no cost (no memory, no arithmetic).
     """
     size = datamodule.roi_size or datamodule.input_size or getattr(datamodule, "patch_size", None)
     if size is None:
         return
     dims = datamodule.spatial_dims
     size = (size,) * dims if isinstance(size, int) else tuple(int(v) for v in size)
-    shape = (1, datamodule.in_channels, *size)
+    channels = datamodule.in_channels
+    shape = (1, channels, *size)
     try:
         net = copy.deepcopy(module.net).to("meta").eval()  # eval: BatchNorm takes a 1 x 1 map of one sample
     except (NotImplementedError, RuntimeError):
         return
     key = "--data.patch_size" if datamodule.roi_size or not datamodule.input_size else "--data.image_size"
+    batch = int(getattr(datamodule, "batch_size", 1) or 1)
+    for train, batch_size in ((False, 1), (True, batch)):
+        err = meta_forward_error(net, (batch_size, channels, *size), train)
+        if err is None:
+            continue
+        message = " ".join(str(err).split()) or type(err).__name__
+        smallest = smallest_valid_size(net, channels, size, batch_size, train)
+        hint = f"; the smallest size from {list(size)} it takes is {list(smallest)}" if smallest else ""
+        what = f"train on a batch of {batch_size} of shape" if train else "take inputs of shape"
+        raise ConfigError(f"{key}: the network {type(module.net).__name__} cannot {what} {(batch_size, *shape[1:])} "
+                          f"(the DataModule's size){hint}: {message[:300]}") from err
+    net.eval()
     try:
         with torch.no_grad():
             logits = net(torch.empty(shape, device="meta"))
     except NotImplementedError:  # an operation without a meta kernel: the first batch will tell
         return
-    except (RuntimeError, ValueError, AssertionError, IndexError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise ConfigError(f"{key}: the network {type(module.net).__name__} cannot take inputs of shape {shape} "
-                          f"(the DataModule's size): {message[:300]}") from err
     expected = (1, datamodule.num_classes, *size)
     if tuple(logits.shape) != expected:
         raise ConfigError(f"--model.net: {type(module.net).__name__} maps inputs {shape} to {tuple(logits.shape)}; "

@@ -18,7 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.cli import RUN_NAME_ENV, ConfigError, SelfRegCLI, as_typed, expand_aliases, run_labels
+from experiments.cli import (
+    RUN_NAME_ENV,
+    ConfigError,
+    SelfRegCLI,
+    as_typed,
+    expand_aliases,
+    run_labels,
+    without_selfreg_settings,
+)
 
 
 def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, (seed, arm) in enumerate(plan, start=1):
         name = f"{arm}-seed{seed}"
         # later flags win: the run's own seed, arm and folder after the shared flags
-        cmd = [sys.executable, "-m", "experiments.run", *flags, "--seed", str(seed),
+        shared = without_selfreg_settings(flags) if arm == "baseline" else flags  # they conflict with --no-selfreg
+        cmd = [sys.executable, "-m", "experiments.run", *shared, "--seed", str(seed),
                *(["--no-selfreg"] if arm == "baseline" else []), "--output-dir", str(out_dir), "--run-name", name]
         print(f"[compare] run {k}/{len(plan)}: {arm}, seed {seed} -> {out_dir / name}", flush=True)
         env = {key: value for key, value in os.environ.items() if key != RUN_NAME_ENV}

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,13 @@ class ConfigInCheckpoint(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Add ``checkpoint["config"]``."""
         checkpoint["config"] = self.config
+
+
+def dump_config(cli: SelfRegCLI) -> str:
+    """The resolved configuration as YAML, with the unset (None) values (what ``config.yaml`` holds)."""
+    with warnings.catch_warnings():  # jsonargparse >= 4.49 renamed skip_none to skip_unset; both versions work
+        warnings.filterwarnings("ignore", message=".*skip_none parameter was deprecated")
+        return cli.parser.dump(cli.config, skip_none=False)
 
 
 def _is_ddp(config: Any) -> bool:
@@ -105,7 +113,7 @@ def run_callbacks(cli: SelfRegCLI, folder: RunFolder) -> tuple[list, Any, list, 
     has_val = cli.datamodule.has_validation
     checkpoint_dir = run_dir / "checkpoints"
     labels = run_labels(cli.config)
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    config = yaml.safe_load(dump_config(cli))
     stop = GracefulStop(folder.checkpoint)
     callbacks = [
         ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val/dice", mode="max",
@@ -153,7 +161,7 @@ def train_and_test(cli: SelfRegCLI, folder: RunFolder) -> dict[str, Any] | None:
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     if trainer.is_global_zero:
         environment = log_run_environment(None)
-        folder.start(cli.parser.dump(cli.config, skip_none=False), environment)
+        folder.start(dump_config(cli), environment)
         if folder.replaced is not None:
             print(f"--overwrite: the previous run folder was moved to {folder.replaced}; it is deleted when this run "
                   "has finished", file=sys.stderr)
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = expand_aliases(argv)
         parsed = SelfRegCLI(args, instantiate=False)  # every setting checked, nothing built: fast
-        config = yaml.safe_load(parsed.parser.dump(parsed.config, skip_none=False))
+        config = yaml.safe_load(dump_config(parsed))
         folder = plan_run_folder(config, argv, _is_ddp(config))  # an existing run is refused before the data
         cli = SelfRegCLI([*args, "--run.name", folder.name], run_parts=lambda c: run_callbacks(c, folder))
         train_and_test(cli, folder)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from numbers import Real
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -107,6 +109,17 @@ def _linear_resize_argmax(logits: Tensor, shape: Sequence[int], chunk: int) -> T
     return torch.cat(out)
 
 
+def _check_optimizer_options(lr: Any, momentum: Any, weight_decay: Any, poly_power: Any) -> None:
+    for name, value, low, inclusive in (("lr", lr, 0.0, False), ("poly_power", poly_power, 0.0, False),
+                                        ("weight_decay", weight_decay, 0.0, True), ("momentum", momentum, 0.0, True)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or \
+                value < low or (value == low and not inclusive):
+            raise ValueError(f"`{name}` must be a finite number {'>=' if inclusive else '>'} {low:g}"
+                             f"{' and < 1' if name == 'momentum' else ''}, found {value!r}.")
+    if momentum >= 1:
+        raise ValueError(f"`momentum` must be a finite number >= 0 and < 1, found {momentum!r}.")
+
+
 class SelfRegSegModule(pl.LightningModule):
     """Train, validate and test a 2D or 3D segmentation network; SelfReg is added by the :class:`SelfReg` callback.
 
@@ -183,6 +196,7 @@ class SelfRegSegModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         _check_3d_options(spatial_dims, roi_size, input_size, sw_batch_size, sw_overlap)
+        _check_optimizer_options(lr, momentum, weight_decay, poly_power)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, found {optimizer!r}.")
         if lr_schedule not in SCHEDULES:
