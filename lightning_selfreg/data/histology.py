@@ -156,6 +156,7 @@ class _HistologyDataModule(SegDataModule):
     in_channels = 3
     layout_help = UCTRANSNET_LAYOUT
     fallback_val_fold = 0  # no Val_Folder: validate on fold 0 of 5 of Train_Folder
+    disjoint_by_content = True  # image names (1.png, ...) are not patient ids: compare the files
 
     @property
     def volumetric(self) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from lightning_selfreg.data.contract import Item
 from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.preflight import check_h5_volume, check_pair_header, h5_headers, npz_headers
+from lightning_selfreg.data.preflight_record import foreground_fraction
 from lightning_selfreg.data.readers import (
     check_slice,
     check_spacing,
@@ -128,11 +129,11 @@ class SynapseDataModule(SegDataModule):
             check_pair_header(item.path, datasets, ("image", "label"), (3,), 3, kind="datasets")
             check_spacing(item.path, attrs.get("spacing"))
 
-    def _check_sample(self, item: Item) -> None:
-        check_slice(item.path, self.num_classes)
+    def _check_sample(self, item: Item) -> float | None:
+        return foreground_fraction(check_slice(item.path, self.num_classes)[1])
 
-    def _check_case(self, item: Item) -> None:
-        check_h5_volume(item.path, self.num_classes)
+    def _check_case(self, item: Item) -> float | None:
+        return check_h5_volume(item.path, self.num_classes)
 
     def _read_sample(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         return read_slice(item.path, self.num_classes)

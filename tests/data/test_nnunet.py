@@ -187,8 +187,8 @@ def test_cache_is_reused_and_follows_the_files(tmp_path, monkeypatch):
     dm = _dm(root, tmp_path, configuration="2d")
     dm.prepare_data()
     first = dm.cache_dir
-    assert dm.is_preprocessed() and sorted(p.name for p in first.glob("*.json"))[:2] == ["case_000.json",
-                                                                                         "case_001.json"]
+    assert dm.is_preprocessed() and sorted(p.parent.name for p in first.glob("*/props.json"))[:2] == ["case_000",
+                                                                                                      "case_001"]
     import lightning_selfreg.data.nnunet.datamodule as nnunet_module
 
     def fail(*args, **kwargs):

@@ -145,16 +145,19 @@ def test_header_reader_reads_no_data(root, monkeypatch):
     assert sum(read) < 1000
 
 
-def test_corrupt_deflate_stream_slips_past_preflight_and_is_named_when_read(root):
-    """A corrupt member (directory intact) passes the header pass; training's read names the file, with workers."""
+def test_corrupt_deflate_stream_is_named_by_the_preflight_and_when_read(root):
+    """A corrupt member (directory intact) passes the header check; the pre-flight's full read names the file, and so
+    does training's read, from a worker."""
     path = root / "train_npz" / "case0000_slice000.npz"
     np.savez_compressed(path, image=np.random.default_rng(0).random((24, 200), dtype=np.float32),
                         label=np.zeros((24, 200), np.uint8))
     data = bytearray(path.read_bytes())
     data[12000:12300] = bytes(300)  # deep inside image.npy's deflate stream, past what the header read inflates
     path.write_bytes(bytes(data))
+    npz_headers(path)  # the header pass alone does not see it
     dm = _dm(root, num_workers=1, batch_size=6)
-    dm.validate()
+    with pytest.raises(DataError, match=r"case0000_slice000.npz: cannot be read as .npz \((BadZipFile|error)"):
+        dm.validate()
     with pytest.raises(DataError, match=r"case0000_slice000.npz: cannot be read as .npz \((BadZipFile|error)"):
         read_slice(path, 9)
     dm.setup("fit")

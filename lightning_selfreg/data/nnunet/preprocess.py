@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from lightning_selfreg.data.contract import DataError
 from lightning_selfreg.data.nnunet.format import CaseFiles, DatasetJson, read_case
-from lightning_selfreg.utils.files import atomic_write, atomic_write_text
+from lightning_selfreg.utils.files import atomic_folder
 
 __all__ = [
     "ANISO_THRESHOLD",
@@ -51,6 +51,7 @@ __all__ = [
     "cache_key",
     "class_locations",
     "compute_fingerprint",
+    "is_preprocessed_case",
     "load_preprocessed",
     "normalize",
     "preprocess_case",
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
-CACHE_VERSION = 1  # bump when the preprocessed format or algorithm changes
+CACHE_VERSION = 2  # bump when the preprocessed format or algorithm changes (2: one folder per case)
 FOREGROUND_SAMPLES = int(1e8)  # nnU-Net's budget of foreground intensity samples, split over the cases
 MAX_LOCATIONS = 10_000
 
@@ -269,11 +270,16 @@ def class_locations(label: np.ndarray, num_classes: int, seed: int = 1234) -> di
 
 def preprocess_case(case: CaseFiles, meta: DatasetJson, fingerprint: Fingerprint, target: Sequence[float | None],
                     out_dir: Path) -> dict[str, Any]:
-    """Read, normalise and resample one case and write it to ``out_dir`` (atomically, one file per array).
+    """Read, normalise and resample one case and write it to ``out_dir/<case>/``, atomically as a whole.
 
-    Files: ``{case}_image.npy`` float32 (C, D', H', W'); with a label, ``{case}_label.npy`` int16 (D', H', W') at
-    the preprocessed grid, ``{case}_native.npy`` int16 (D, H, W) at the native grid and ``{case}_locations.npz``
-    (class locations); ``{case}.json`` the properties (written last: its presence marks a complete case).
+    The case's files are written into a temporary folder that is renamed to ``<case>/`` at the end
+    (:func:`~lightning_selfreg.utils.files.atomic_folder`), so a failed or killed preprocessing never leaves a
+    half-written case: the folder exists complete or not at all (a killed run leaves only ``.tmp<pid>.<case>/``,
+    which the next preprocessing removes).
+
+    Files: ``image.npy`` float32 (C, D', H', W'); with a label, ``label.npy`` int16 (D', H', W') at the
+    preprocessed grid, ``native.npy`` int16 (D, H, W) at the native grid and ``locations.npz`` (class
+    locations); ``props.json`` the properties.
 
     Args:
         case: The case's files.
@@ -290,32 +296,37 @@ def preprocess_case(case: CaseFiles, meta: DatasetJson, fingerprint: Fingerprint
     target = np.array([sp if t is None else t for sp, t in zip(spacing, target, strict=True)], dtype=np.float64)
     image = normalize(data["image"], meta.channel_names, fingerprint.intensity, case.images[0])
     image = resample_image(image, spacing, target)
-    _save_npy(out_dir / f"{case.case}_image.npy", image)
     props: dict[str, Any] = {
         "case": case.case, "split": case.split, "native_shape": list(data["image"].shape[1:]),
         "native_spacing": spacing.tolist(), "affine": None if data["affine"] is None else data["affine"].tolist(),
         "spacing": target.tolist(), "shape": list(image.shape[1:]), "has_label": data["label"] is not None,
         "classes": [],
     }
+    arrays = {"image": image}
     if data["label"] is not None:
         native = data["label"]
         label = resample_label(native, spacing, target, image.shape[1:])
         locations = class_locations(label, meta.num_classes)
-        _save_npy(out_dir / f"{case.case}_label.npy", label)
-        _save_npy(out_dir / f"{case.case}_native.npy", native.astype(np.int16))
-        atomic_write(out_dir / f"{case.case}_locations.npz",
-                     lambda tmp: np.savez(tmp, **{str(k): v for k, v in locations.items()}))
+        arrays.update(label=label, native=native.astype(np.int16))
         props["classes"] = sorted(int(k) for k in locations)
-    atomic_write_text(out_dir / f"{case.case}.json", json.dumps(props))
+    else:
+        locations = None
+
+    def write(folder: Path) -> None:
+        for name, array in arrays.items():
+            with open(folder / f"{name}.npy", "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array))
+        if locations is not None:
+            np.savez(folder / "locations.npz", **{str(k): v for k, v in locations.items()})
+        (folder / "props.json").write_text(json.dumps(props), encoding="utf-8")
+
+    atomic_folder(out_dir / case.case, write)
     return props
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array))
-
-    atomic_write(path, write)
+def is_preprocessed_case(cache: Path, case: str) -> bool:
+    """Whether ``cache`` holds the complete preprocessed ``case`` (its folder exists only when complete)."""
+    return (cache / case / "props.json").is_file()
 
 
 def load_preprocessed(cache: Path, case: str, mmap: bool = True) -> dict[str, Any]:
@@ -325,17 +336,18 @@ def load_preprocessed(cache: Path, case: str, mmap: bool = True) -> dict[str, An
         The properties of :func:`preprocess_case` plus ``image``, ``label``, ``native`` and ``locations``
         (``{class: (k, 3) int32}``).
     """
-    props = json.loads((cache / f"{case}.json").read_text(encoding="utf-8"))
+    folder = cache / case
+    props = json.loads((folder / "props.json").read_text(encoding="utf-8"))
     mode = "r" if mmap else None
 
     def load(name: str) -> np.ndarray | None:
-        path = cache / f"{case}_{name}.npy"
+        path = folder / f"{name}.npy"
         return np.load(path, mmap_mode=mode) if path.is_file() else None
 
     props["image"], props["label"], props["native"] = load("image"), load("label"), load("native")
     props["locations"] = {}
-    if (cache / f"{case}_locations.npz").is_file():
-        with np.load(cache / f"{case}_locations.npz") as z:
+    if (folder / "locations.npz").is_file():
+        with np.load(folder / "locations.npz") as z:
             props["locations"] = {int(k): z[k] for k in z.files}
     return props
 
