@@ -246,7 +246,8 @@ def _check_nifti_spacing(path: Path, image: Any, ndim: int) -> None:
         return
     pixdim = np.asarray(raw["pixdim"][1:1 + ndim], dtype=np.float64)
     if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
-        raise _fail(path, f"expected a positive spacing, found pixdim[1:{ndim + 1}] = {tuple(pixdim.tolist())} in "
+        shown = tuple(float(f"{v:.6g}") for v in pixdim.tolist())  # the header's float32, as typed
+        raise _fail(path, f"expected a positive spacing, found pixdim[1:{ndim + 1}] = {shown} in "
                           "the header (nibabel would read a 0 as 1 mm and a negative value as its absolute value).")
     for name, code in (("sform", "sform_code"), ("qform", "qform_code")):
         if int(raw[code]) <= 0:
