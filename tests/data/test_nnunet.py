@@ -282,6 +282,24 @@ def test_resampling_round_trip_to_native_grid():
     assert np.abs(back - image).max() < 0.1
 
 
+def test_anisotropic_target_spacing_takes_the_10th_percentile_of_the_coarse_axis():
+    """nnU-Net's rule: when the coarse axis' median spacing is > 3x the others' and its median size x 3 is below the
+    others', the coarse axis takes the 10th percentile of its spacings (finer than the median); otherwise the median."""
+    from lightning_selfreg.data.nnunet.preprocess import Fingerprint, target_spacing
+
+    def target(z_spacings, z_size):
+        spacings = np.array([[z, 0.8, 0.8] for z in z_spacings])
+        shapes = np.array([[z_size, 512, 512]] * len(z_spacings))
+        return tuple(target_spacing(Fingerprint(spacings, shapes, ())).tolist())
+
+    thick = [5.0] * 8 + [1.5, 1.5]
+    assert target(thick, 60) == pytest.approx((1.5, 0.8, 0.8))  # the anisotropic branch
+    assert target(thick, 200) == pytest.approx((5.0, 0.8, 0.8))  # enough slices: the median
+    assert target([2.0] * 10, 60) == pytest.approx((2.0, 0.8, 0.8))  # not anisotropic: the median
+    assert target([5.0] * 10, 60) == pytest.approx((5.0, 0.8, 0.8))  # the 10th percentile of equal spacings
+    assert target([5.0] * 8 + [0.5, 0.5], 60)[0] == pytest.approx(0.8 + 1e-5)  # never finer than the other axes
+
+
 def test_normalization_per_channel_type(dataset, tmp_path):
     dm = _dm(dataset, tmp_path, configuration="3d")
     dm.prepare_data()

@@ -44,6 +44,28 @@ def test_aliases_are_the_full_keys_and_expand_the_same_in_every_ddp_rank():
     assert cli.expand_aliases(["--config", "my.yaml", "--gpus", "0"])[:2] == ["--config", "my.yaml"]
 
 
+def test_two_gpus_choose_ddp_and_one_gpu_does_not():
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    def pairs(argv):
+        full = cli.expand_aliases(argv)[2:]
+        return dict(zip(full[::2], full[1::2], strict=True))
+
+    assert pairs(["--gpus", "2"]) == {"--trainer.accelerator": "gpu", "--trainer.devices": "2",
+                                      "--trainer.strategy": "ddp"}
+    assert pairs(["--gpus", "1"]) == {"--trainer.accelerator": "gpu", "--trainer.devices": "1"}
+    assert pairs(["--gpus", "0"]) == {"--trainer.accelerator": "cpu", "--trainer.devices": "1"}
+    config = parse(["--gpus", "2"])
+    assert config["trainer"]["strategy"] == "ddp" and run._is_ddp(config) and not run._is_ddp(parse(["--gpus", "1"]))
+    # what that strategy builds (on CPU processes here: the same DDP strategy Lightning gives two GPUs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=config["trainer"]["strategy"], logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 2
+    single = pl.Trainer(accelerator="cpu", devices=1, strategy=parse(["--gpus", "1"])["trainer"]["strategy"],
+                        logger=False)
+    assert isinstance(single.strategy, SingleDeviceStrategy)
+
+
 def test_precedence_file_then_flags_and_presets_by_device(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("selfreg:\n  init_args:\n    lambda_scr: 0.1\ntrainer:\n  max_epochs: 7\nmodel:\n  lr: 0.5\n")
