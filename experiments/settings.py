@@ -115,7 +115,7 @@ def check_config_files(args: Sequence[str]) -> None:
                                 f"`  max_epochs: 10`), found an empty file")
         if not isinstance(data, Mapping):
             raise SettingsError(f"--config {name}: expected a mapping of settings (key: value lines), found a "
-                                f"{type(data).__name__} ({str(data)[:40]!r})")
+                                f"{type(data).__name__} ({str(data)[:40]})")
 
 
 def meta_forward_error(net: Any, shape: Sequence[int], train: bool) -> BaseException | None:
