@@ -158,6 +158,7 @@ class SampleCTDataModule(SynapseDataModule):
             +-15 deg, zoom 1/1.5..1.5, shift 7.5 %, intensity jitter (no flips: they ruin left/right organs on this
             sample). A name rather than an instance as the default, so that a configuration file can say it.
         data_dir: Override the bundled folder.
+        cache_dir: Cache root for the pre-flight's record (default ``$XDG_CACHE_HOME/lightning_selfreg``).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class SampleCTDataModule(SynapseDataModule):
         batch_size: int = 8,
         batch_transform: RandomAffine | Literal["default"] | None = "default",
         data_dir: str | Path = SAMPLE_DIR,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if isinstance(batch_transform, str):
             if batch_transform != "default":
@@ -173,4 +175,4 @@ class SampleCTDataModule(SynapseDataModule):
                                  f"{batch_transform!r}.")
             batch_transform = RandomAffine()
         super().__init__(data_dir, image_size=image_size, batch_size=batch_size, transform=None,
-                         batch_transform=batch_transform, cache=True, val_cases=())
+                         batch_transform=batch_transform, cache=True, val_cases=(), cache_dir=cache_dir)

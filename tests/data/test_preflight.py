@@ -345,6 +345,15 @@ def test_a_warm_preflight_reads_only_the_files_that_changed(root, monkeypatch, t
     assert checked == [path.name]
 
 
+def test_a_cache_folder_that_cannot_be_written_costs_speed_not_the_run(root, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="lightning_selfreg.data.preflight_record"):
+        assert _dm(root, cache_dir=blocked).validate()["test"] == 1
+    assert "could not record what it checked" in caplog.text and "next run checks every file again" in caplog.text
+    assert blocked.read_text() == "not a folder"
+
+
 def test_splits_must_be_disjoint(root, tmp_path):
     (root / "lists" / "test_vol.txt").write_text("case0100\ncase0000\n")  # a training case among the tests
     _write_volume(root / "test_vol_h5" / "case0000.npy.h5", np.zeros((4, 24, 20), np.float32),
