@@ -213,8 +213,8 @@ def test_a_warm_nnunet_preflight_reads_no_case_again(tmp_path, monkeypatch):
 
     root = write_nnunet(tmp_path / "Dataset008_Warm")
     read = []
-    original = nnunet_module.read_case
-    monkeypatch.setattr(nnunet_module, "read_case", lambda case, meta: read.append(case.case) or original(case, meta))
+    original = nnunet_module.check_case
+    monkeypatch.setattr(nnunet_module, "check_case", lambda case, meta: read.append(case.case) or original(case, meta))
     _dm(root, tmp_path).validate()
     assert len(read) == 6
     read.clear()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,10 +38,10 @@ from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.nnunet.format import (
     NNUNET_LAYOUT,
     CaseFiles,
+    check_case,
     crossval_split,
     find_cases,
     random_split,
-    read_case,
     read_case_header,
     read_dataset_json,
     read_splits,
@@ -56,7 +57,7 @@ from lightning_selfreg.data.nnunet.preprocess import (
     target_spacing,
 )
 from lightning_selfreg.data.preflight import check_disjoint, report_inverted, run_checks
-from lightning_selfreg.data.preflight_record import PreflightRecord, foreground_fraction
+from lightning_selfreg.data.preflight_record import PreflightRecord
 from lightning_selfreg.data.sampling import PADDING, PaddingKey, UnpaddedDistributedSampler
 from lightning_selfreg.data.transforms import RandomAffine, default_seed, derive_seed
 
@@ -545,14 +546,14 @@ class NnUNetDataModule(SegDataModule):
         2. Every file's header: readable, a positive spacing in the header's own ``pixdim`` and sform / qform
            (before nibabel's fixes), the channels and the label of a case agreeing in shape, spacing and affine
            (orientation and origin), the channel count of ``channel_names``.
-        3. Every case read in full (:func:`~lightning_selfreg.data.nnunet.format.read_case`): complete files,
+        3. Every case read in full (:func:`~lightning_selfreg.data.nnunet.format.check_case`): complete files,
            finite intensities, labels integral and within dataset.json's labels; recorded, so that a later
            pre-flight reads only the cases whose files changed
            (:class:`~lightning_selfreg.data.preflight_record.PreflightRecord`).
         4. Labels whose majority is foreground (they look inverted) are reported, one warning line.
 
         Args:
-            workers: Threads for step 3 (default 1).
+            workers: Threads for step 3 (default: 2, or 1 on a one-core machine; the reads release the GIL).
 
         Returns:
             Number of cases per split.
@@ -580,13 +581,13 @@ class NnUNetDataModule(SegDataModule):
 
         def check(job: tuple[Item, CaseFiles]) -> None:
             item, case = job
-            data = read_case(case, self.meta)
+            foreground = check_case(case, self.meta)
             for extra in files(item, case):
                 record.add(extra, "channel", None)
-            record.add(item, "case", foreground_fraction(data["label"]))
+            record.add(item, "case", foreground)
 
-        try:
-            run_checks(check, todo, 1 if workers is None else workers)
+        try:  # NIfTI / PNG reads (zlib, NumPy) release the GIL: two threads overlap them
+            run_checks(check, todo, min(2, os.cpu_count() or 1) if workers is None else workers)
         finally:
             record.save()
         report_inverted([(item, record.foreground(item)) for item, _ in jobs])

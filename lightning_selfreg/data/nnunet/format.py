@@ -36,6 +36,7 @@ __all__ = [
     "CaseFiles",
     "CaseHeader",
     "DatasetJson",
+    "check_case",
     "check_label_values",
     "crossval_split",
     "find_cases",
@@ -373,11 +374,46 @@ def check_label_values(path: Path, label: np.ndarray, num_classes: int) -> None:
         raise _fail(path, f"label has non-numeric dtype {label.dtype}.")
     if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
         raise _fail(path, "label holds non-integer values.")
-    values = np.unique(label)
-    bad = values[(values < 0) | (values >= num_classes)]
-    if bad.size:
+    if label.size and (label.min() < 0 or label.max() >= num_classes):  # two passes; the unique values only then
+        values = np.unique(label)
+        bad = values[(values < 0) | (values >= num_classes)]
         raise _fail(path, f"label values must be those of dataset.json's labels (0..{num_classes - 1}), found "
                           f"{bad[:10].tolist()}.")
+
+
+def check_case(case: CaseFiles, meta: DatasetJson) -> float | None:
+    """The pre-flight's full read of one case: what :func:`read_case` checks, without building its arrays.
+
+    Each file is read to its end in its stored dtype (no float32 copy): the headers agree
+    (:func:`read_case_header`), float intensities are finite, the label is integral and within dataset.json's
+    labels.
+
+    Returns:
+        The share of the label that is foreground (None without a label).
+
+    Raises:
+        DataError: The first problem, naming the file.
+    """
+    read_case_header(case, meta)
+    for path in case.images:
+        if meta.is_2d_format:
+            data = _load_2d(path, header_only=False)[2]
+        else:
+            data = _load_nifti(path, header_only=False)[1]
+        data = np.asarray(data)
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            raise _fail(path, "image contains NaN or infinite values.")
+    if case.label is None:
+        return None
+    if meta.is_2d_format:
+        _, n, label = _load_2d(case.label, header_only=False)
+        if n != 1:
+            raise _fail(case.label, f"label images must have one channel, found {n}.")
+    else:
+        label = _load_nifti(case.label, header_only=False)[1]
+    label = np.asarray(label)
+    check_label_values(case.label, label, meta.num_classes)
+    return float(np.count_nonzero(label)) / label.size if label.size else None
 
 
 def read_case(case: CaseFiles, meta: DatasetJson, with_label: bool = True) -> dict[str, Any]:
