@@ -231,13 +231,15 @@ def _interrupted(cli: SelfRegCLI | None, folder: RunFolder, signum: int | None) 
     else:
         what = f"stopped before the first checkpoint, nothing to resume; start again with: " \
                f"{folder.command(resume=False, overwrite=folder.path.exists())}"
-    if folder.path.is_dir() and (cli is None or cli.trainer.is_global_zero):
+    first = cli is None or getattr(cli, "trainer", None) is None or cli.trainer.is_global_zero
+    if first and folder.path.is_dir():
         try:
             folder.record("interrupted", signal=name, stage=stage, step=step,
                           checkpoint=str(stop.saved_path or kept) if stop is not None else str(kept))
         except OSError:
             pass
-    print(f"interrupted by {name}: {what}", file=sys.stderr)
+    if first:  # one line for the run, not one per DDP rank
+        print(f"interrupted by {name}: {what}", file=sys.stderr)
     return 128 + int(signum)
 
 

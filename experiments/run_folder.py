@@ -359,5 +359,5 @@ def plan_run_folder(config: Mapping[str, Any], argv: Sequence[str], ddp: bool = 
                           f"(another --run-name)")
     folder.resume_from, folder.resume_step, folder.requeued = checkpoint, step, requeued
     folder.changes = {k: v for k, v in changes.items() if k not in ("run.resume", "run.overwrite")}
-    folder.wandb_id = started.get("wandb_id") or re.sub(r"[^A-Za-z0-9_-]", "-", name)  # older folders: the name
+    folder.wandb_id = started.get("wandb_id") or name.replace("/", "-")  # a folder of an older version: its id
     return folder

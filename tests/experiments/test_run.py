@@ -28,16 +28,17 @@ def parse(argv, cuda=False):
 
 
 def test_aliases_are_the_full_keys_and_expand_the_same_in_every_ddp_rank():
-    argv = ["--gpus", "4", "--dataset", "synapse", "--data-dir", "/d", "--lambda-scr", "0.1", "--no-selfreg",
+    argv = ["--gpus", "4", "--dataset", "synapse", "--data-dir", "/d", "--lambda-scr", "0.1", "--lr", "0.5",
             "--seed", "3", "--val-cases", "case0001", "case0002", "--resume", "--run-name", "x"]
     full = cli.expand_aliases(argv)
     assert full == cli.expand_aliases(argv)  # Lightning re-launches every rank with the same argv
     assert full[:2] == ["--config", str(CONFIGS / "synapse_unet.yaml")]  # the preset first: flags win over it
     pairs = dict(zip(full[2::2], full[3::2], strict=True))
     assert pairs == {"--trainer.accelerator": "gpu", "--trainer.devices": "4", "--trainer.strategy": "ddp",
-                     "--data.data_dir": "/d", "--selfreg.lambda_scr": "0.1", "--selfreg": "null",
+                     "--data.data_dir": "/d", "--selfreg.lambda_scr": "0.1", "--model.lr": "0.5",
                      "--seed_everything": "3", "--data.val_cases": "[case0001, case0002]", "--run.resume": "true",
                      "--run.name": "x"}
+    assert cli.expand_aliases(["--gpus", "0", "--no-selfreg"])[-2:] == ["--selfreg", "null"]
     assert cli.expand_aliases(["--gpus", "0"])[:2] == ["--config", str(CONFIGS / "sample.yaml")]
     assert cli.expand_aliases([], cuda_available=True)[1] == str(CONFIGS / "sample_gpu.yaml")
     # --config without --dataset: the file is the whole configuration, no preset under it
