@@ -12,7 +12,7 @@ step (momentum 0.9, weight decay 1e-4, as the authors). Arms, each on its own co
 - ``none``: no SelfReg, our vectorised CE + Dice (``DiceCELoss``, 0.4 CE + 0.6 Dice);
 - ``fused``: ``none`` + our SelfReg (``FeatureTaps`` hooks + ``SelfRegLoss``, the default fused implementation,
   random pairing from a ``torch.Generator`` on the device);
-- ``fused-torch`` (CPU only): ``fused`` with the CPU kernels off (``fused_losses.CPU_KERNELS = False``), i.e. the
+- ``fused-torch`` (CPU only): ``fused`` with the CPU kernels off (``selfreg.fused.CPU_KERNELS = False``), i.e. the
   eager torch ops that CUDA runs, timed on the CPU;
 - ``fused-compile`` (CUDA only, unless ``--arms`` names it): the same with ``implementation="fused-compile"``
   (the per-tap math through ``torch.compile``; compiled during the warm-up);
@@ -22,7 +22,7 @@ step (momentum 0.9, weight decay 1e-4, as the authors). Arms, each on its own co
 - ``authors``: ``authors-none`` + the authors' ``KDloss`` (python ``random.sample`` pairing on both sides,
   ``F_final`` pooled from full resolution for every tap, the IFD score computed with autograd on), features
   returned by the forward pass as the authors' ``UNet_hd`` does. Written from the description in
-  ``paper.md`` §2.2-2.3 / §5.1, not copied.
+  ``docs/method.md`` §1-§2 and the authors' code it cites, not copied.
 
 After the warm-up, the arms are timed interleaved: ``rounds`` rounds, each timing a block of steps of every arm
 (arm order rotated every round), so load drift on a shared machine affects all arms alike; the median of the
@@ -83,7 +83,8 @@ SEG_PARTS = ("ours DiceCELoss fwd+bwd", "authors CE+Dice fwd+bwd")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The authors' losses, re-implemented from paper.md §2.2-2.3 (KDloss) and §5.1 (Dice), for comparison only.
+# The authors' losses, re-implemented from their code (docs/method.md §1-§2: KDloss; and their Dice loss), for
+# comparison only.
 # ---------------------------------------------------------------------------------------------------------------
 def authors_inter_fd(f_s: Tensor, f_t: Tensor) -> Tensor:
     """SCR as in the authors' code: pool F_final (from full resolution) to (H, H), random.sample on both sides."""

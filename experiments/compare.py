@@ -18,15 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.cli import (
-    RUN_NAME_ENV,
-    ConfigError,
-    SelfRegCLI,
-    as_typed,
-    expand_aliases,
-    run_labels,
-    without_selfreg_settings,
-)
+from experiments.cli import RUN_NAME_ENV, ConfigError, SelfRegCLI, expand_aliases, run_labels, without_selfreg_settings
 
 
 def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
@@ -44,9 +36,9 @@ def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
     try:
         seeds = [int(v) for v in argv[i + 1:j]]
     except ValueError:
-        raise ConfigError(f"--seeds: expected integers, found {' '.join(argv[i + 1:j])}") from None
+        raise ConfigError("seeds", f"expected integers, found {' '.join(argv[i + 1:j])}") from None
     if not seeds:
-        raise ConfigError("--seeds: expected one or more integers, found none")
+        raise ConfigError("seeds", "expected one or more integers, found none")
     return seeds, argv[:i] + argv[j:]
 
 
@@ -66,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = [a for a in flags if a != "--no-selfreg"]  # each run gets its arm
         config = SelfRegCLI(expand_aliases(flags), instantiate=False).config  # every setting checked up front
         if config.get("selfreg") is None:
-            raise ConfigError("--selfreg: --compare needs a SelfReg configuration (found `selfreg: null`)")
+            raise ConfigError("selfreg", "--compare needs a SelfReg configuration (found `selfreg: null`)")
         labels = run_labels(config)
         base = config["run"]["name"] or f"compare-{labels['dataset']}-{labels['backbone']}-" \
                                         f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -74,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         try:  # of the summary run; each run decides its own
             mode = resolve_wandb_mode(config["run"]["wandb"], sync_hint=str(out_dir / "wandb" / "offline-run-*"))
         except WandbUnavailable as err:
-            raise ConfigError(f"--run.wandb {config['run']['wandb']}: {err}") from err
+            raise ConfigError("run.wandb", str(err)) from err
     except ConfigError as err:
-        print(f"error: {as_typed(str(err), argv)}", file=sys.stderr)
+        print(f"error: {err.line(argv)}", file=sys.stderr)
         return 2
     runs = []
     plan = [(seed, arm) for seed in seeds for arm in ("baseline", "selfreg")]

@@ -1,18 +1,23 @@
-"""Segment your own volume or image with a trained checkpoint: ``python -m experiments.predict``.
+"""Segment your own scans with a trained checkpoint: ``python -m experiments.predict``.
 
 Examples::
 
     python -m experiments.predict --checkpoint runs/my-run/checkpoints/last.ckpt --input ct.nii.gz --output seg.nii.gz
-    python -m experiments.predict --checkpoint runs/glas/checkpoints/best-epoch=99.ckpt --input slide.png \
-        --output mask.png
+    python -m experiments.predict --checkpoint CKPT --input imagesTs/ --output predictions/ --labels labelsTs/
+    python -m experiments.predict --checkpoint CKPT --input dicom_series/ --output seg.nii.gz --tta
+    python -m experiments.predict --checkpoint runs/glas/checkpoints/best.ckpt --input slide.png --output mask.png
 
-NIfTI volumes are segmented slice by slice along their third axis and written with the input's affine. CT
-intensities are windowed to ``--window`` (HU, default [-125, 275], the Synapse preprocessing) and scaled to
-[0, 1]; pass ``--no-window`` for inputs already in [0, 1]. 2D images are read as RGB in [0, 1] (GlaS/MoNuSeg).
+The input is preprocessed exactly as the model's training data (the checkpoint's record: orientation, spacing,
+intensity normalisation with the training statistics), segmented (2D slice by slice, 3D with a Gaussian-blended
+sliding window) and written on the input's own grid, with its affine and header (a thin layer over
+:class:`lightning_selfreg.segmentation.inference.Predictor` and
+:func:`lightning_selfreg.segmentation.predict_files.predict_files`; what inputs are accepted:
+:mod:`lightning_selfreg.segmentation.inputs`).
 
-Every problem with the arguments, the checkpoint or the input (missing or truncated files, NaN/inf voxels, a
-window with LOW >= HIGH, an image whose channel count is not the model's, a device that is not there) ends with
-exit status 2 and one line naming it, before anything is written.
+Every problem with the arguments, the checkpoint or an input (missing, truncated or non-image files, NaN/inf
+voxels, a channel count that is not the model's, a 2D image for a volume model or the reverse, an output that is
+an input or exists, an unwritable output folder, a checkpoint without a preprocessing record) ends with exit status
+2 and one line naming it, before anything is written.
 """
 
 from __future__ import annotations
@@ -23,174 +28,120 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from lightning_selfreg.data.image_io import HU_WINDOW
-
 
 class PredictError(ValueError):
-    """A bad argument or input; the message names it, says what was expected and what was found."""
+    """A bad argument; the message names it, says what was expected and what was found."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by experiments.run")
-    parser.add_argument("--input", type=Path, required=True, help=".nii / .nii.gz volume, or a 2D image")
-    parser.add_argument("--output", type=Path, required=True, help=".nii.gz for volumes, .png for images")
-    parser.add_argument("--window", type=float, nargs=2, default=HU_WINDOW, metavar=("LOW", "HIGH"),
-                        help="HU window for CT volumes (default: the Synapse window)")
-    parser.add_argument("--no-window", action="store_true", help="volume intensities are already in [0, 1]")
+    parser.add_argument("--input", type=Path, required=True,
+                        help="a NIfTI file, a DICOM series folder, a 2D image, or a folder of them (nnU-Net's "
+                             "case_0000.nii.gz channel files are grouped into cases)")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="a .nii.gz / .png file for one case, else a folder (<case>.nii.gz / <case>.png)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="reference labels (a folder with <case>.nii.gz, or one file): write scores.csv and "
+                             "scores.json (Dice, IoU, HD95, both protocols) beside the predictions")
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (4 passes in 2D, 8 in 3D)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write <case>.npz with the float16 class probabilities")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="skip the cases whose outputs exist (restart an interrupted folder run)")
+    parser.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="override the HU window of a windowed CT model (default: the recorded one)")
+    parser.add_argument("--sw-batch-size", type=int, default=None,
+                        help="3D: windows per forward pass (default: the model's)")
+    parser.add_argument("--data-config", type=Path, default=None,
+                        help="for a checkpoint written before preprocessing records: the run's config.yaml, whose "
+                             "`data:` section rebuilds the DataModule the model was trained with")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
-def _check_arguments(args: argparse.Namespace) -> bool:
-    """Checks that need no import of torch; returns whether the input is a volume."""
-    low, high = args.window
-    if not args.no_window and not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise PredictError(f"--window LOW HIGH: expected finite values with LOW < HIGH, found {low:g} {high:g}")
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Checks that need no import of torch."""
+    if args.window is not None:
+        low, high = args.window
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise PredictError(f"--window LOW HIGH: expected finite values with LOW < HIGH, found {low:g} {high:g}")
     if not args.checkpoint.is_file():
         raise PredictError(f"--checkpoint {args.checkpoint}: file not found")
-    if not args.input.is_file():
-        raise PredictError(f"--input {args.input}: file not found")
-    is_volume = args.input.name.endswith((".nii", ".nii.gz"))
-    if is_volume != args.output.name.endswith(".nii.gz"):
-        raise PredictError("--output must be .nii.gz for a NIfTI input and .png for a 2D image")
-    return is_volume
+    if not args.input.exists():
+        raise PredictError(f"--input {args.input}: not found")
+    if args.overwrite and args.resume:
+        raise PredictError("--overwrite and --continue: expected one of them, found both")
 
 
-def resolve_device(name: str | None):
-    """The ``torch.device`` of ``--device`` (default: ``cuda`` if available), checked to exist on this machine.
+def record_from_config(path: Path) -> Any:
+    """The preprocessing record of the DataModule in the ``data:`` section of a run's ``config.yaml``.
 
     Raises:
-        PredictError: For an unknown device name or one this machine does not have.
+        PredictError: An unreadable file, no ``data:`` section, or a DataModule that cannot be built from it.
     """
-    import torch
+    import yaml
+    from jsonargparse import ArgumentParser
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise PredictError(f"--device {name}: expected cpu, cuda or cuda:N, found an unknown device name "
-                           f"({str(err).splitlines()[0]})") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise PredictError(f"--device {name}: expected a CUDA GPU, found none ({why}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise PredictError(f"--device {name}: expected an index below {torch.cuda.device_count()} (the number "
-                               f"of visible GPUs), found {device.index}")
-    elif device.type != "cpu":
-        try:
-            torch.empty(0, device=device)
-        except Exception as err:  # each backend raises its own type when it is missing
-            raise PredictError(f"--device {name}: this machine cannot use it ({str(err).splitlines()[0]})") from err
-    return device
-
-
-def load_module(checkpoint_path: Path, device):
-    """Rebuild the trained :class:`SelfRegSegModule` from a checkpoint written by ``experiments.run``.
-
-    The checkpoint carries the network's configuration (its class path and arguments, see
-    :mod:`experiments.cli`), so ``SelfRegSegModule.load_from_checkpoint`` rebuilds it; the ImageNet file of a
-    ``pretrained`` argument is not read (the weights come from the checkpoint).
-
-    Raises:
-        PredictError: If the file is not a complete checkpoint, carries no network configuration or its weights do
-            not fit.
-    """
-    from lightning_selfreg import SelfRegSegModule
-    from lightning_selfreg.utils.checkpoint import CheckpointError, load_checkpoint
+    from lightning_selfreg.data import SegDataModule
 
     try:
-        checkpoint = load_checkpoint(checkpoint_path)
-    except CheckpointError as err:
-        raise PredictError(f"--checkpoint {err}") from err
-    net = (checkpoint.get("hyper_parameters") or {}).get("net")
-    if not isinstance(net, dict) or "class_path" not in net:
-        raise PredictError(f"--checkpoint {checkpoint_path}: expected the network's configuration (`net` with a "
-                           "`class_path`) in its hyper-parameters, found none (it was not written by experiments.run); "
-                           "load it in Python with SelfRegSegModule.load_from_checkpoint(path, net=...)")
-    init_args = {k: v for k, v in (net.get("init_args") or {}).items() if k != "pretrained"}
-    net = {**net, "init_args": init_args}
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise PredictError(f"--data-config {path}: cannot be read as YAML ({err})") from err
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise PredictError(f"--data-config {path}: expected a `data:` section with a class_path (a run's "
+                           "config.yaml), found none")
     try:
-        module = SelfRegSegModule.load_from_checkpoint(checkpoint_path, map_location="cpu", net=net)
-    except (RuntimeError, TypeError, ValueError, KeyError, ImportError) as err:
-        raise PredictError(f"--checkpoint {checkpoint_path}: expected weights of the network {net['class_path']} "
-                           f"{init_args}, found weights that do not fit ({str(err).strip().splitlines()[0]})") from err
-    return module.to(device).eval(), net
-
-
-def _check_channels(path: Path, found: int, what: str, net: dict[str, Any]) -> None:
-    init_args = net["init_args"]
-    expected = init_args.get("in_channels", init_args.get("in_chans"))
-    if expected is not None and found != expected:
-        raise PredictError(f"--input {path}: the model takes {expected}-channel images "
-                           f"({net['class_path'].rsplit('.', 1)[-1]}, in_channels={expected}), found {found} "
-                           f"channel(s) ({what})")
-
-
-def _check_finite(path: Path, volume: np.ndarray) -> None:
-    bad = ~np.isfinite(volume)
-    if bad.any():
-        first = int(np.argmax(bad.reshape(len(volume), -1).any(1)))
-        raise PredictError(f"--input {path}: expected finite intensities, found {int(bad.sum())} NaN/inf voxel(s) "
-                           f"(first in slice {first} of {len(volume)})")
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(SegDataModule, "data")
+        datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
+        return datamodule.preprocessing()
+    except Exception as err:  # jsonargparse and the DataModules raise many types
+        raise PredictError(f"--data-config {path}: cannot build the DataModule {data['class_path']} "
+                           f"({str(err).strip().splitlines()[0]})") from err
 
 
 def predict(args: argparse.Namespace) -> str:
-    """Segment ``args.input`` into ``args.output``; returns the summary line.
+    """Segment ``args.input`` into ``args.output``; returns the summary.
 
     Raises:
-        PredictError: For any bad argument or input, before the output is written.
+        PredictError, PredictionError: For any bad argument or input, before an output is written.
     """
-    is_volume = _check_arguments(args)
-    import torch
-    from PIL import Image
+    _check_arguments(args)
+    from lightning_selfreg.segmentation.inference import Predictor
+    from lightning_selfreg.segmentation.predict_files import predict_files
 
-    from lightning_selfreg.data.image_io import load_image_2d, load_nifti, save_nifti
-    from lightning_selfreg.utils.files import atomic_write
+    record = None if args.data_config is None else record_from_config(args.data_config)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, preprocessing=record,
+                                          mirror=args.tta, sw_batch_size=args.sw_batch_size, window=args.window)
+    result = predict_files(predictor, args.input, args.output, overwrite=args.overwrite, resume=args.resume,
+                           probabilities=args.save_probabilities, labels=args.labels, progress=not args.quiet)
+    lines = [f"wrote {len(result.written)} prediction(s) to {args.output}"
+             + (f" (skipped {len(result.skipped)} already written)" if result.skipped else "")
+             + f"; preprocessing: {predictor.preprocessing.describe()}"]
+    if result.scores is not None:
+        from lightning_selfreg.tracking.report import format_paper_table
 
-    device = resolve_device(args.device)
-    module, build = load_module(args.checkpoint, device)
-    try:
-        if is_volume:
-            volume, affine, _ = load_nifti(args.input)
-            image = torch.from_numpy(volume)  # (D, H, W): one channel
-            found, what = 1, "a NIfTI volume has one channel"
-        else:
-            rgb = load_image_2d(args.input)
-            image = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W)
-            found, what = 3, "the image is read as RGB"
-    except ValueError as err:
-        raise PredictError(f"--input: {err}") from err
-    _check_channels(args.input, found, what, build)
-    if is_volume:
-        _check_finite(args.input, volume)
-        if not args.no_window:
-            low, high = args.window
-            image = (image.clamp(low, high) - low) / (high - low)
-        pred = module.predict_volume(image).cpu().numpy()
-        save_nifti(pred, args.output, affine=affine)
-    else:
-        pred = module.predict_volume(image).cpu().numpy()[0]
-        scale = 255 if module.hparams.num_classes == 2 else 1
-        mask = Image.fromarray((pred * scale).astype(np.uint8))
-        atomic_write(args.output, lambda tmp: mask.save(tmp, format="PNG"))
-    names = ["background", *module.class_names]
-    found_classes = {names[c]: int((pred == c).sum()) for c in np.unique(pred)}
-    return f"wrote {args.output} (voxels per class: {found_classes})"
+        lines += ["", format_paper_table(result.scores, predictor.preprocessing.image_dims == 3),
+                  f"scores: {', '.join(str(p) for p in result.score_files)}"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Segment one file; returns the exit status (2 with one line on stderr for a bad argument or input)."""
+    """Segment a file or a folder; returns the exit status (2 with one line on stderr for a bad argument or input)."""
     args = build_parser().parse_args(argv)
+    from lightning_selfreg.data.contract import DataError
+    from lightning_selfreg.segmentation.inference import PredictionError
+
     try:
         print(predict(args))
-    except PredictError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (PredictError, PredictionError, DataError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     return 0
 

@@ -35,14 +35,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
 
-from experiments.cli import ConfigError, RunOptions, SelfRegCLI, as_typed, expand_aliases, run_labels
+from experiments.cli import ConfigError, RunOptions, SelfRegCLI, expand_aliases, run_labels
 from experiments.run_folder import RunFolder, checkpoint_step, plan_run_folder
 
 
@@ -67,9 +66,7 @@ class ConfigInCheckpoint(pl.Callback):
 
 def dump_config(cli: SelfRegCLI) -> str:
     """The resolved configuration as YAML, with the unset (None) values (what ``config.yaml`` holds)."""
-    with warnings.catch_warnings():  # jsonargparse >= 4.49 renamed skip_none to skip_unset; both versions work
-        warnings.filterwarnings("ignore", message=".*skip_none parameter was deprecated")
-        return cli.parser.dump(cli.config, skip_none=False)
+    return cli.parser.dump(cli.config, skip_unset=False)
 
 
 def _is_ddp(config: Any) -> bool:
@@ -108,7 +105,7 @@ def run_callbacks(cli: SelfRegCLI, folder: RunFolder) -> tuple[list, Any, list, 
     try:  # before anything is written: may fall back to offline
         mode = resolve_wandb_mode(options.wandb, sync_hint=str(run_dir / "wandb" / "offline-run-*"))
     except WandbUnavailable as err:
-        raise ConfigError(f"--run.wandb {options.wandb}: {err}") from err
+        raise ConfigError("run.wandb", str(err)) from err
     fast = bool(trainer.get("fast_dev_run"))
     has_val = cli.datamodule.has_validation
     checkpoint_dir = run_dir / "checkpoints"
@@ -194,14 +191,15 @@ def train_and_test(cli: SelfRegCLI, folder: RunFolder) -> dict[str, Any] | None:
     return metrics
 
 
-def _error_line(err: BaseException) -> str:
+def _error_line(err: BaseException, argv: list[str]) -> str:
+    """One line for ``err``, a setting named as the user typed it in ``argv``."""
     from lightning_selfreg.data import DataError
 
-    message = str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
-    if isinstance(err, DataError):  # about a file under --data-dir, or about the setting `err.argument`
-        argument = getattr(err, "argument", None)
-        return f"--data.{argument}: {message}" if argument else f"--data.data_dir: {message}"
-    return message
+    if isinstance(err, DataError):  # about a file under --data-dir, or about the setting `err.parameter`
+        err = ConfigError(f"data.{err.parameter}", str(err))
+    if isinstance(err, ConfigError):
+        return err.line(argv)
+    return str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
 
 
 def _last_checkpoint(folder: RunFolder | None) -> str:
@@ -276,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted by SIGINT before the run started: nothing was written", file=sys.stderr)
         return 130
     except (ConfigError, DataError, FileNotFoundError, ImportError) as err:
-        print(f"error: {as_typed(_error_line(err), argv)}", file=sys.stderr)
+        print(f"error: {_error_line(err, argv)}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a read-only folder: the write's one line, the state of the checkpoints
-        print(f"error: {as_typed(_error_line(err), argv)}{_last_checkpoint(folder)}", file=sys.stderr)
+        print(f"error: {_error_line(err, argv)}{_last_checkpoint(folder)}", file=sys.stderr)
         return 2
     return 0
 

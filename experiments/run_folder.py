@@ -50,7 +50,8 @@ from typing import Any
 
 import yaml
 
-from experiments.cli import ConfigError, RunOptions, instantiation_error, run_labels, run_name
+from experiments.cli import ConfigError, RunOptions, run_labels, run_name
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = ["RESUMABLE", "RunFolder", "check_output_dir", "config_changes", "plan_run_folder", "slurm_job"]
 
@@ -124,13 +125,12 @@ def check_output_dir(output_dir: str | os.PathLike) -> None:
     for parent in (path, *path.parents):
         if parent.exists():
             if not parent.is_dir():
-                what = "is" if parent == path else f"is inside {parent}, which is"
-                raise ConfigError(f"--run.output_dir {output_dir}: expected a folder, found a file ({path} {what} "
-                                  "a file)" if parent != path else
-                                  f"--run.output_dir {output_dir}: expected a folder, found a file")
+                inside = f" ({path} is inside it)" if parent != path else ""
+                raise ConfigError("run.output_dir", f"expected a folder, found the file {parent}{inside}")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"--run.output_dir {output_dir}: expected a writable folder, found {parent} "
-                                  "read-only (no write permission or a read-only file system)")
+                below = "" if parent == path else f" (the runs would go to {path})"
+                raise ConfigError("run.output_dir", f"expected a writable folder, found {parent} read-only (no write "
+                                                    f"permission or a read-only file system){below}")
             return
 
 
@@ -310,8 +310,8 @@ def plan_run_folder(config: Mapping[str, Any], argv: Sequence[str], ddp: bool = 
     run = config["run"]
     try:  # RunOptions' own checks (resume needs a name, not both resume and overwrite, ...) before the folder
         RunOptions(**run)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(instantiation_error(err, {RunOptions: "run"})) from err
+    except SettingError as err:
+        raise ConfigError(f"run.{err.parameter}", str(err)) from err
     check_output_dir(run["output_dir"])
     name = run["name"]
     if not name and slurm_job():  # the requeued job must find this folder again
@@ -328,35 +328,35 @@ def plan_run_folder(config: Mapping[str, Any], argv: Sequence[str], ddp: bool = 
     if not (run["resume"] or requeued):
         if first_process() and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             if not run_dir.is_dir():
-                raise ConfigError(f"--run.name {name}: {run_dir} exists and is a file, not a run folder")
+                raise ConfigError("run.name", f"{run_dir} exists and is a file, not a run folder")
             if not run.get("overwrite"):
-                raise ConfigError(
-                    f"--run.name {name}: the run folder {run_dir} already exists ({_describe(run_dir)}); continue "
-                    f"it with --resume, start a new run with another --run-name, or replace it with --overwrite")
+                raise ConfigError("run.name", f"the run folder {run_dir} already exists ({_describe(run_dir)}); "
+                                              "continue it with --resume, start a new run with another --run-name, "
+                                              "or replace it with --overwrite")
             folder.replace = True
         folder.wandb_id = _wandb_id(name)
         return folder
-    where = "--run.resume" if run["resume"] else f"SLURM requeue of job {slurm_job()}"
+    where = "" if run["resume"] else f"(SLURM requeue of job {slurm_job()}) "
     if not run_dir.is_dir():
-        raise ConfigError(f"{where}: the run folder {run_dir} does not exist, so {run_dir / CHECKPOINT} does not "
-                          "exist (start the run without --resume)")
+        raise ConfigError("run.resume", f"{where}the run folder {run_dir} does not exist, so {run_dir / CHECKPOINT} "
+                                        "does not exist (start the run without --resume)")
     checkpoint, step = _newest_checkpoint(run_dir)
     if not checkpoint.is_file():
-        raise ConfigError(f"{where}: {checkpoint} does not exist (the run stopped before its first checkpoint; "
-                          f"start it again with --overwrite)")
+        raise ConfigError("run.resume", f"{where}{checkpoint} does not exist (the run stopped before its first "
+                                        "checkpoint; start it again with --overwrite)")
     try:
         check_checkpoint_file(checkpoint)  # empty / truncated / corrupt: named now, not mid-setup
     except CheckpointError as err:
-        raise ConfigError(f"{where}: {err}") from err
+        raise ConfigError("run.resume", f"{where}{err}") from err
     saved, source = _saved_config(run_dir, checkpoint)
     now = {**config, "run": {**run, "name": name}}
     changes = config_changes(saved, now) if saved is not None else {}
     refused = {k: v for k, v in changes.items() if not _resumable(k)}
     if refused:
         listed = "; ".join(f"{k}: {_format(a)} -> {_format(b)}" for k, (a, b) in refused.items())
-        raise ConfigError(f"{where}: {len(refused)} setting(s) differ from the run's ({source}) and would change the "
-                          f"trained model: {listed}. Resume with the run's settings, or start a new run "
-                          f"(another --run-name)")
+        raise ConfigError("run.resume", f"{where}{len(refused)} setting(s) differ from the run's ({source}) and would "
+                                        f"change the trained model: {listed}. Resume with the run's settings, or start "
+                                        "a new run (another --run-name)")
     folder.resume_from, folder.resume_step, folder.requeued = checkpoint, step, requeued
     folder.changes = {k: v for k, v in changes.items() if k not in ("run.resume", "run.overwrite")}
     folder.wandb_id = started.get("wandb_id") or name.replace("/", "-")  # a folder of an older version: its id

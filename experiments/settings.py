@@ -25,7 +25,15 @@ SEED_RANGE = (0, 2**32 - 1)  # what NumPy (and so Lightning's seed_everything) a
 
 
 class SettingsError(ValueError):
-    """A setting or a configuration file is bad; the one-line message starts with its flag (``--trainer.x: ...``)."""
+    """A setting or a configuration file is bad.
+
+    :attr:`key` names it (``trainer.max_epochs``, ``config``), :attr:`detail` says what was expected and what was
+    found (one line).
+    """
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"--{key}: {detail}")
+        self.key, self.detail = key, detail
 
 
 def _is_int(value: Any) -> bool:
@@ -44,33 +52,33 @@ def check_settings(config: Mapping[str, Any]) -> None:
     seed = config.get("seed_everything")
     if not isinstance(seed, bool) and seed is not None and (not _is_int(seed)
                                                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise SettingsError(f"--seed_everything: expected an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (the range "
+        raise SettingsError("seed_everything", f"expected an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (the range "
                             f"NumPy's generators accept), found {seed!r}")
     trainer = config.get("trainer") or {}
     precision = trainer.get("precision")
     if precision is not None and str(precision) not in PRECISIONS:
-        raise SettingsError(f"--trainer.precision: expected one of 32-true, 16-mixed, bf16-mixed (or 32, 16, bf16), "
+        raise SettingsError("trainer.precision", f"expected one of 32-true, 16-mixed, bf16-mixed (or 32, 16, bf16), "
                             f"found {precision!r}")
     max_epochs = trainer.get("max_epochs")
     if max_epochs is not None and (not _is_int(max_epochs) or max_epochs < 1):
         what = " (-1 would train forever)" if max_epochs == -1 else " (0 trains nothing)" if max_epochs == 0 else ""
-        raise SettingsError(f"--trainer.max_epochs: expected an integer >= 1, found {max_epochs!r}{what}")
+        raise SettingsError("trainer.max_epochs", f"expected an integer >= 1, found {max_epochs!r}{what}")
     max_steps = trainer.get("max_steps")
     if max_steps is not None and (not _is_int(max_steps) or (max_steps < 1 and max_steps != -1)):
-        raise SettingsError(f"--trainer.max_steps: expected an integer >= 1, or -1 for no step limit, found "
+        raise SettingsError("trainer.max_steps", f"expected an integer >= 1, or -1 for no step limit, found "
                             f"{max_steps!r}")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         value = trainer.get(key)
         if key == "limit_train_batches" and value is not None and not isinstance(value, bool) and value <= 0:
-            raise SettingsError(f"--trainer.{key}: expected a fraction in (0, 1] or a number of batches >= 1, found "
+            raise SettingsError(f"trainer.{key}", f"expected a fraction in (0, 1] or a number of batches >= 1, found "
                                 f"{value!r} (no training batch)")
         if value is not None and not isinstance(value, bool) and value < 0:
-            raise SettingsError(f"--trainer.{key}: expected a fraction in [0, 1] or a number of batches >= 0, found "
+            raise SettingsError(f"trainer.{key}", f"expected a fraction in [0, 1] or a number of batches >= 0, found "
                                 f"{value!r}")
     for key in ("log_every_n_steps", "accumulate_grad_batches", "check_val_every_n_epoch"):
         value = trainer.get(key)
         if value is not None and (not _is_int(value) or value < 1):
-            raise SettingsError(f"--trainer.{key}: expected an integer >= 1, found {value!r}")
+            raise SettingsError(f"trainer.{key}", f"expected an integer >= 1, found {value!r}")
 
 
 def config_files(args: Sequence[str]) -> list[str]:
@@ -93,13 +101,13 @@ def check_config_files(args: Sequence[str]) -> None:
     for name in config_files(args):
         path = Path(name)
         if not path.exists():
-            raise SettingsError(f"--config {name}: file not found")
+            raise SettingsError("config", f"{name}: file not found")
         if not path.is_file():
-            raise SettingsError(f"--config {name}: expected a YAML file, found a folder")
+            raise SettingsError("config", f"{name}: expected a YAML file, found a folder")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise SettingsError(f"--config {name}: cannot be read ({err})") from err
+            raise SettingsError("config", f"{name}: cannot be read ({err})") from err
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -109,12 +117,12 @@ def check_config_files(args: Sequence[str]) -> None:
             context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
             if context and start is not None:
                 problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
-            raise SettingsError(f"--config {name}: YAML syntax error{where}: {problem}") from err
+            raise SettingsError("config", f"{name}: YAML syntax error{where}: {problem}") from err
         if data is None:
-            raise SettingsError(f"--config {name}: expected a mapping of settings (e.g. `trainer:` / "
+            raise SettingsError("config", f"{name}: expected a mapping of settings (e.g. `trainer:` / "
                                 f"`  max_epochs: 10`), found an empty file")
         if not isinstance(data, Mapping):
-            raise SettingsError(f"--config {name}: expected a mapping of settings (key: value lines), found a "
+            raise SettingsError("config", f"{name}: expected a mapping of settings (key: value lines), found a "
                                 f"{type(data).__name__} ({str(data)[:40]})")
 
 

@@ -17,6 +17,7 @@ _FACES: dict[str, str] = {
     "AuxiliaryLoss": "lightning_selfreg.segmentation.auxiliary_loss",
     "DiceCELoss": "lightning_selfreg.segmentation.loss",
     "FeatureTaps": "lightning_selfreg.selfreg.taps",
+    "Predictor": "lightning_selfreg.segmentation.inference",
     "SelfReg": "lightning_selfreg.selfreg.callback",
     "SelfRegLoss": "lightning_selfreg.selfreg.losses",
     "SelfRegSegModule": "lightning_selfreg.segmentation.module",
@@ -31,6 +32,7 @@ __all__ = [
     "AuxiliaryLoss",
     "DiceCELoss",
     "FeatureTaps",
+    "Predictor",
     "SelfReg",
     "SelfRegLoss",
     "SelfRegSegModule",
@@ -43,6 +45,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
     from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
+    from lightning_selfreg.segmentation.inference import Predictor
     from lightning_selfreg.segmentation.loss import DiceCELoss
     from lightning_selfreg.segmentation.module import SelfRegSegModule
     from lightning_selfreg.selfreg.callback import SelfReg

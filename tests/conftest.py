@@ -9,6 +9,7 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Caches (the pre-flight record, nnU-Net's preprocessed cases) never go to the user's ~/.cache or into the package:
 # one folder for the session (subprocesses inherit it), a fresh one per test (below).
 _SESSION_CACHE = tempfile.mkdtemp(prefix="selfreg-test-cache-")
@@ -20,7 +21,6 @@ os.environ["XDG_CACHE_HOME"] = _SESSION_CACHE
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own XDG_CACHE_HOME: no test sees another's pre-flight record or preprocessed cases."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def write_synapse_layout(root, n_train_cases=2, slices_per_case=3, n_test=1, size=(24, 20), depth=4, num_classes=9,
@@ -59,6 +59,28 @@ def write_synapse_layout(root, n_train_cases=2, slices_per_case=3, n_test=1, siz
 @pytest.fixture
 def synapse_dir(tmp_path):
     return write_synapse_layout(tmp_path / "synapse")
+
+
+# The tiny command-line run of tiny_run: UNet width 4 at 32 px, 1 epoch on the bundled sample, CSV logs.
+TINY_RUN = ["--gpus", "0", "--width", "4", "--image-size", "32", "--max-epochs", "1", "--batch-size", "16",
+            "--redundancy", "null", "--wandb", "disabled"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny ``experiments.run`` run, made once per session for the tests that only read a run folder or need
+    a trained checkpoint: ``(run folder, what the run printed)``. Tests must not write into the folder."""
+    import contextlib
+    import io
+
+    from experiments import run
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = run.main([*TINY_RUN, "--output-dir", str(out), "--run-name", "tiny"])
+    assert status == 0, printed.getvalue()[-3000:]
+    return out / "tiny", printed.getvalue()
 
 
 def pytest_collection_modifyitems(config, items):

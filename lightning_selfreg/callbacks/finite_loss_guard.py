@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_selfreg.utils.checks import check_int
+
 __all__ = ["FiniteLossGuard"]
 
 
@@ -24,9 +26,7 @@ class FiniteLossGuard(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 1) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be >= 1, found {every_n_steps}.")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

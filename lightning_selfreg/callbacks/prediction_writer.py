@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from lightning_selfreg.data.image_io import save_prediction
+from lightning_selfreg.data.preprocessing import restore, restore_spacing
 from lightning_selfreg.data.sampling import is_padding
 
 __all__ = ["TestPredictionWriter"]
@@ -27,8 +28,12 @@ def _as_array(value: Any, dtype: type) -> np.ndarray | None:
 class TestPredictionWriter(BasePredictionWriter):
     """Write every evaluated case's prediction at its native grid, as Lightning's ``BasePredictionWriter`` does.
 
-    Volumes ``(D, H, W)`` become ``<output_dir>/<case>.nii.gz`` with the case's ``spacing`` ``(3,)`` (and its
-    ``affine`` ``(4, 4)`` when the batch has one: the prediction then overlays the source file voxel for voxel);
+    Volumes ``(D, H, W)`` become ``<output_dir>/<case>.nii.gz`` on the source file's grid: a case that was
+    reoriented for the network (``ornt`` ``(3, 2)`` in the batch, see
+    :func:`~lightning_selfreg.data.preprocessing.restore`) is mapped back to the file's voxel order; the geometry
+    is the ``source`` file's header (exact affine, q/s-form codes), else the case's ``affine`` ``(4, 4)``, else the
+    affine of the module's recorded orientation with the case's ``spacing`` ``(3,)`` (the Synapse layout's arrays
+    carry no affine: they get the declared LPS one);
     2D images (``D = 1``) become ``<case>.png`` (binary masks as 0/255, see
     :func:`~lightning_selfreg.data.image_io.save_prediction`). ``<case>`` is the batch's ``"case"`` name, else the batch
     index.
@@ -65,10 +70,21 @@ class TestPredictionWriter(BasePredictionWriter):
         meta = batch if isinstance(batch, Mapping) else {}
         spacing = _as_array(meta.get("spacing"), np.float64)
         affine = _as_array(meta.get("affine"), np.float64)
+        ornt = _as_array(meta.get("ornt"), np.float64)
         num_classes = int(getattr(pl_module.hparams, "num_classes", 0) or int(prediction.max()) + 1)
-        return save_prediction(prediction.cpu().numpy(), self.output_dir, str(meta.get("case", batch_idx)),
+        labels = restore(prediction.cpu().numpy(), ornt)  # back to the source file's voxel order
+        if ornt is not None and spacing is not None:
+            spacing = np.asarray(restore_spacing(spacing.reshape(-1), ornt))
+        reference = None
+        if meta.get("source") and affine is not None:
+            import nibabel as nib
+
+            reference = nib.load(str(meta["source"]))  # header only: the prediction gets its exact geometry
+        record = getattr(pl_module, "preprocessing", None)
+        return save_prediction(labels, self.output_dir, str(meta.get("case", batch_idx)),
                                None if spacing is None else tuple(spacing.reshape(-1).tolist()), num_classes,
-                               affine=affine)
+                               affine=affine, orientation=None if record is None else record.orientation,
+                               reference=reference)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.data.transforms import resize_image
-from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, positive_int, wandb_loggers
+from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, wandb_loggers
+from lightning_selfreg.utils.checks import check_int
 
 __all__ = ["SegmentationPanels"]
 
@@ -83,8 +84,8 @@ class SegmentationPanels(pl.Callback):
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 4, on_test: bool = True) -> None:
         super().__init__()
-        self.every_n_epochs = positive_int(every_n_epochs, "every_n_epochs")
-        self.num_images = positive_int(num_images, "num_images")
+        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", 1)
+        self.num_images = check_int(num_images, "num_images", 1)
         self.on_test = on_test
         self._foreground: list[_Panel] = []
         self._background: list[_Panel] = []

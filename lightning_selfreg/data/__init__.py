@@ -16,7 +16,6 @@ from lightning_selfreg.data.sampling import (
     is_padding,
 )
 from lightning_selfreg.data.synapse import (
-    SAMPLE_CLASS_NAMES,
     SAMPLE_DIR,
     SYNAPSE_CLASS_NAMES,
     SYNAPSE_VAL_CASES,
@@ -27,7 +26,6 @@ from lightning_selfreg.data.transforms import RandomAffine, derive_seed, resize_
 
 __all__ = [
     "ACDC_CLASS_NAMES",
-    "SAMPLE_CLASS_NAMES",
     "SAMPLE_DIR",
     "SAMPLE_NNUNET_DIR",
     "SYNAPSE_CLASS_NAMES",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from lightning_selfreg.data.contract import Item
 from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.preflight import check_pair_header, npz_headers
 from lightning_selfreg.data.preflight_record import foreground_fraction
+from lightning_selfreg.data.preprocessing import ChannelNorm, check_axcodes
 from lightning_selfreg.data.readers import (
     check_slice,
     find_list_dir,
@@ -35,6 +36,7 @@ from lightning_selfreg.data.readers import (
     read_npz_volume,
     read_slice,
 )
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = ["ACDC_CLASS_NAMES", "ACDC_LIST_DIRS", "ACDCDataModule"]
 
@@ -59,10 +61,19 @@ class ACDCDataModule(SegDataModule):
     Validation uses ``valid/`` by default; ``val_cases`` (patients) or ``fold`` / ``num_folds`` re-split
     train + valid by patient.
 
+    **Prediction on raw scans.** The copy's arrays are stored normalised, and how is not documented by MT-UNet;
+    ``intensity`` says what a raw cine-MRI volume needs before this model sees it: ``"rescale_to_0_1"``
+    (per-volume min-max, what the published ACDC conversions such as SSL4MIS's do; the default), ``"zscore"`` or
+    ``"none"``. No anatomical orientation is declared by default (``orientation=None``): the short-axis stacks
+    are oblique, and reorienting them to the closest canonical axes can move the slice axis off the file's third
+    axis; inputs are then segmented slice by slice along their third axis as stored, as the copy's volumes are.
+
     Args:
         data_dir: Root of the layout (see the module docstring).
         list_dir: Folder with ``train.txt``, ``valid.txt``, ``test.txt`` (default: the first of
             :data:`ACDC_LIST_DIRS` under ``data_dir`` that has them).
+        intensity: Normalisation of raw inputs at prediction (see above).
+        orientation: Axis codes of the arrays' ``(W, H, D)`` axes, or None (see above).
         **kwargs: See :class:`~lightning_selfreg.data.datamodule.SegDataModule` (``image_size`` 224, ``batch_size`` 24
             (the authors use 12), ``transform="paper"``, ...).
     """
@@ -71,10 +82,23 @@ class ACDCDataModule(SegDataModule):
     class_names = ACDC_CLASS_NAMES
     in_channels = 1
     layout_help = ACDC_LAYOUT
+    channel_names = ("MRI",)
 
-    def __init__(self, data_dir: str | Path, list_dir: str | Path | None = None, **kwargs) -> None:
+    def __init__(self, data_dir: str | Path | None = None, list_dir: str | Path | None = None,
+                 intensity: Literal["rescale_to_0_1", "zscore", "none"] = "rescale_to_0_1",
+                 orientation: str | None = None, **kwargs) -> None:
         super().__init__(data_dir, **kwargs)
         self.list_dir = list_dir_argument(list_dir)
+        if intensity not in ("rescale_to_0_1", "zscore", "none"):
+            raise SettingError("intensity", f"`intensity` must be 'rescale_to_0_1', 'zscore' or 'none', found "
+                                            f"{intensity!r}.")
+        self.intensity = (ChannelNorm(intensity),)
+        self._orientation = check_axcodes(orientation)
+
+    @property
+    def orientation(self) -> tuple[str, str, str] | None:
+        """The declared voxel order of the layout's arrays (``orientation``; None by default, see the class)."""
+        return self._orientation
 
     @property
     def lists(self) -> Path:

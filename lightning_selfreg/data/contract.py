@@ -1,8 +1,9 @@
 """The data contract: what a sample, a case and a DataModule argument must be, and the error that says they are not.
 
 :class:`DataError` is the one error for bad data (a file or folder that does not match the layout or content);
-:class:`Item` names one sample or case; the ``check_*`` functions validate constructor arguments (``ValueError``
-naming the argument) and image/label arrays (:class:`DataError` naming the file).
+:class:`Item` names one sample or case; the ``check_*`` functions validate constructor arguments (a
+:class:`~lightning_selfreg.utils.checks.SettingError` naming the argument) and image/label arrays
+(:class:`DataError` naming the file).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lightning_selfreg.utils.checks import SettingError, check_int, label_problem
 
 __all__ = [
     "DataError",
@@ -27,7 +30,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(SettingError):
     """A data file or folder does not match the expected layout or content; the message names the file.
 
     The message is always one line. A DataError raised in a DataLoader worker comes back to the main process
@@ -36,17 +39,21 @@ class DataError(ValueError):
 
     Args:
         message: What is wrong, naming the file or argument, what was expected and what was found.
-        argument: The constructor argument the problem is about (e.g. ``"val_cases"``, ``"list_dir"``), if any;
-            a command line names its flag instead of the data directory.
+        parameter: The DataModule argument the problem is about (a DataError is a
+            :class:`~lightning_selfreg.utils.checks.SettingError`): ``"data_dir"`` (a file or folder under it)
+            unless another argument is at fault (e.g. ``"val_cases"``, ``"list_dir"``); a command line names that
+            flag.
     """
 
-    def __init__(self, message: str = "", argument: str | None = None) -> None:
+    def __init__(self, message: str = "", parameter: str = "data_dir") -> None:
         message = str(message)
         if message.startswith("Caught DataError") and "Original Traceback" in message:
             last = [line for line in message.splitlines() if line.strip()][-1]
             message = last.split("DataError: ", 1)[-1]
-        super().__init__(" ".join(line.strip() for line in message.splitlines() if line.strip()))
-        self.argument = argument
+        super().__init__(parameter, " ".join(line.strip() for line in message.splitlines() if line.strip()))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.parameter)
 
 
 @dataclass(frozen=True)
@@ -68,28 +75,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_int(value: Any, name: str, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (not a bool); ValueError naming ``name`` otherwise."""
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, found {value!r}.")
-    return int(value)
-
-
 def check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
-    """``num_classes`` as an int >= 2 (background + at least one class); ValueError naming ``name`` otherwise."""
+    """``num_classes`` as an int >= 2 (background + at least one class); SettingError naming ``name`` otherwise."""
     if not _is_int(num_classes) or num_classes < 2:
-        raise ValueError(f"`{name}` must be an int >= 2 (background included), found {num_classes!r}.")
+        raise SettingError(name, f"`{name}` must be an int >= 2 (background included), found {num_classes!r}.")
     return int(num_classes)
 
 
 def check_image_size(image_size: Any) -> int | tuple[int, int]:
-    """``image_size`` as a positive int or an ``(H, W)`` pair of positive ints; ValueError naming it otherwise."""
+    """``image_size`` as a positive int or an ``(H, W)`` pair of positive ints; SettingError naming it otherwise."""
     if _is_int(image_size) and image_size > 0:
         return int(image_size)
     if (isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2
             and all(_is_int(s) and s > 0 for s in image_size)):
         return int(image_size[0]), int(image_size[1])
-    raise ValueError(f"`image_size` must be a positive int or an (H, W) pair of positive ints, found "
+    raise SettingError("image_size", f"`image_size` must be a positive int or an (H, W) pair of positive ints, found "
                      f"{image_size!r}.")
 
 
@@ -98,19 +98,19 @@ def check_cases(cases: Any, name: str = "val_cases") -> tuple[str, ...] | None:
     if cases is None:
         return None
     if isinstance(cases, str | bytes):
-        raise ValueError(f"`{name}` must be a list of case names, found the string {cases!r} "
+        raise SettingError(name, f"`{name}` must be a list of case names, found the string {cases!r} "
                          f"(for one case write [{cases!r}]).")
     if not isinstance(cases, Sequence | set | frozenset) or not all(isinstance(c, str) and c for c in cases):
-        raise ValueError(f"`{name}` must be a list of non-empty case-name strings, found {cases!r}.")
+        raise SettingError(name, f"`{name}` must be a list of non-empty case-name strings, found {cases!r}.")
     return tuple(cases)
 
 
 def check_fold(fold: Any, num_folds: Any) -> None:
-    """``num_folds`` an int >= 2 and ``fold`` None or an int in ``[0, num_folds)``; ValueError naming them."""
+    """``num_folds`` an int >= 2 and ``fold`` None or an int in ``[0, num_folds)``; SettingError naming them."""
     if not _is_int(num_folds) or num_folds < 2:
-        raise ValueError(f"`num_folds` must be an int >= 2, found {num_folds!r}.")
+        raise SettingError("num_folds", f"`num_folds` must be an int >= 2, found {num_folds!r}.")
     if fold is not None and (not _is_int(fold) or not 0 <= fold < num_folds):
-        raise ValueError(f"`fold` must be None or an int in [0, {num_folds}) (`num_folds`={num_folds}), "
+        raise SettingError("fold", f"`fold` must be None or an int in [0, {num_folds}) (`num_folds`={num_folds}), "
                          f"found {fold!r}.")
 
 
@@ -139,11 +139,6 @@ def check_arrays(source: Any, image: np.ndarray, label: np.ndarray, num_classes:
         first = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise DataError(f"{source}: expected finite image values, found {int(finite.size - finite.sum())} "
                         f"NaN/infinite value(s) (first at index {first}).")
-    if not np.issubdtype(label.dtype, np.number):
-        raise DataError(f"{source}: label has non-numeric dtype {label.dtype}.")
-    if label.size:
-        low, high = label.min(), label.max()
-        if low < 0 or high >= num_classes:
-            raise DataError(f"{source}: labels must lie in [0, {num_classes}), found values in [{low}, {high}].")
-        if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
-            raise DataError(f"{source}: label holds non-integer values.")
+    problem = label_problem(label, num_classes)
+    if problem is not None:
+        raise DataError(f"{source}: label: {problem}.")

@@ -14,7 +14,9 @@ A dataset module only declares what differs (:class:`SegDataModule` subclasses i
 * what a model needs to know about the data (:attr:`~SegDataModule.in_channels`, ``num_classes``,
   ``class_names``, :attr:`~SegDataModule.volumetric`, :attr:`~SegDataModule.spatial_dims`,
   :attr:`~SegDataModule.input_size`, :attr:`~SegDataModule.roi_size`) is available right after construction,
-  so a command line can link it to the model's arguments before any data is read.
+  so a command line can link it to the model's arguments before any data is read;
+* what the DataModule does to a raw image (orientation, spacing, intensity normalisation) is recorded by
+  :meth:`~SegDataModule.preprocessing`; the module stores that record in its checkpoints for prediction.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from lightning_selfreg.data.contract import (
 from lightning_selfreg.data.datasets import CaseDataset, SampleDataset
 from lightning_selfreg.data.preflight import check_disjoint, report_inverted, run_checks
 from lightning_selfreg.data.preflight_record import PreflightRecord, default_cache_dir, foreground_fraction
+from lightning_selfreg.data.preprocessing import ChannelNorm, Preprocessing
 from lightning_selfreg.data.sampling import ResumableDataLoader, ResumableSampler, UnpaddedDistributedSampler
 from lightning_selfreg.data.splits import split_cases
 from lightning_selfreg.data.transforms import RandomAffine, derive_seed
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = ["SegDataModule"]
 
@@ -57,15 +61,19 @@ def _shorten(names: Sequence[str], limit: int = 10) -> str:
 class SegDataModule(pl.LightningDataModule):
     """Base DataModule: subclasses declare the layout, classes, splits and readers; this class does the rest.
 
-    Subclasses set :attr:`num_classes`, :attr:`class_names`, :attr:`in_channels`, :attr:`layout_help` and
+    Subclasses set :attr:`num_classes`, :attr:`class_names`, :attr:`in_channels`, :attr:`layout_help`,
+    :attr:`channel_names` and :attr:`intensity` (what :meth:`preprocessing` records) and
     implement :meth:`check_layout`, :meth:`_index` and the readers :meth:`_read_sample` / :meth:`_read_case`;
     they override :attr:`volumetric`, :attr:`spatial_dims`, :attr:`input_size` and :attr:`roi_size` where the
     defaults (volumes, a 2D network at ``image_size``, no sliding window) do not hold. All of these are known
     right after construction, without reading the data.
 
     Args:
-        data_dir: Dataset root.
-        image_size: Side (or ``(H, W)``) the network is trained at.
+        data_dir: Dataset root (required: nothing is downloaded; the default None only lets a configuration
+            name the missing folder as this argument).
+        image_size: Side (or ``(H, W)``) the network is trained at. None only for a DataModule whose own
+            :attr:`input_size` says what the network sees (:class:`~lightning_selfreg.data.nnunet.NnUNetDataModule`:
+            its patches).
         batch_size: Training batch size (per device).
         num_workers: DataLoader workers (``persistent_workers`` when > 0).
         transform: Per-sample CPU augmentation ``f(image, label[, seed]) -> (image, label)`` that ends at
@@ -94,6 +102,9 @@ class SegDataModule(pl.LightningDataModule):
     num_classes: int = 2
     class_names: tuple[str, ...] = ("foreground",)
     in_channels: int = 1
+    # what a raw image's channels are and how they are normalised (see `preprocessing`)
+    channel_names: tuple[str, ...] = ("image",)
+    intensity: tuple[ChannelNorm, ...] = (ChannelNorm("none"),)
     layout_help: str = ""
     # fold used for validation when the dataset has no validation split and none is configured (None: no val)
     fallback_val_fold: int | None = None
@@ -102,8 +113,8 @@ class SegDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path,
-        image_size: int | Sequence[int] = 224,
+        data_dir: str | Path | None = None,
+        image_size: int | Sequence[int] | None = 224,
         batch_size: int = 24,
         num_workers: int = 0,
         transform: Literal["paper"] | PairTransform | None = "paper",
@@ -118,19 +129,22 @@ class SegDataModule(pl.LightningDataModule):
         check_int(batch_size, "batch_size", 1)
         check_int(num_workers, "num_workers", 0)
         if isinstance(transform, str) and transform != "paper":
-            raise ValueError(f"`transform` must be 'paper', None or a callable, found {transform!r}.")
+            raise SettingError("transform", f"`transform` must be 'paper', None or a callable, found {transform!r}.")
         check_num_classes(self.num_classes, f"{type(self).__name__}.num_classes")
         if len(self.class_names) != self.num_classes - 1:
-            raise ValueError(f"`{type(self).__name__}.class_names` must name the {self.num_classes - 1} "
-                             f"non-background classes, found {len(self.class_names)}: {self.class_names}.")
-        image_size = check_image_size(image_size)
+            raise SettingError("class_names", f"`{type(self).__name__}.class_names` must name the "
+                               f"{self.num_classes - 1} non-background classes, found {len(self.class_names)}: "
+                               f"{self.class_names}.")
+        if image_size is not None or type(self).input_size is SegDataModule.input_size:
+            image_size = check_image_size(image_size)
         check_fold(fold, num_folds)
         val_cases = check_cases(val_cases)
         if val_cases is not None and fold is not None:
-            raise ValueError(f"give `val_cases` or `fold` / `num_folds`, not both; found val_cases={list(val_cases)}, "
-                             f"fold={fold}.")
+            raise SettingError("val_cases", f"give `val_cases` or `fold` / `num_folds`, not both; found "
+                               f"val_cases={list(val_cases)}, fold={fold}.")
         if data_dir is None or (isinstance(data_dir, str) and not data_dir):
-            raise ValueError(f"`data_dir` must be a folder path, found {data_dir!r}.")
+            raise SettingError("data_dir", f"`data_dir` must be the dataset's folder (nothing is downloaded), found "
+                                           f"{data_dir!r}.")
         self.data_dir = Path(data_dir)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -141,7 +155,7 @@ class SegDataModule(pl.LightningDataModule):
         self.val_cases = val_cases
         self.fold, self.num_folds = fold, num_folds
         if isinstance(cache_dir, str) and not cache_dir:
-            raise ValueError("`cache_dir` must be a folder path or None, found ''.")
+            raise SettingError("cache_dir", "`cache_dir` must be a folder path or None, found ''.")
         self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._train: SampleDataset | None = None
         self._val: SampleDataset | None = None
@@ -177,6 +191,28 @@ class SegDataModule(pl.LightningDataModule):
     def roi_size(self) -> tuple[int, int, int] | None:
         """The sliding window ``(D, H, W)`` of 3D evaluation (the training patch); None for a 2D network."""
         return None
+
+    @property
+    def orientation(self) -> tuple[str, str, str] | None:
+        """Axis codes of the ``(W, H, D)`` axes of the arrays the network is trained on, or None.
+
+        None: no anatomical orientation is declared, images are used in their stored voxel order. See
+        :mod:`~lightning_selfreg.data.preprocessing`.
+        """
+        return None
+
+    def preprocessing(self) -> Preprocessing:
+        """The record of what this DataModule does to a raw image before the network sees it.
+
+        :class:`~lightning_selfreg.SelfRegSegModule` stores it in its checkpoints; prediction applies it to new
+        images (:class:`~lightning_selfreg.segmentation.inference.Predictor`). The default: the class's
+        :attr:`channel_names` and :attr:`intensity`, :attr:`orientation`, no resampling (slices are resized to
+        :attr:`input_size` by the module). A layout whose files store arrays that are already normalised (the
+        TransUNet / MT-UNet copies) reads them as they are; :attr:`intensity` says what a raw image needs.
+        """
+        return Preprocessing(spatial_dims=self.spatial_dims, image_dims=3 if self.volumetric else 2,
+                             channel_names=self.channel_names, intensity=self.intensity,
+                             class_names=self.class_names, orientation=self.orientation)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_layout(self) -> None:
@@ -247,7 +283,7 @@ class SegDataModule(pl.LightningDataModule):
             if fold is not None:
                 if len(known) < self.num_folds:
                     raise DataError(f"`num_folds`={self.num_folds} needs at least {self.num_folds} training cases, "
-                                    f"found {len(known)} in {self.data_dir}: {_shorten(known)}.", argument="num_folds")
+                                    f"found {len(known)} in {self.data_dir}: {_shorten(known)}.", parameter="num_folds")
                 _, held_out = split_cases(cases, fold, self.num_folds)
             else:
                 unknown = [c for c in self.val_cases if c not in set(known)]
@@ -255,7 +291,7 @@ class SegDataModule(pl.LightningDataModule):
                     raise DataError(f"`val_cases` {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
                                     f"among the {len(known)} training cases of {self.data_dir} ({_shorten(known)}); "
                                     f"expected held-out cases present in the data (or `fold` / `num_folds`).",
-                                    argument="val_cases")
+                                    parameter="val_cases")
                 held_out = self.val_cases
             held = set(held_out)
             train = [i for i in pool if i.case not in held]

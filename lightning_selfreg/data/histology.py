@@ -25,6 +25,7 @@ from lightning_selfreg.data.contract import DataError, Item, check_arrays
 from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.image_io import load_image_2d
 from lightning_selfreg.data.preflight import READ_ERRORS, image_header
+from lightning_selfreg.data.preprocessing import ChannelNorm
 
 __all__ = ["GlaSDataModule", "MoNuSegDataModule", "rasterize_monuseg_xml", "read_image_mask"]
 
@@ -155,6 +156,8 @@ class _HistologyDataModule(SegDataModule):
     num_classes = 2
     in_channels = 3
     layout_help = UCTRANSNET_LAYOUT
+    channel_names = ("R", "G", "B")  # any image is read as RGB (load_image_2d), x / 255
+    intensity = (ChannelNorm("rgb_to_0_1"),) * 3
     fallback_val_fold = 0  # no Val_Folder: validate on fold 0 of 5 of Train_Folder
     disjoint_by_content = True  # image names (1.png, ...) are not patient ids: compare the files
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from lightning_selfreg.data.contract import DataError, check_arrays, check_num_classes
 from lightning_selfreg.data.preflight import READ_ERRORS
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = [
     "check_npz_pair",
@@ -57,7 +58,7 @@ def list_dir_argument(list_dir: str | Path | None) -> Path | None:
         ValueError: For an empty string.
     """
     if isinstance(list_dir, str) and not list_dir:
-        raise ValueError("`list_dir` must be a folder path or None, found ''.")
+        raise SettingError("list_dir", "`list_dir` must be a folder path or None, found ''.")
     return None if list_dir is None else Path(list_dir)
 
 
@@ -72,7 +73,7 @@ def find_list_dir(data_dir: str | Path, candidates: Sequence[str], required: Seq
         list_dir: An explicit folder (then nothing is searched).
 
     Raises:
-        DataError: (``argument="list_dir"``) The given folder lacks a list, or no candidate holds them all; the
+        DataError: (``parameter="list_dir"``) The given folder lacks a list, or no candidate holds them all; the
             message names what was searched and what was found.
     """
     need = " and ".join(required)
@@ -81,7 +82,7 @@ def find_list_dir(data_dir: str | Path, candidates: Sequence[str], required: Seq
         missing = [n for n in required if not (folder / n).is_file()]
         if missing:
             found = _contents(folder) if folder.is_dir() else "the folder does not exist"
-            raise DataError(f"`list_dir` {folder}: expected {need}, found {found}.", argument="list_dir")
+            raise DataError(f"`list_dir` {folder}: expected {need}, found {found}.", parameter="list_dir")
         return folder
     data_dir = Path(data_dir)
     existing, absent = [], []
@@ -93,7 +94,7 @@ def find_list_dir(data_dir: str | Path, candidates: Sequence[str], required: Seq
     found = "; ".join(f"{r}/ holds {_contents(data_dir / r)}" for r in existing)
     raise DataError(f"no folder with {need} under {data_dir}: searched {', '.join(candidates)}; "
                     f"{'found ' + found if found else 'none of them exists'}. Expected the lists in one of these "
-                    f"(or give `list_dir`).", argument="list_dir")
+                    f"(or give `list_dir`).", parameter="list_dir")
 
 
 def read_slice(path: str | Path, num_classes: int, keys: tuple[str, str] = ("image", "label")) -> tuple:

@@ -22,8 +22,10 @@ import numpy as np
 
 from lightning_selfreg.data.contract import Item
 from lightning_selfreg.data.datamodule import SegDataModule
+from lightning_selfreg.data.image_io import HU_WINDOW
 from lightning_selfreg.data.preflight import check_h5_volume, check_pair_header, h5_headers, npz_headers
 from lightning_selfreg.data.preflight_record import foreground_fraction
+from lightning_selfreg.data.preprocessing import ChannelNorm, check_axcodes
 from lightning_selfreg.data.readers import (
     check_slice,
     check_spacing,
@@ -34,9 +36,9 @@ from lightning_selfreg.data.readers import (
     read_volume,
 )
 from lightning_selfreg.data.transforms import RandomAffine
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = [
-    "SAMPLE_CLASS_NAMES",
     "SAMPLE_DIR",
     "SYNAPSE_CLASS_NAMES",
     "SYNAPSE_LIST_DIRS",
@@ -46,7 +48,6 @@ __all__ = [
 ]
 
 SYNAPSE_CLASS_NAMES = ("aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas", "spleen", "stomach")
-SAMPLE_CLASS_NAMES = SYNAPSE_CLASS_NAMES
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 # The standard protocol has no validation list. We hold out these 4 of the 18 training cases (every 4th case of
 # the sorted list starting from the second: 0006 0010 0026 0031; 14 cases / 1,708 slices stay for training) so
@@ -80,12 +81,23 @@ class SynapseDataModule(SegDataModule):
     for cross-validation over the training cases. The 12 test volumes are only read by the test stage (and in
     full by the pre-flight :meth:`validate`).
 
+    **Orientation.** The layout's arrays carry no affine. Their voxel order is declared by ``orientation``, the
+    axis codes of the ``(W, H, D)`` array axes (see :mod:`~lightning_selfreg.data.preprocessing`): ``"LPS"``
+    (columns towards the patient's left, rows towards posterior, slices inferior to superior: axial slices in
+    the radiological display), which the bundled sample's converter writes (``tools/build_totalseg_sample.py``)
+    and which TransUNet's arrays follow as far as they are documented (their ``(D, H, W)`` order with axial
+    slices, and TransUNet writing its predictions with SimpleITK's identity direction, i.e. LPS); the in-plane
+    directions of the original BTCV conversion are not documented, so set ``orientation`` if your copy differs.
+    Prediction reorients every input to it; test predictions are written with this orientation's affine.
+
     Args:
         data_dir: Root of the layout (see the module docstring).
         val_cases: Held-out training cases for validation (default :data:`SYNAPSE_VAL_CASES`, or none when
             ``fold`` is given).
         list_dir: Folder with ``train.txt`` and ``test_vol.txt`` (default: the first of
             :data:`SYNAPSE_LIST_DIRS` under ``data_dir`` that has both, e.g. TransUNet's ``lists/lists_Synapse``).
+        orientation: Axis codes of the arrays' ``(W, H, D)`` axes, or None for no anatomical orientation (inputs
+            are then used in their stored voxel order).
         **kwargs: See :class:`~lightning_selfreg.data.datamodule.SegDataModule` (``image_size`` 224, ``batch_size``
             24, ``transform="paper"``, ``cache``, ``fold``, ...).
     """
@@ -94,13 +106,21 @@ class SynapseDataModule(SegDataModule):
     class_names = SYNAPSE_CLASS_NAMES
     in_channels = 1
     layout_help = SYNAPSE_LAYOUT
+    channel_names = ("CT",)
+    intensity = (ChannelNorm("window", *HU_WINDOW),)  # the layout's files store the windowed image in [0, 1]
 
-    def __init__(self, data_dir: str | Path, val_cases: Sequence[str] | None = None,
-                 list_dir: str | Path | None = None, **kwargs) -> None:
+    def __init__(self, data_dir: str | Path | None = None, val_cases: Sequence[str] | None = None,
+                 list_dir: str | Path | None = None, orientation: str | None = "LPS", **kwargs) -> None:
         if val_cases is None and kwargs.get("fold") is None:
             val_cases = SYNAPSE_VAL_CASES
         super().__init__(data_dir, val_cases=val_cases, **kwargs)
         self.list_dir = list_dir_argument(list_dir)
+        self._orientation = check_axcodes(orientation)
+
+    @property
+    def orientation(self) -> tuple[str, str, str] | None:
+        """The declared voxel order of the layout's arrays (the ``orientation`` argument; see the class)."""
+        return self._orientation
 
     @property
     def lists(self) -> Path:
@@ -171,8 +191,8 @@ class SampleCTDataModule(SynapseDataModule):
     ) -> None:
         if isinstance(batch_transform, str):
             if batch_transform != "default":
-                raise ValueError(f"`batch_transform` must be a RandomAffine, 'default' or None, found "
-                                 f"{batch_transform!r}.")
+                raise SettingError("batch_transform", f"`batch_transform` must be a RandomAffine, 'default' or "
+                                   f"None, found {batch_transform!r}.")
             batch_transform = RandomAffine()
         super().__init__(data_dir, image_size=image_size, batch_size=batch_size, transform=None,
                          batch_transform=batch_transform, cache=True, val_cases=(), cache_dir=cache_dir)

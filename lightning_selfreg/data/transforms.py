@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_selfreg.utils.checks import SettingError
+
 __all__ = ["RandomAffine", "default_seed", "derive_seed", "resize_image", "resize_label"]
 
 _MASK64 = (1 << 64) - 1
@@ -99,9 +101,9 @@ class RandomAffine:
         p: float = 1.0,
     ) -> None:
         if zoom < 1:
-            raise ValueError(f"`zoom` must be >= 1 (a factor range 1/zoom..zoom), found {zoom}.")
+            raise SettingError("zoom", f"`zoom` must be >= 1 (a factor range 1/zoom..zoom), found {zoom}.")
         if not 0 <= p <= 1:
-            raise ValueError(f"`p` must be in [0, 1], found {p}.")
+            raise SettingError("p", f"`p` must be in [0, 1], found {p}.")
         self.degrees, self.zoom, self.shift, self.gain, self.offset, self.p = degrees, zoom, shift, gain, offset, p
 
     def __call__(self, image: Tensor, label: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:

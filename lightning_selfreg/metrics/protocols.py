@@ -25,6 +25,7 @@ from lightning_selfreg.metrics.distance import (
     worst_case_distance,
 )
 from lightning_selfreg.metrics.overlap import dice
+from lightning_selfreg.utils.checks import label_problem
 
 __all__ = ["PROTOCOLS", "Protocol", "case_metrics"]
 
@@ -36,23 +37,10 @@ PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
 def _label_volume(x: ArrayLike, name: str, num_classes: int) -> np.ndarray:
     arr = np.asarray(x)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    elif not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"`{name}` must be an integer label array, found dtype {arr.dtype}.")
-        bad = arr[arr != np.round(arr)]  # NaN also lands here
-        if bad.size:
-            raise ValueError(f"`{name}` must hold integer labels, found non-integer value {bad.flat[0]!r}.")
-    if arr.size:
-        lo, hi = arr.min(), arr.max()
-        for value in (lo, hi):
-            if value < 0 or value >= num_classes:
-                raise ValueError(
-                    f"`{name}` contains label {value.item()!r}, expected labels in [0, {num_classes}) "
-                    f"(num_classes={num_classes})."
-                )
-    return arr
+    problem = label_problem(arr, num_classes)
+    if problem is not None:
+        raise ValueError(f"`{name}`: {problem} (num_classes={num_classes}).")
+    return arr.astype(np.uint8) if arr.dtype == bool else arr
 
 
 def case_metrics(

@@ -11,7 +11,7 @@ Encoder module names follow Microsoft's Swin checkpoints (``patch_embed.proj``, 
 onto the encoder key for key; the decoder is ``layers_up``, ``concat_back_dim``, ``norm_up``, ``up`` (the final
 expansion, producing ``F_final``) and ``output`` (the 1x1 head).
 
-SelfReg taps at the paper's configuration (224x224 input, paper.md §3.2), all channels-last (listed in
+SelfReg taps at the paper's configuration (224x224 input; ``docs/method.md`` §4), all channels-last (listed in
 ``tap_spec.nhwc``) and captured as ``(B, C, H, W)``:
 
 ============================================  ==================  ==================================
@@ -27,7 +27,7 @@ module                                        output (C x H x W)  SelfReg role
 ``up``                                        96 x 224 x 224      ``F_final`` (teacher)
 ============================================  ==================  ==================================
 
-The groups are the authors' Swin aggregation (paper.md §2.3): IFD over ``encoder_last``, ``encoder_first``,
+The groups are the authors' Swin aggregation (``docs/method.md`` §2, §4): IFD over ``encoder_last``, ``encoder_first``,
 ``decoder_first`` and ``decoder_last``; SCR over ``last_blocks`` (decoder then encoder last blocks) and
 ``first_blocks``.
 """
@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_selfreg.selfreg.taps import TapSpec
+from lightning_selfreg.utils.checks import SettingError, check_int
 
 __all__ = ["SwinUnet", "swin_unet_tap_spec"]
 
@@ -311,7 +312,7 @@ class SwinStage(nn.Module):
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
-        raise ValueError(f"`{name}` must be a positive integer or a pair of them, found {value!r}.")
+        raise SettingError(name, f"`{name}` must be a positive integer or a pair of them, found {value!r}.")
     return pair
 
 
@@ -378,21 +379,22 @@ class SwinUnet(nn.Module):
         for name, value, low in (("patch_size", patch_size, 1), ("in_chans", in_chans, 1),
                                  ("num_classes", num_classes, 2), ("embed_dim", embed_dim, 1),
                                  ("window_size", window_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, found {value!r}.")
+            check_int(value, name, low)
         depths, num_heads = tuple(depths), tuple(num_heads)
         n = len(depths)
         if n < 2 or not all(isinstance(d, int) and d >= 1 for d in depths):
-            raise ValueError(f"`depths` must list at least 2 stages of >= 1 block each, found {depths!r}.")
+            raise SettingError("depths", f"`depths` must list at least 2 stages of >= 1 block each, found {depths!r}.")
         if len(num_heads) != n:
-            raise ValueError(f"`num_heads` must have one entry per stage ({n}), found {num_heads!r}.")
+            raise SettingError("num_heads", f"`num_heads` must have one entry per stage ({n}), found {num_heads!r}.")
         for i, heads in enumerate(num_heads):
             if not isinstance(heads, int) or heads < 1 or (embed_dim * 2**i) % heads:
-                raise ValueError(
-                    f"`num_heads[{i}]` ({heads!r}) must divide the stage width embed_dim * 2**{i} = {embed_dim * 2**i}."
+                raise SettingError(
+                    "num_heads",
+                    f"`num_heads[{i}]` ({heads!r}) must divide the stage width embed_dim * 2**{i} = "
+                    f"{embed_dim * 2**i}.",
                 )
         if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"`drop_path_rate` must be in [0, 1), found {drop_path_rate!r}.")
+            raise SettingError("drop_path_rate", f"`drop_path_rate` must be in [0, 1), found {drop_path_rate!r}.")
         self.img_size = _pair(img_size, "img_size")
         resolutions = self._stage_resolutions(self.img_size, patch_size, window_size, n)
         self.patch_size, self.in_chans, self.num_classes = patch_size, in_chans, num_classes
@@ -437,20 +439,20 @@ class SwinUnet(nn.Module):
             f"img_size={math.ceil(max(img) / unit) * unit}"
         )
         if img[0] % patch or img[1] % patch:
-            raise ValueError(f"`img_size` {img} is not divisible by patch_size={patch}; {hint}.")
+            raise SettingError("img_size", f"`img_size` {img} is not divisible by patch_size={patch}; {hint}.")
         resolutions = []
         h, w = img[0] // patch, img[1] // patch
         for i in range(n):
             win = min(window, h, w)
             if i > 0 and (h * 2 != resolutions[-1][0] or w * 2 != resolutions[-1][1]):
-                raise ValueError(
-                    f"`img_size` {img}: the token map of stage {i - 1} ({resolutions[-1]}) cannot be halved by patch "
-                    f"merging; {hint}."
+                raise SettingError(
+                    "img_size", f"`img_size` {img}: the token map of stage {i - 1} ({resolutions[-1]}) cannot be "
+                    f"halved by patch merging; {hint}."
                 )
             if h % win or w % win:
-                raise ValueError(
-                    f"`img_size` {img}: the token map of stage {i} ({h}, {w}) is not divisible by the window "
-                    f"({win}); {hint}."
+                raise SettingError(
+                    "img_size", f"`img_size` {img}: the token map of stage {i} ({h}, {w}) is not divisible by the "
+                    f"window ({win}); {hint}."
                 )
             resolutions.append((h, w))
             h, w = h // 2, w // 2

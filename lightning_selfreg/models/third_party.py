@@ -15,29 +15,36 @@ reads named submodules through hooks:
 * segmentation_models_pytorch ``Unet`` with a ResNet/ResNeXt encoder: ``encoder.layer1..layer4``,
   ``decoder.blocks.0..3``, ``F_final`` = ``decoder.blocks.4`` (for ``encoder_depth=5``).
 
-Every factory returns the library's own module with a ``tap_spec`` attribute, so ``SelfReg()`` needs no
-arguments. MONAI is an optional dependency (``pip install 'lightning_selfreg[monai]'``); smp needs timm and
+These are the only place the specs are written: :func:`ready_tap_spec` computes the spec of a network of one of
+these classes from the instance (:data:`READY_TAP_SPECS`), and
+:func:`~lightning_selfreg.selfreg.taps.resolve_tap_spec` falls back to it, so ``SelfReg()`` needs no arguments
+for MONAI's own ``BasicUNet`` built in Python or given by class path (``--backbone monai-basicunet``). Every
+factory here also returns the library's own module with that spec attached as ``tap_spec``. MONAI is an optional
+dependency (``pip install 'lightning_selfreg[monai]'``); smp needs timm and
 torchvision.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
 from lightning_selfreg.selfreg.taps import TapSpec
+from lightning_selfreg.utils.checks import SettingError, check_spatial_dims
 
 __all__ = [
     "MONAI_INSTALL_HINT",
+    "READY_TAP_SPECS",
     "monai_basic_unet",
     "monai_basic_unet_tap_spec",
     "monai_dynunet",
     "monai_dynunet_tap_spec",
     "monai_swin_unetr",
     "monai_swin_unetr_tap_spec",
+    "ready_tap_spec",
     "smp_unet",
     "smp_unet_tap_spec",
 ]
@@ -67,11 +74,6 @@ def monai_basic_unet_tap_spec() -> TapSpec:
     )
 
 
-def _check_spatial_dims(spatial_dims: Any) -> None:
-    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-        raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
-
-
 def monai_basic_unet(
     in_channels: int, num_classes: int, features: Sequence[int] = (32, 32, 64, 128, 256, 32), spatial_dims: int = 2,
     **kwargs: Any
@@ -94,11 +96,11 @@ def monai_basic_unet(
         ImportError: If MONAI is not installed (with the install command).
         ValueError: If ``spatial_dims`` is not 2 or 3.
     """
-    _check_spatial_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     nets = _require("monai.networks.nets", "monai-basicunet", MONAI_INSTALL_HINT)
     net = nets.BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
                          features=features, **kwargs)
-    net.tap_spec = monai_basic_unet_tap_spec()
+    net.tap_spec = ready_tap_spec(net)
     return net
 
 
@@ -107,7 +109,7 @@ def monai_dynunet_tap_spec(num_levels: int = 5) -> TapSpec:
 
     ``DynUNet`` runs ``input_block`` (level 0), ``downsamples.0..{L-3}`` (levels 1..L-2), ``bottleneck`` (level
     L-1), then ``upsamples.0`` (deepest) .. ``upsamples.{L-2}`` (level 0, the map ``output_block`` reads). As in the
-    paper's UNet (paper.md §3.1) every encoder block below the input block and every decoder block is tapped:
+    paper's UNet (``docs/method.md`` §4) every encoder block below the input block and every decoder block is tapped:
 
     * IFD groups ``encoder`` = ``downsamples.0..{L-3}, bottleneck`` and ``decoder`` = ``upsamples.0..{L-3}``;
     * one SCR group of all of them, against ``F_final`` = ``upsamples.{L-2}``.
@@ -119,7 +121,8 @@ def monai_dynunet_tap_spec(num_levels: int = 5) -> TapSpec:
         ValueError: If ``num_levels`` is not an integer >= 3.
     """
     if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 3:
-        raise ValueError(f"`num_levels` (len(strides) of the DynUNet) must be an integer >= 3, found {num_levels!r}.")
+        raise SettingError("num_levels", f"`num_levels` (len(strides) of the DynUNet) must be an integer >= 3, found "
+                           f"{num_levels!r}.")
     return TapSpec.unet(
         encoder=[*(f"downsamples.{i}" for i in range(num_levels - 2)), "bottleneck"],
         decoder=[f"upsamples.{i}" for i in range(num_levels - 2)],
@@ -155,11 +158,11 @@ def monai_dynunet(
         ImportError: If MONAI is not installed (with the install command).
         ValueError: If ``spatial_dims`` is not 2 or 3, or ``deep_supervision=True`` is asked for.
     """
-    _check_spatial_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     if kwargs.get("deep_supervision"):
-        raise ValueError(
-            "`deep_supervision=True` is not supported: SelfRegSegModule trains on one logits map, and DynUNet's "
-            "deep-supervision output stacks the heads."
+        raise SettingError(
+            "deep_supervision", "`deep_supervision=True` is not supported: SelfRegSegModule trains on one logits map, "
+            "and DynUNet's deep-supervision output stacks the heads."
         )
     nets = _require("monai.networks.nets", "monai-dynunet", MONAI_INSTALL_HINT)
     strides = list(strides)
@@ -167,14 +170,14 @@ def monai_dynunet(
     upsample_kernel_size = strides[1:] if upsample_kernel_size is None else list(upsample_kernel_size)
     net = nets.DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
                        kernel_size=kernel_size, strides=strides, upsample_kernel_size=upsample_kernel_size, **kwargs)
-    net.tap_spec = monai_dynunet_tap_spec(len(strides))
+    net.tap_spec = ready_tap_spec(net)
     return net
 
 
 def monai_swin_unetr_tap_spec(depths: Sequence[int] = (2, 2, 2, 2)) -> TapSpec:
     """Taps of a MONAI ``SwinUNETR`` (2D or 3D) with ``depths`` Swin blocks per encoder stage.
 
-    The authors' Swin aggregation (paper.md §2.3) with SwinUNETR's one-block convolutional decoder stages
+    The authors' Swin aggregation (``docs/method.md`` §2, §4) with SwinUNETR's one-block convolutional decoder stages
     (``decoder5`` at 1/16 of the input ... ``decoder2`` at 1/2): IFD over ``encoder_last``, ``encoder_first``,
     ``decoder_first`` and ``decoder_last`` (the two decoder groups hold the same four stages), SCR over
     ``last_blocks`` and ``first_blocks`` (decoder stages, then the encoder's last / first blocks). ``F_final`` is
@@ -188,7 +191,7 @@ def monai_swin_unetr_tap_spec(depths: Sequence[int] = (2, 2, 2, 2)) -> TapSpec:
     """
     depths = tuple(depths)
     if len(depths) != 4 or not all(isinstance(d, int) and d >= 1 for d in depths):
-        raise ValueError(f"`depths` must list the 4 SwinUNETR stages (>= 1 block each), found {depths!r}.")
+        raise SettingError("depths", f"`depths` must list the 4 SwinUNETR stages (>= 1 block each), found {depths!r}.")
     enc_first = [f"swinViT.layers{i + 1}.0.blocks.0" for i in range(4)]
     enc_last = [f"swinViT.layers{i + 1}.0.blocks.{d - 1}" for i, d in enumerate(depths)]
     decoder = ["decoder5", "decoder4", "decoder3", "decoder2"]
@@ -226,12 +229,12 @@ def monai_swin_unetr(
         ImportError: If MONAI or einops is not installed (with the install command).
         ValueError: If ``spatial_dims`` is not 2 or 3.
     """
-    _check_spatial_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     nets = _require("monai.networks.nets", "monai-swinunetr", MONAI_INSTALL_HINT)
     _require("einops", "monai-swinunetr", MONAI_INSTALL_HINT)
     net = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          feature_size=feature_size, depths=tuple(depths), **kwargs)
-    net.tap_spec = monai_swin_unetr_tap_spec(depths)
+    net.tap_spec = ready_tap_spec(net)
     return net
 
 
@@ -251,13 +254,14 @@ def smp_unet_tap_spec(encoder_name: str = "resnet34", encoder_depth: int = 5) ->
         ValueError: For another encoder family (write the spec with ``list_tap_candidates``) or depth.
     """
     if not encoder_name.startswith(("resnet", "resnext")):
-        raise ValueError(
-            f"No ready smp tap spec for encoder {encoder_name!r} (only resnet*/resnext*). Pass "
+        raise SettingError(
+            "encoder_name", f"No ready smp tap spec for encoder {encoder_name!r} (only resnet*/resnext*). Pass "
             "SelfReg(taps={'encoder': [...], 'decoder': [...], 'final': ...}); "
             "lightning_selfreg.list_tap_candidates(model, input_shape) lists the module paths."
         )
     if encoder_depth not in (3, 4, 5):
-        raise ValueError(f"`encoder_depth` must be 3, 4 or 5 for a ResNet encoder, found {encoder_depth!r}.")
+        raise SettingError("encoder_depth",
+                           f"`encoder_depth` must be 3, 4 or 5 for a ResNet encoder, found {encoder_depth!r}.")
     return TapSpec.unet(
         encoder=[f"encoder.layer{i}" for i in range(1, encoder_depth)],
         decoder=[f"decoder.blocks.{i}" for i in range(encoder_depth - 1)],
@@ -286,9 +290,57 @@ def smp_unet(
         ImportError: If segmentation_models_pytorch (or its timm/torchvision) cannot be imported.
         ValueError: For an encoder without a ready spec.
     """
-    spec = smp_unet_tap_spec(encoder_name, encoder_depth)
+    smp_unet_tap_spec(encoder_name, encoder_depth)  # an encoder without a ready spec fails before the build
     smp = _require("segmentation_models_pytorch", "smp-unet", SMP_INSTALL_HINT)
     net = smp.Unet(encoder_name=encoder_name, encoder_depth=encoder_depth, encoder_weights=encoder_weights,
                    in_channels=in_channels, classes=num_classes, **kwargs)
-    net.tap_spec = spec
+    net.tap_spec = ready_tap_spec(net)
     return net
+
+
+def _dynunet_spec(net: nn.Module) -> TapSpec:
+    return monai_dynunet_tap_spec(len(net.downsamples) + 2)  # input block + downsamples + bottleneck
+
+
+def _swin_unetr_spec(net: nn.Module) -> TapSpec:
+    return monai_swin_unetr_tap_spec(tuple(len(getattr(net.swinViT, f"layers{i}")[0].blocks) for i in range(1, 5)))
+
+
+def _smp_unet_spec(net: nn.Module) -> TapSpec | None:
+    if not all(hasattr(net.encoder, f"layer{i}") for i in range(1, 5)):  # not a ResNet/ResNeXt encoder
+        return None
+    return smp_unet_tap_spec("resnet", len(net.decoder.blocks))  # one decoder block per encoder stage
+
+
+# A third-party class (its module and name, as its library defines it: nothing is imported) -> the ready tap spec
+# of an instance. The specs depend on the instance where the architecture does: DynUNet's number of levels,
+# SwinUNETR's blocks per stage, smp's encoder depth.
+READY_TAP_SPECS: dict[str, Callable[[nn.Module], TapSpec | None]] = {
+    "monai.networks.nets.basic_unet.BasicUNet": lambda net: monai_basic_unet_tap_spec(),
+    "monai.networks.nets.dynunet.DynUNet": _dynunet_spec,
+    "monai.networks.nets.swin_unetr.SwinUNETR": _swin_unetr_spec,
+    "segmentation_models_pytorch.decoders.unet.model.Unet": _smp_unet_spec,
+}
+
+
+def ready_tap_spec(net: nn.Module) -> TapSpec | None:
+    """The ready tap spec of a MONAI ``BasicUNet`` / ``DynUNet`` / ``SwinUNETR`` or an smp ``Unet`` (or a subclass).
+
+    Args:
+        net: The network, as its library builds it.
+
+    Returns:
+        The spec (see :data:`READY_TAP_SPECS`), or None for another class (or an smp encoder without a spec).
+
+    Example:
+        >>> ready_tap_spec(nn.Conv2d(1, 3, 1)) is None  # not a class with a ready spec (MONAI below is optional)
+        True
+        >>> from monai.networks.nets import BasicUNet  # doctest: +SKIP
+        >>> ready_tap_spec(BasicUNet(spatial_dims=2, out_channels=3)).final  # doctest: +SKIP
+        'upcat_1'
+    """
+    for cls in type(net).__mro__:
+        build = READY_TAP_SPECS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if build is not None:
+            return build(net)
+    return None

@@ -1,7 +1,7 @@
 """The CNN UNet of the SelfReg paper (milesial-style UNet with bilinear up-sampling), written cleanly, in 2D or 3D.
 
 At ``base_channels=64, depth=4`` and a 1-channel 224x224 input it matches the authors' ``UNet_hd`` layer for
-layer (17,262,345 parameters with 9 classes) and its SelfReg taps are the paper's (paper.md §3.1):
+layer (17,262,345 parameters with 9 classes) and its SelfReg taps are the paper's (``docs/method.md`` §4):
 
 ==========  ==================  =================
 module      output (C x H x W)  SelfReg role
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_selfreg.selfreg.taps import TapSpec
+from lightning_selfreg.utils.checks import check_int, check_spatial_dims
 
 __all__ = ["UNet"]
 
@@ -116,10 +117,8 @@ class UNet(nn.Module):
         super().__init__()
         for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2),
                                  ("base_channels", base_channels, 2), ("depth", depth, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, found {value!r}.")
-        if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+            check_int(value, name, low)
+        check_spatial_dims(spatial_dims)
         self.in_channels = in_channels  # declared, so SelfRegSegModule checks data and batches against it
         self.depth = depth
         self.spatial_dims = spatial_dims

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfreg.utils.checks import check_weight
+from lightning_selfreg.utils.checks import SettingError, check_weight
 
 __all__ = ["DiceCELoss"]
 
@@ -27,12 +27,13 @@ class DiceCELoss(nn.Module):
     def __init__(self, num_classes: int, ce_weight: float = 0.4, dice_weight: float = 0.6, smooth: float = 1e-5):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, found {num_classes}.")
+            raise SettingError("num_classes", f"`num_classes` must be >= 2, found {num_classes}.")
         check_weight("ce_weight", ce_weight)
         check_weight("dice_weight", dice_weight)
         if ce_weight == 0 and dice_weight == 0:
-            raise ValueError(
-                "`ce_weight` and `dice_weight` are both 0, so the segmentation loss would be 0; set at least one > 0."
+            raise SettingError(
+                "dice_weight",
+                "`ce_weight` and `dice_weight` are both 0, so the segmentation loss would be 0; set at least one > 0.",
             )
         self.num_classes = num_classes
         self.ce_weight = ce_weight

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from numbers import Real
@@ -11,22 +13,20 @@ from typing import Any, Literal, get_args
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.segmentation import DiceScore
 
+from lightning_selfreg.data.preprocessing import Preprocessing
 from lightning_selfreg.data.sampling import is_padding
-from lightning_selfreg.data.transforms import resize_image, resize_label
+from lightning_selfreg.data.transforms import resize_label
 from lightning_selfreg.metrics import PROTOCOLS, PerCaseMetrics, Protocol, case_metrics
 from lightning_selfreg.models.third_party import MONAI_INSTALL_HINT, _require
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
+from lightning_selfreg.segmentation.inference import linear_resize_argmax, nearest_resize, segment, sliding_window
 from lightning_selfreg.segmentation.loss import DiceCELoss
-
-try:  # the hyper-parameters LightningCLI instantiates the module with (its class_path configs included)
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # another Lightning version: a network is then stored as weights only
-    _given_hyperparameters = None
+from lightning_selfreg.utils.checks import SettingError, check_spatial_dims, label_problem
 
 __all__ = ["SelfRegSegModule"]
 
@@ -36,77 +36,27 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
-def _roi(roi_size: int | Sequence[int]) -> tuple[int, ...]:
-    roi = (roi_size,) if isinstance(roi_size, int) else tuple(int(v) for v in roi_size)
-    return roi * 3 if len(roi) == 1 else roi
-
-
 def _check_3d_options(spatial_dims: int, roi_size: int | Sequence[int] | None, input_size: Any, sw_batch_size: int,
                       sw_overlap: float) -> None:
-    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-        raise ValueError(f"`spatial_dims` must be 2 or 3, found {spatial_dims!r}.")
+    check_spatial_dims(spatial_dims)
     if not isinstance(sw_batch_size, int) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
-        raise ValueError(f"`sw_batch_size` must be an integer >= 1, found {sw_batch_size!r}.")
+        raise SettingError("sw_batch_size", f"`sw_batch_size` must be an integer >= 1, found {sw_batch_size!r}.")
     if not isinstance(sw_overlap, int | float) or not 0 <= sw_overlap < 1:
-        raise ValueError(f"`sw_overlap` must be in [0, 1), found {sw_overlap!r}.")
+        raise SettingError("sw_overlap", f"`sw_overlap` must be in [0, 1), found {sw_overlap!r}.")
     if spatial_dims == 2:
         if roi_size is not None:
-            raise ValueError(f"`roi_size` is for spatial_dims=3 (sliding window); found roi_size={roi_size!r} in 2D "
-                             "(use `input_size`).")
+            raise SettingError("roi_size", f"`roi_size` is for spatial_dims=3 (sliding window); found "
+                               f"roi_size={roi_size!r} in 2D (use `input_size`).")
         return
     if input_size is not None:
-        raise ValueError(f"`input_size` is for spatial_dims=2; in 3D the network runs on `roi_size` windows at the "
-                         f"volume's grid (found input_size={input_size!r}).")
+        raise SettingError("input_size", f"`input_size` is for spatial_dims=2; in 3D the network runs on `roi_size` "
+                           f"windows at the volume's grid (found input_size={input_size!r}).")
     roi = (roi_size,) if isinstance(roi_size, int) else tuple(roi_size) if roi_size is not None else ()
     if roi_size is None or len(roi) not in (1, 3) or not all(isinstance(v, int) and v >= 1 for v in roi):
-        raise ValueError(
-            f"spatial_dims=3 needs `roi_size`, the sliding window (D, H, W) or one int, found {roi_size!r}."
+        raise SettingError(
+            "roi_size", f"spatial_dims=3 needs `roi_size`, the sliding window (D, H, W) or one int, found {roi_size!r}."
         )
     _require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
-
-
-def _grid(shape: Sequence[int] | Tensor) -> tuple[int, int, int]:
-    grid = tuple(int(v) for v in (shape.tolist() if isinstance(shape, Tensor) else shape))
-    if len(grid) != 3:
-        raise ValueError(f"An output grid must be (D, H, W), found {grid}.")
-    return grid
-
-
-def _nearest_resize(labels: Tensor, shape: Sequence[int]) -> Tensor:
-    """Nearest-neighbour resize of a ``(D, H, W)`` label volume to ``shape`` (slice-wise when D is unchanged)."""
-    shape = tuple(int(v) for v in shape)
-    if labels.shape[0] == shape[0]:
-        return resize_label(labels, shape[1:])
-    return F.interpolate(labels[None, None].float(), size=shape, mode="nearest-exact")[0, 0].to(labels.dtype)
-
-
-def _linear_resize_argmax(logits: Tensor, shape: Sequence[int], chunk: int) -> Tensor:
-    """Argmax of ``(D', K, H', W')`` logits resampled to the grid ``shape = (D, H, W)``, ``chunk`` slices at a time.
-
-    Equal to ``F.interpolate(logits, shape, mode="trilinear", align_corners=False).argmax(1)`` of the ``(1, K, D',
-    H', W')`` volume (trilinear interpolation is separable: linear along the depth, then bilinear in-plane), without
-    holding the resampled ``(K, D, H, W)`` logits.
-    """
-    depth, height, width = (int(v) for v in shape)
-    if tuple(logits.shape[i] for i in (0, 2, 3)) == (depth, height, width):
-        return logits.argmax(1)
-    src_depth = logits.shape[0]
-    out = []
-    for start in range(0, depth, chunk):
-        stop = min(start + chunk, depth)
-        if src_depth == depth:
-            block = logits[start:stop]
-        else:  # PyTorch's source index for align_corners=False: (z + 0.5) * scale - 0.5, clamped at 0
-            src = ((torch.arange(start, stop, device=logits.device, dtype=torch.float64) + 0.5) * (src_depth / depth)
-                   - 0.5).clamp(min=0)
-            low = src.floor().long().clamp(max=src_depth - 1)
-            high = (low + 1).clamp(max=src_depth - 1)
-            weight = (src - low).to(logits.dtype)[:, None, None, None]
-            block = logits[low] * (1 - weight) + logits[high] * weight
-        if block.shape[-2:] != (height, width):
-            block = F.interpolate(block, size=(height, width), mode="bilinear", align_corners=False)
-        out.append(block.argmax(1))
-    return torch.cat(out)
 
 
 def _check_optimizer_options(lr: Any, momentum: Any, weight_decay: Any, poly_power: Any) -> None:
@@ -114,10 +64,10 @@ def _check_optimizer_options(lr: Any, momentum: Any, weight_decay: Any, poly_pow
                                         ("weight_decay", weight_decay, 0.0, True), ("momentum", momentum, 0.0, True)):
         if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or \
                 value < low or (value == low and not inclusive):
-            raise ValueError(f"`{name}` must be a finite number {'>=' if inclusive else '>'} {low:g}"
-                             f"{' and < 1' if name == 'momentum' else ''}, found {value!r}.")
+            raise SettingError(name, f"`{name}` must be a finite number {'>=' if inclusive else '>'} {low:g}"
+                                     f"{' and < 1' if name == 'momentum' else ''}, found {value!r}.")
     if momentum >= 1:
-        raise ValueError(f"`momentum` must be a finite number >= 0 and < 1, found {momentum!r}.")
+        raise SettingError("momentum", f"`momentum` must be a finite number >= 0 and < 1, found {momentum!r}.")
 
 
 class SelfRegSegModule(pl.LightningModule):
@@ -166,6 +116,12 @@ class SelfRegSegModule(pl.LightningModule):
         sw_overlap: 3D only: overlap of neighbouring windows, in ``[0, 1)`` (0.5 as nnU-Net); windows are blended
             with Gaussian weights (sigma = 1/8 of the window, as nnU-Net).
 
+    **Preprocessing record.** At :meth:`setup` the module takes the DataModule's
+    :class:`~lightning_selfreg.data.preprocessing.Preprocessing` (what it does to raw images: orientation, spacing,
+    intensity normalisation with its fitted numbers) as :attr:`preprocessing` and writes it into every checkpoint;
+    :class:`~lightning_selfreg.segmentation.inference.Predictor` applies it to new images and calls the same
+    inference (:func:`~lightning_selfreg.segmentation.inference.segment`) as :meth:`test_step`.
+
     **Native grid.** Evaluation cases may come at a preprocessed grid (resampled images) with labels at the
     native grid: whenever the label's ``(D, H, W)`` differs from the grid the network predicted on, the logits are
     resampled linearly to the label's grid before the argmax (see :meth:`predict_volume`), and ``spacing`` is the
@@ -198,21 +154,18 @@ class SelfRegSegModule(pl.LightningModule):
         _check_3d_options(spatial_dims, roi_size, input_size, sw_batch_size, sw_overlap)
         _check_optimizer_options(lr, momentum, weight_decay, poly_power)
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, found {optimizer!r}.")
+            raise SettingError("optimizer", f"`optimizer` must be one of {OPTIMIZERS}, found {optimizer!r}.")
         if lr_schedule not in SCHEDULES:
-            raise ValueError(f"`lr_schedule` must be one of {SCHEDULES}, found {lr_schedule!r}.")
+            raise SettingError("lr_schedule", f"`lr_schedule` must be one of {SCHEDULES}, found {lr_schedule!r}.")
         if eval_protocol not in PROTOCOLS:
-            raise ValueError(f"`eval_protocol` must be one of {PROTOCOLS}, found {eval_protocol!r}.")
+            raise SettingError("eval_protocol", f"`eval_protocol` must be one of {PROTOCOLS}, found {eval_protocol!r}.")
         class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(1, num_classes)]
         if len(class_names) != num_classes - 1:
-            raise ValueError(
-                f"`class_names` must name the {num_classes - 1} foreground classes, found {len(class_names)}: "
-                f"{class_names}."
+            raise SettingError(
+                "class_names", f"`class_names` must name the {num_classes - 1} foreground classes, found "
+                f"{len(class_names)}: {class_names}."
             )
-        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
-        # Under LightningCLI `net` also arrives as its class_path config: keep it, so the checkpoint alone rebuilds
-        # the network; a network built in Python is stored as weights only.
-        self.save_hyperparameters(ignore=[] if isinstance((given or {}).get("net"), Mapping) else ["net"])
+        self._save_hyperparameters(net)
         self.net = net
         self.class_names = class_names
         self.seg_loss = DiceCELoss(num_classes, ce_weight, dice_weight)
@@ -223,6 +176,8 @@ class SelfRegSegModule(pl.LightningModule):
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_metrics = nn.ModuleDict({p: PerCaseMetrics(num_classes, class_names) for p in PROTOCOLS})
         self.test_results: dict[str, Any] | None = None
+        # what the DataModule does to raw images (set in `setup`, restored from checkpoints), for prediction
+        self.preprocessing: Preprocessing | None = None
         self.test_results_by_protocol: dict[str, dict[str, Any]] = {}
         self._checked_stages: set[str] = set()  # stages whose first batch passed _check_first_batch
         # evaluation is sharded by case; with fewer cases than ranks (the bundled sample has one test patient) a
@@ -231,6 +186,28 @@ class SelfRegSegModule(pl.LightningModule):
         self.allow_zero_length_dataloader_with_multiple_devices = True
         if channels_last:
             self.net.to(memory_format=self._memory_format)
+
+    def _save_hyperparameters(self, net: nn.Module) -> None:
+        """``save_hyperparameters()`` as documented, with ``net`` stored as its class_path config or not at all.
+
+        Under LightningCLI (``load_from_checkpoint_support``, its default) ``save_hyperparameters`` records the
+        parsed configuration, where ``net`` is its ``class_path`` / ``init_args`` config: it is kept, so
+        ``load_from_checkpoint(path)`` alone rebuilds the network, without the linked arguments its class does
+        not take (the CLI links ``img_size`` to every network, and a UNet would refuse it). A network built in
+        Python arrives as the module itself and is dropped: it is stored as weights only (the first call copies
+        it once into ``hparams_initial``, the second one replaces that copy).
+        """
+        with warnings.catch_warnings():  # the advice to ignore an nn.Module is moot: it is dropped just below
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        config = self.hparams.pop("net", None)  # `hparams`: where the documentation puts manual updates
+        if isinstance(config, Mapping) and isinstance(config.get("init_args"), Mapping):
+            parameters = inspect.signature(type(net)).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+                config = {**config, "init_args": {k: v for k, v in config["init_args"].items() if k in parameters}}
+        if isinstance(config, Mapping):
+            self.hparams["net"] = config
+        self.save_hyperparameters(dict(self.hparams))  # hparams_initial (what loggers record) = hparams
 
     @property
     def _memory_format(self) -> torch.memory_format:
@@ -256,9 +233,16 @@ class SelfRegSegModule(pl.LightningModule):
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def setup(self, stage: str) -> None:
-        """Check the DataModule's ``in_channels`` against the network's before the first step.
+        """Check the DataModule's ``in_channels`` against the network's; take its preprocessing record.
 
-        Also re-arms :meth:`_check_first_batch` for the stage.
+        A DataModule with a ``preprocessing()`` method (every :class:`~lightning_selfreg.data.SegDataModule`) gives
+        the record of what it does to raw images (:class:`~lightning_selfreg.data.preprocessing.Preprocessing`);
+        the module keeps it as :attr:`preprocessing` and writes it into every checkpoint, so that
+        :class:`~lightning_selfreg.segmentation.inference.Predictor` preprocesses new images as the training and
+        test data were. Also re-arms :meth:`_check_first_batch` for the stage.
+
+        Raises:
+            ValueError: The DataModule's channels or dimensionality differ from the network's.
         """
         self._checked_stages = set()
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -266,6 +250,17 @@ class SelfRegSegModule(pl.LightningModule):
         if isinstance(found, int) and expected is not None and found != expected:
             raise ValueError(f"`datamodule.in_channels` of {type(datamodule).__name__} is {found}, but the network "
                              f"takes {expected}-channel images (`in_channels`={expected}).")
+        make_record = getattr(datamodule, "preprocessing", None)
+        if callable(make_record):
+            record = make_record()
+            if record.spatial_dims != self.hparams.spatial_dims:
+                raise ValueError(f"{type(datamodule).__name__} serves data for a {record.spatial_dims}D network, but "
+                                 f"the module has spatial_dims={self.hparams.spatial_dims}.")
+            if self.preprocessing is not None and self.preprocessing != record:
+                rank_zero_warn(f"{type(datamodule).__name__}'s preprocessing ({record.describe()}) differs from the "
+                               f"one this module was trained with ({self.preprocessing.describe()}); the DataModule's "
+                               "is used from now on and written into new checkpoints.")
+            self.preprocessing = record
 
     def _check_first_batch(self, batch: dict[str, Any], stage: str) -> None:
         """Check the first batch of each stage: image channels against the network, labels in ``[0, K)``.
@@ -290,12 +285,10 @@ class SelfRegSegModule(pl.LightningModule):
                              f"(shape {tuple(image.shape)}), but the network takes {expected} (`in_channels`).")
         if expected is None:
             self._check_first_convolution(stage)
-        num_classes = self.hparams.num_classes
-        low, high = (int(v) for v in torch.stack([label.min(), label.max()]).tolist())  # the one sync
-        if low < 0 or high >= num_classes:
-            bad = high if high >= num_classes else low
-            raise ValueError(f"`batch['label']` of the first {stage} batch holds class {bad}, outside "
-                             f"[0, {num_classes}) for `num_classes`={num_classes}.")
+        problem = label_problem(label, self.hparams.num_classes)  # the one sync
+        if problem is not None:
+            raise ValueError(f"`batch['label']` of the first {stage} batch: {problem} "
+                             f"(`num_classes`={self.hparams.num_classes}).")
 
     def _check_first_convolution(self, stage: str) -> None:
         convs = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
@@ -361,9 +354,14 @@ class SelfRegSegModule(pl.LightningModule):
 
     def _validate_case(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         label = batch["label"]
-        logits = self._sliding_window(batch["image"])
-        loss, _ = self.segmentation_loss(logits[None], _nearest_resize(label, logits.shape[1:])[None])
-        pred = _linear_resize_argmax(logits.transpose(0, 1), label.shape, self.hparams.slice_batch_size)
+        was_training = self.training
+        self.eval()  # BatchNorm running statistics
+        try:
+            logits = sliding_window(self, batch["image"])
+        finally:
+            self.train(was_training)
+        loss, _ = self.segmentation_loss(logits[None], nearest_resize(label, logits.shape[1:])[None])
+        pred, _ = linear_resize_argmax(logits.transpose(0, 1), label.shape, self.hparams.slice_batch_size)
         self.val_dice.update(pred[None], label[None].long())
         self.val_loss.update(loss.detach())
         return {"prediction": pred}
@@ -386,62 +384,10 @@ class SelfRegSegModule(pl.LightningModule):
         self.log("val/dice", per_class.nanmean(), prog_bar=True)
         self.log_dict({f"val/dice/{name}": value for name, value in zip(self.class_names, per_class, strict=True)})
 
-    @torch.no_grad()
-    def _sliding_window(self, volume: Tensor) -> Tensor:
-        """3D logits ``(K, D, H, W)`` of a ``(C, D, H, W)`` volume: MONAI sliding window, Gaussian blending."""
-        if volume.ndim != 4:
-            raise ValueError(
-                f"A 3D case `image` must be (C, D, H, W), found {tuple(volume.shape)}; batch cases with "
-                "`batch_size=None` (one case per batch)."
-            )
-        inferers = _require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
-        hp = self.hparams
-        was_training = self.training
-        self.eval()  # BatchNorm running statistics, also when called directly after fit
-        try:
-            logits = inferers.sliding_window_inference(
-                volume[None].to(self.device, torch.float32), _roi(hp.roi_size), hp.sw_batch_size, self,
-                overlap=hp.sw_overlap, mode="gaussian",
-            )
-        finally:
-            self.train(was_training)
-        return torch.as_tensor(logits)[0].float()
-
-    @torch.no_grad()
     def _segment(self, volume: Tensor, shape: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-        """Inference: ``(prediction at the target grid (D, H, W), prediction at the network's grid)``.
-
-        The target grid is ``shape`` (the label's grid), or the volume's own grid when ``None``. The first
-        prediction is the argmax of the logits resampled to the target grid (2D with the same depth: each slice
-        resized bilinearly, as before; otherwise linear interpolation over all three axes); the other is the argmax
-        at the network's grid (what the field's scripts then resize with nearest neighbour).
-        """
-        if self.hparams.spatial_dims == 3:
-            logits = self._sliding_window(volume)
-            target = tuple(logits.shape[1:]) if shape is None else _grid(shape)
-            full = _linear_resize_argmax(logits.transpose(0, 1), target, self.hparams.slice_batch_size)
-            return full, logits.argmax(0)
-        if volume.ndim == 3:
-            volume = volume[:, None]
-        if volume.ndim != 4:
-            raise ValueError(f"`volume` must be (D, H, W) or (D, C, H, W), found {tuple(volume.shape)}.")
-        target = (volume.shape[0], *volume.shape[-2:]) if shape is None else _grid(shape)
-        native = target[1:]
-        same_depth = target[0] == volume.shape[0]
-        size = self.hparams.input_size or tuple(volume.shape[-2:])
-        full, small = [], []
-        was_training = self.training
-        self.eval()  # BatchNorm running statistics, also when called directly after fit
-        try:
-            for chunk in volume.split(self.hparams.slice_batch_size):
-                logits = self(resize_image(chunk.to(self.device, torch.float32), size)).float()
-                small.append(logits.argmax(1))
-                full.append(resize_image(logits, native).argmax(1) if same_depth else logits)
-        finally:
-            self.train(was_training)
-        if not same_depth:  # the slice logits form a (D', K, h, w) volume, resampled over all three axes
-            return _linear_resize_argmax(torch.cat(full), target, self.hparams.slice_batch_size), torch.cat(small)
-        return torch.cat(full), torch.cat(small)
+        """``(prediction at the target grid (D, H, W), prediction at the network's grid)``; see :func:`segment`."""
+        result = segment(self, volume, shape)
+        return result.labels, result.small
 
     def predict_volume(self, volume: Tensor, shape: Sequence[int] | None = None) -> Tensor:
         """Segment a volume: slice by slice (2D; a 2D image is ``D = 1``) or with a sliding window (3D).
@@ -460,7 +406,7 @@ class SelfRegSegModule(pl.LightningModule):
         Returns:
             ``(D, H, W)`` int64 label volume.
         """
-        return self._segment(volume, shape)[0]
+        return segment(self, volume, shape).labels
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
         """Per-case metrics of one case under both protocols.
@@ -496,7 +442,7 @@ class SelfRegSegModule(pl.LightningModule):
             compat_label = resize_label(label.to(small.device), small.shape[-2:])
             pairs = {"strict": (full[0], label[0], None), "transunet": (small[0], compat_label[0], None)}
         else:
-            compat_pred = _nearest_resize(small, label.shape)
+            compat_pred = nearest_resize(small, label.shape)
             pairs = {"strict": (full, label, spacing), "transunet": (compat_pred, label, None)}
         for protocol, (pred, gt, sp) in pairs.items():
             dice, hd95 = case_metrics(pred.cpu().numpy(), gt.cpu().numpy(), num_classes, sp, protocol=protocol)
@@ -519,23 +465,33 @@ class SelfRegSegModule(pl.LightningModule):
         self.log_dict({k: float(v) for k, v in logged.items()})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store a class_path ``net`` config without its ``pretrained`` file: the weights are in the state dict.
+        """Store the preprocessing record, and a class_path ``net`` config without its ``pretrained`` file.
+
+        The record (:attr:`preprocessing`, from the DataModule, see :meth:`setup`) goes under
+        ``checkpoint["preprocessing"]`` as a plain dict.
 
         A network given by class path (LightningCLI) is rebuilt from ``hyper_parameters["net"]`` by
         ``load_from_checkpoint``; an initialisation file named there (``SwinUnet(pretrained=...)``) would have to
         exist wherever the checkpoint is loaded, and its weights are overwritten by the state dict anyway.
         """
+        if self.preprocessing is not None:
+            checkpoint["preprocessing"] = self.preprocessing.to_dict()
         net = (checkpoint.get("hyper_parameters") or {}).get("net")
         init_args = net.get("init_args") if isinstance(net, Mapping) else None
         if isinstance(init_args, Mapping) and init_args.get("pretrained") is not None:
             checkpoint["hyper_parameters"]["net"] = {**net, "init_args": {**init_args, "pretrained": None}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep a stored class_path ``net`` config in :attr:`hparams`, so a re-saved checkpoint still rebuilds the net.
+        """Restore the preprocessing record; keep a stored class_path ``net`` config in :attr:`hparams`.
 
-        ``load_from_checkpoint`` builds the network from that config and passes the built module as ``net``, which
-        alone would be stored as weights only.
+        The record is taken when the module has none yet (``load_from_checkpoint``; under ``trainer.test(...,
+        ckpt_path=...)`` the DataModule's, set in :meth:`setup`, stays). ``load_from_checkpoint`` builds the network
+        from the ``net`` config and passes the built module as ``net``, which alone would be stored as weights only,
+        so the config is put back into :attr:`hparams`.
         """
+        record = checkpoint.get("preprocessing")
+        if record is not None and self.preprocessing is None:
+            self.preprocessing = Preprocessing.from_dict(record)
         net = (checkpoint.get("hyper_parameters") or {}).get("net")
         if isinstance(net, Mapping) and "net" not in self.hparams:
             self.hparams["net"] = net
@@ -547,7 +503,7 @@ class SelfRegSegModule(pl.LightningModule):
         the image's own grid.
         """
         shape = batch["label"].shape if "label" in batch else batch.get("native_shape")
-        return self.predict_volume(batch["image"], None if shape is None else _grid(shape))
+        return self.predict_volume(batch["image"], shape)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer and the per-step LR schedule chosen in the constructor."""

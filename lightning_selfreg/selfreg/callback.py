@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.selfreg.losses import Pairing, SelfRegLoss
 from lightning_selfreg.selfreg.taps import FeatureTaps, TapSpec, resolve_tap_spec
+from lightning_selfreg.utils.checks import SettingError, check_int
 
 __all__ = ["SelfReg"]
 
@@ -26,7 +27,9 @@ class SelfReg(AuxiliaryLoss):
     """Switch SelfReg (SCR + IFD) on for a :class:`~lightning_selfreg.segmentation.module.SelfRegSegModule`.
 
     Forward hooks are put on the tapped modules of ``pl_module.net`` at setup and removed at teardown; features
-    are captured during the training forward pass only.
+    are captured during the training forward pass only. A compiled network works (the hooks are traced into its
+    graph); for that the taps turn on Dynamo's guards on module hooks for the process (see
+    :class:`~lightning_selfreg.selfreg.taps.FeatureTaps`).
 
     Args:
         taps: Tap spec (a :class:`~lightning_selfreg.selfreg.taps.TapSpec` or its mapping form). ``None`` uses the
@@ -48,7 +51,7 @@ class SelfReg(AuxiliaryLoss):
 
     def __init__(
         self,
-        taps: TapSpec | Mapping | None = None,
+        taps: Mapping | TapSpec | None = None,
         lambda_scr: float = 0.015,
         lambda_ifd: float = 0.015,
         pairing: Pairing = "random",
@@ -57,9 +60,11 @@ class SelfReg(AuxiliaryLoss):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, found {warmup_steps}.")
-        self.spec = TapSpec.from_config(taps) if taps is not None else None
+        check_int(warmup_steps, "warmup_steps", 0)
+        try:
+            self.spec = TapSpec.from_config(taps) if taps is not None else None
+        except (TypeError, ValueError) as err:
+            raise SettingError("taps", f"`taps`: {err}") from err
         self._loss_kwargs = dict(
             lambda_scr=lambda_scr, lambda_ifd=lambda_ifd, pairing=pairing, detach_shallow=detach_shallow
         )

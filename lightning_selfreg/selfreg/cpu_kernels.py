@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 # Imported only by lightning_selfreg.selfreg.fused, on first use and where Numba is installed
-# (fused_losses.KERNELS_AVAILABLE).
+# (selfreg.fused.KERNELS_AVAILABLE).
 __all__ = ["avg_pool", "grad_tap", "scr_add_grad", "scr_sum", "tap_forward"]
 
 _FLAGS = {"reassoc", "contract"}  # vectorised sums; no assumption about NaN or inf

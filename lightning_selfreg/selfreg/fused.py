@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "CPU_KERNELS", "KERNELS_AVAILABLE", "ScrTerm", "SelfRegTerms", "TapTerms", "ifd_order", "no_autocast",
+    "CPU_KERNELS", "KERNELS_AVAILABLE", "ScrTerm", "SelfRegTerms", "TapTerms", "no_autocast",
     "pool_with_kernel", "selfreg_terms",
 ]
 
@@ -165,18 +165,6 @@ def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def ifd_order(x: Tensor, channels_last: bool | None = None) -> Tensor:
-    """IFD channel ranking of ``x``, ``(C,)``, best first; rank ``k`` pairs with rank ``k + ceil(C / 2)``.
-
-    The score is ``mean_b(sum_s x / ||x||_2)`` per channel (the authors' ranking; the constant ``1 / |spatial|``
-    does not change ranks), accumulated in float32 without a float32 copy of ``x``. ``channels_last``: the
-    layout of ``x`` if the caller knows it (see :func:`_is_channels_last`). The loss ranks all its taps at once
-    (:func:`_ifd_partners`) with the same scores.
-    """
-    total, norm = _channel_stats(x, _is_channels_last(x) if channels_last is None else channels_last)
-    return torch.argsort((total / norm.clamp_min(1e-12)).mean(0), descending=True, stable=True)
-
-
 def _ifd_count(x: Tensor) -> int:
     return x.numel() // x.shape[1] * (x.shape[1] // 2)
 
@@ -247,11 +235,13 @@ def _channel_stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
 def _ifd_partners(xs: list[Tensor], cls: list[bool], detach_shallow: bool) -> tuple[list[Tensor], list]:
     """IFD partners of every channel of every tap in ``xs`` (and the ``detach_shallow`` masks), ranked at once.
 
-    Each tap's channels are ranked as :func:`ifd_order` ranks them, but the scores of all taps are sorted
-    together (by score, then stably by tap), so the ranking, pairing and masks of all taps cost a fixed number of
-    small ops instead of a dozen per tap. Returns per tap the ``(C,)`` partner channel of every channel (``x -
-    x[:, partner]`` is then ``+D`` on the top channels, ``-D`` on the bottom ones and ``0`` on the median) and,
-    with ``detach_shallow``, the 0/1 float32 mask of its bottom-ranked channels (else ``None``).
+    Each channel's score is ``mean_b(sum_s x / ||x||_2)`` (the authors' ranking; the constant ``1 / |spatial|``
+    does not change ranks), accumulated in float32 without a float32 copy of ``x``; rank ``k`` of a tap pairs
+    with rank ``k + ceil(C / 2)``. The scores of all taps are sorted together (by score, then stably by tap), so
+    the ranking, pairing and masks of all taps cost a fixed number of small ops instead of a dozen per tap.
+    Returns per tap the ``(C,)`` partner channel of every channel (``x - x[:, partner]`` is then ``+D`` on the top
+    channels, ``-D`` on the bottom ones and ``0`` on the median) and, with ``detach_shallow``, the 0/1 float32 mask
+    of its bottom-ranked channels (else ``None``).
     """
     stats = [_channel_stats(x, cl) for x, cl in zip(xs, cls, strict=True)]
     if len({x.shape[0] for x in xs}) == 1:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_selfreg.selfreg.fused import ScrTerm, TapTerms, no_autocast, pool_with_kernel, selfreg_terms
-from lightning_selfreg.utils.checks import check_weight
+from lightning_selfreg.utils.checks import SettingError, check_weight
 
 __all__ = [
     "IMPLEMENTATIONS", "PAIRINGS", "Pairing", "SelfRegLoss", "ifd_loss", "pool_teacher", "scr_loss",
@@ -300,7 +300,7 @@ class SelfRegLoss(nn.Module):
 
     ``total = lambda_ifd * sum_g mean_{t in g} IFD(t) + lambda_scr * sum_g mean_{t in g} SCR(t, final)``, where
     the IFD and SCR groups come from the tap spec. For the paper's UNet the IFD groups are the 4 encoder and the
-    3 decoder taps and SCR has one group of all 7 taps (paper.md §2.3). Maps are ``(B, C, H, W)`` or
+    3 decoder taps and SCR has one group of all 7 taps (``docs/method.md`` §2, §4). Maps are ``(B, C, H, W)`` or
     ``(B, C, D, H, W)`` (all of one dimensionality), in either memory format.
 
     Args:
@@ -335,15 +335,16 @@ class SelfRegLoss(nn.Module):
     ) -> None:
         super().__init__()
         if pairing not in PAIRINGS:
-            raise ValueError(f"`pairing` must be one of {PAIRINGS}, found {pairing!r}.")
+            raise SettingError("pairing", f"`pairing` must be one of {PAIRINGS}, found {pairing!r}.")
         if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, found {implementation!r}.")
+            raise SettingError("implementation",
+                               f"`implementation` must be one of {IMPLEMENTATIONS}, found {implementation!r}.")
         check_weight("lambda_scr", lambda_scr)
         check_weight("lambda_ifd", lambda_ifd)
         for name, groups in (("ifd_groups", ifd_groups), ("scr_groups", scr_groups)):
             empty = [g for g, taps in groups.items() if len(taps) == 0]
             if empty:
-                raise ValueError(f"`{name}` has empty groups {empty}; every group needs at least one tap.")
+                raise SettingError(name, f"`{name}` has empty groups {empty}; every group needs at least one tap.")
         self.ifd_groups = {g: tuple(t) for g, t in ifd_groups.items()}
         self.scr_groups = {g: tuple(t) for g, t in scr_groups.items()}
         self.lambda_scr = float(lambda_scr)

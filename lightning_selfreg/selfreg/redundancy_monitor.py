@@ -9,14 +9,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lightning_selfreg.selfreg.callback import SelfReg, _backbone
 from lightning_selfreg.selfreg.redundancy import block_correlations, collect_block_features, redundancy_score
 from lightning_selfreg.selfreg.taps import TapSpec, resolve_tap_spec
-from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, positive_int, wandb_loggers
-from lightning_selfreg.utils.rng import preserved_rng_states
+from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, wandb_loggers
+from lightning_selfreg.utils.checks import SettingError, check_int
 
 __all__ = ["RedundancyMonitor"]
 
@@ -68,12 +69,15 @@ class RedundancyMonitor(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 10, num_images: int = 4, max_channels: int = 64,
-                 taps: TapSpec | Mapping | None = None) -> None:
+                 taps: Mapping | TapSpec | None = None) -> None:
         super().__init__()
-        self.every_n_epochs = positive_int(every_n_epochs, "every_n_epochs")
-        self.num_images = positive_int(num_images, "num_images")
-        self.max_channels = positive_int(max_channels, "max_channels")
-        self.spec = TapSpec.from_config(taps) if taps is not None else None
+        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", 1)
+        self.num_images = check_int(num_images, "num_images", 1)
+        self.max_channels = check_int(max_channels, "max_channels", 1)
+        try:
+            self.spec = TapSpec.from_config(taps) if taps is not None else None
+        except (TypeError, ValueError) as err:
+            raise SettingError("taps", f"`taps`: {err}") from err
         self.images: Tensor | None = None
         self._warned_plot = False
 
@@ -92,15 +96,14 @@ class RedundancyMonitor(pl.Callback):
         dataset = getattr(loader, "dataset", None)
         if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             return None
-        try:  # a per-sample augmentation drawing from the global generators must not shift training's draws
-            with preserved_rng_states():
+        # a per-sample augmentation drawing from the global generators must not shift training's draws
+        with isolate_rng(include_cuda=False):  # restores on a normal exit: the expected errors are caught inside
+            try:
                 n = len(dataset)
-                if n == 0:
-                    return None
                 indices = torch.linspace(0, n - 1, min(self.num_images, n)).round().long().unique().tolist()
-                images = [_item_image(dataset[i]) for i in indices]
-        except (TypeError, KeyError, IndexError, NotImplementedError):
-            return None
+                images = [_item_image(dataset[i]) for i in indices] if n else [None]
+            except (TypeError, KeyError, IndexError, NotImplementedError):
+                images = [None]
         if any(image is None for image in images):
             return None
         return torch.stack([image.detach().cpu() for image in images])

@@ -2,8 +2,9 @@
 
 A :class:`TapSpec` is data (module paths grouped the way SelfReg aggregates them); :class:`FeatureTaps` turns it
 into forward hooks that capture outputs only inside :meth:`FeatureTaps.capture`, so evaluation and inference
-never hold on to activations. :func:`resolve_tap_spec` picks the spec a caller was given or the backbone's own
-``tap_spec``; :func:`list_tap_candidates` lists what a model offers, for writing a spec.
+never hold on to activations. :func:`resolve_tap_spec` picks the spec a caller was given, the backbone's own
+``tap_spec`` or the ready spec of a known third-party UNet; :func:`list_tap_candidates` lists what a model offers,
+for writing a spec.
 """
 
 from __future__ import annotations
@@ -133,10 +134,14 @@ class TapSpec:
 
 
 def resolve_tap_spec(net: nn.Module, spec: TapSpec | Mapping | None = None, owner: str = "SelfReg") -> TapSpec:
-    """The tap spec to use on ``net``: ``spec`` when given, else the backbone's own ``tap_spec`` attribute.
+    """The tap spec to use on ``net``: ``spec`` when given, else the backbone's own, else a ready one for its class.
 
-    The one place where "the spec or the backbone's ``tap_spec``" is decided (the ``SelfReg`` callback, the
-    ``RedundancyMonitor`` callback and :func:`~lightning_selfreg.selfreg.redundancy.collect_block_features` use it).
+    The one place where "the spec, the backbone's ``tap_spec`` attribute, or the ready spec of a known third-party
+    class" is decided (the ``SelfReg`` callback, the ``RedundancyMonitor`` callback and
+    :func:`~lightning_selfreg.selfreg.redundancy.collect_block_features` use it). The ready specs are those of
+    MONAI's ``BasicUNet``, ``DynUNet`` and ``SwinUNETR`` and of segmentation_models_pytorch's ``Unet``
+    (:func:`lightning_selfreg.models.third_party.ready_tap_spec`, computed from the instance), so these networks
+    need no spec even when built by their own library.
 
     Args:
         net: The backbone (for a ``SelfRegSegModule``, ``module.net``).
@@ -147,7 +152,8 @@ def resolve_tap_spec(net: nn.Module, spec: TapSpec | Mapping | None = None, owne
         The spec (not yet checked against ``net``'s modules: :class:`FeatureTaps` does that).
 
     Raises:
-        ValueError: If ``spec`` is None and ``net`` has no ``tap_spec``; the message says how to pass one.
+        ValueError: If ``spec`` is None and ``net`` has neither a ``tap_spec`` nor a ready one; the message says how
+            to pass one.
 
     Example:
         >>> from lightning_selfreg.models import UNet
@@ -158,12 +164,17 @@ def resolve_tap_spec(net: nn.Module, spec: TapSpec | Mapping | None = None, owne
     """
     if spec is None:
         spec = getattr(net, "tap_spec", None)
-        if spec is None:
-            raise ValueError(
-                f"{owner} got no tap spec and the backbone {type(net).__name__} has no `tap_spec` attribute. Pass one, "
-                "e.g. SelfReg(taps={'encoder': [...], 'decoder': [...], 'final': ...}); "
-                "lightning_selfreg.list_tap_candidates(net, input_shape) lists the module paths."
-            )
+    if spec is None:
+        from lightning_selfreg.models.third_party import ready_tap_spec  # here: models imports this module
+
+        spec = ready_tap_spec(net)
+    if spec is None:
+        raise ValueError(
+            f"{owner} got no tap spec and the backbone {type(net).__name__} has no `tap_spec` attribute (nor a ready "
+            "spec: MONAI BasicUNet / DynUNet / SwinUNETR, smp Unet). Pass one, e.g. SelfReg(taps={'encoder': [...], "
+            "'decoder': [...], 'final': ...}); lightning_selfreg.list_tap_candidates(net, input_shape) lists the "
+            "module paths."
+        )
     return TapSpec.from_config(spec)
 
 
@@ -184,6 +195,18 @@ class FeatureTaps:
     The backbone is not modified. Outputs (2D ``(B, C, H, W)`` or 3D ``(B, C, D, H, W)`` maps) are stored as they
     are (not detached: the losses decide what gets gradient) and released by :meth:`pop`. Call :meth:`remove` (or
     use as a context manager) to take the hooks off.
+
+    **torch.compile.** Hooks that exist when Dynamo compiles a forward pass are traced into the graph, so taps put
+    on before the first compiled call (``SelfReg`` puts them on at setup) capture as in eager mode. Constructing
+    taps also sets ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` for the whole process, and leaves it
+    so: Dynamo skips guards on module hooks by default, so a graph compiled without these hooks would be reused for
+    a network that has them and the hooks silently ignored. With the guards on, every graph compiled from then on
+    is recompiled when hooks change. The setting is process-wide because the library does not own the compile
+    call (Dynamo reads the setting when it compiles, at a compiled module's first call), and it is not restored at
+    :meth:`remove`, or a graph compiled in between would skip the guards of later taps again. It cannot reach a
+    graph compiled before any taps existed (a network compiled and run, then tapped): that one keeps ignoring the
+    hooks until ``torch._dynamo.reset()``; ``SelfReg`` then stops with an error (it captured nothing) rather than
+    training without its terms. The cost is a few more guard checks per call of every compiled module.
 
     Args:
         model: The network to tap.
@@ -210,9 +233,7 @@ class FeatureTaps:
             raise _unknown_paths_error(missing, [n for n in modules if n])
         self.paths = tuple(dict.fromkeys(paths))
         self.nhwc = frozenset(nhwc)
-        # torch.compile skips guards on module hooks by default, so a graph compiled for another instance of the
-        # same class without hooks would be reused and these hooks silently ignored; guard on them instead.
-        import torch._dynamo
+        import torch._dynamo  # guard compiled graphs on module hooks: see "torch.compile" above
 
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         self._active = False

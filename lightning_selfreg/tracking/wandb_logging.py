@@ -1,4 +1,4 @@
-"""Helpers shared by the dashboard callbacks: W&B loggers on rank 0, batch unpacking, argument checks.
+"""Helpers shared by the dashboard callbacks: W&B loggers on rank 0, batch unpacking.
 
 The dashboard callbacks work with any logger, or none: scalars go through ``pl_module.log`` or
 ``logger.log_metrics``; media (segmentation overlays, heat-maps, tables) are logged only to a
@@ -15,14 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
-__all__ = ["image_and_label", "log_to_wandb", "positive_int", "wandb_loggers"]
-
-
-def positive_int(value: Any, name: str) -> int:
-    """``value`` if it is an int >= 1, else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, found {value!r}.")
-    return value
+__all__ = ["image_and_label", "log_to_wandb", "wandb_loggers"]
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:

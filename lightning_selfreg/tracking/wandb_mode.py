@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["MODES", "WandbUnavailable", "find_credentials", "probe_server", "resolve_wandb_mode"]
+__all__ = ["MODES", "WandbUnavailable", "find_credentials", "forced_mode", "probe_server", "resolve_wandb_mode"]
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "offline", "online", "disabled")
@@ -105,16 +105,32 @@ def probe_server(base_url: str | None = None, timeout: float = PROBE_TIMEOUT_S) 
     return None
 
 
+def forced_mode() -> str | None:
+    """The mode the environment forces on W&B, or None (``WANDB_MODE`` unset or ``online``).
+
+    ``WANDB_MODE=offline`` or ``dryrun`` -> ``"offline"``, ``disabled`` -> ``"disabled"``.
+
+    W&B reads ``WANDB_MODE`` whenever ``wandb.init`` is not given a mode, as Lightning's ``WandbLogger`` does for
+    an online run.
+    """
+    value = os.environ.get("WANDB_MODE", "").strip().lower()
+    return {"offline": "offline", "dryrun": "offline", "disabled": "disabled"}.get(value)
+
+
 def resolve_wandb_mode(mode: str, sync_hint: str = "<run folder>/wandb/offline-run-*",
                        timeout: float = PROBE_TIMEOUT_S) -> str:
-    """The W&B mode a run can use here: ``"online"``, ``"offline"`` or ``"disabled"``.
+    """What W&B will do in a run asked for ``mode`` here: ``"online"``, ``"offline"`` or ``"disabled"``.
 
     * ``"auto"``: online when credentials are found (:func:`find_credentials`) and the server answers within
       ``timeout`` seconds (:func:`probe_server`); otherwise offline. Falling back despite credentials logs one
-      warning that names the reason and the ``wandb sync`` command. When ``WANDB_MODE`` already forces offline
-      or disabled, nothing is probed (W&B will not connect anyway).
+      warning that names the reason and the ``wandb sync`` command.
     * ``"online"``: the same checks, but a failure raises :class:`WandbUnavailable`.
     * ``"offline"`` / ``"disabled"``: returned as they are.
+
+    ``WANDB_MODE=offline`` / ``dryrun`` / ``disabled`` in the environment wins over ``"auto"`` and ``"online"``
+    (:func:`forced_mode`): W&B will not connect, so nothing is probed and that mode is returned (with a warning
+    when ``"online"`` was asked for); ``"disabled"`` then means no W&B run at all. Over ``"offline"``, a forced
+    ``disabled`` is overridden (an offline logger sets ``WANDB_MODE`` itself).
 
     Args:
         mode: One of :data:`MODES`.
@@ -129,12 +145,16 @@ def resolve_wandb_mode(mode: str, sync_hint: str = "<run folder>/wandb/offline-r
         raise ValueError(f"`mode` must be one of {MODES}, found {mode!r}.")
     if mode in ("offline", "disabled"):
         return mode
+    forced = forced_mode()
+    if forced is not None:
+        if mode == "online":
+            log.warning("W&B: mode 'online' was asked for, but WANDB_MODE=%s in the environment keeps W&B %s",
+                        os.environ["WANDB_MODE"], forced)
+        return forced
     credentials = find_credentials()
     if mode == "auto":
         if credentials is None:
             return "offline"
-        if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
-            return "online"  # W&B itself stays offline: no connection is attempted
     elif credentials is None:
         raise WandbUnavailable(
             f"W&B mode 'online' needs credentials: expected WANDB_API_KEY or a `wandb login` entry for "

@@ -5,10 +5,12 @@ One helper for every place that must leave the global generators as it found the
 - :func:`get_rng_states` / :func:`set_rng_states`: the states as plain types and tensors (what a checkpoint can
   hold and ``torch.load(weights_only=True)`` can read back), e.g.
   :class:`~lightning_selfreg.callbacks.RNGStateCheckpoint`.
-- :func:`preserved_rng_states`: a context manager that restores the states on exit, e.g. a callback that reads
-  dataset items (and so runs their augmentation) outside the training loop.
 - :func:`seeded_rngs`: a context manager that seeds the three generators from one seed and restores them on
   exit, e.g. a per-sample transform that draws from the global generators.
+
+To leave the generators as they were around a block, use Lightning's
+:func:`~lightning.pytorch.utilities.seed.isolate_rng` (``include_cuda=False`` in DataLoader workers); it restores
+them when the block ends normally, so catch an expected exception inside the block.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 
-__all__ = ["get_rng_states", "preserved_rng_states", "seeded_rngs", "set_rng_states"]
+__all__ = ["get_rng_states", "seeded_rngs", "set_rng_states"]
 
 
 def get_rng_states(cuda: bool = True) -> dict[str, Any]:
@@ -67,31 +70,10 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def preserved_rng_states(cuda: bool = False) -> Iterator[None]:
-    """Restore the Python, NumPy and torch CPU (and, with ``cuda``, CUDA) generators when the block exits.
-
-    The states are kept in their native form (no conversion), so this is cheap enough to wrap one sample's
-    augmentation.
-
-    Example:
-        >>> with preserved_rng_states():
-        ...     _ = random.random(), np.random.rand(), torch.rand(1)  # no draw leaks out of the block
-    """
-    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    devices = torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy)
-        torch.set_rng_state(cpu)
-        if devices is not None:
-            torch.cuda.set_rng_state_all(devices)
-
-
-@contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
     """Seed the Python, NumPy (``seed % 2**32``) and torch CPU generators from ``seed``; restore them on exit.
+
+    The CUDA generators are left alone (this runs in DataLoader workers, where CUDA must not be initialised).
 
     Args:
         seed: A non-negative integer.
@@ -103,7 +85,7 @@ def seeded_rngs(seed: int) -> Iterator[None]:
         ...     torch.equal(a, torch.rand(1))
         True
     """
-    with preserved_rng_states():
+    with isolate_rng(include_cuda=False):
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.default_generator.manual_seed(seed)

@@ -95,7 +95,7 @@ def test_split_cases_is_deterministic_and_disjoint():
 
 
 def test_paper_augmentation_probabilities_and_label_integrity():
-    """rot90 + flip with p = 0.5, else a rotation with p = 0.5, else nothing (paper.md §5.1)."""
+    """rot90 + flip with p = 0.5, else a rotation with p = 0.5, else nothing (docs/method.md §3, the augmentation)."""
     transform = paper_augmentation(64, seed=0)
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     label = np.zeros((64, 64), np.int64)

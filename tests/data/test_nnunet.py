@@ -94,7 +94,8 @@ def test_preflight_names_the_bad_file(tmp_path):
     data = np.asanyarray(img.dataobj).copy()
     data[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(data, img.affine), path)
-    with pytest.raises(DataError, match=r"case_001.nii.gz: label values .* found \[7\]"):
+    with pytest.raises(DataError, match=r"case_001.nii.gz: label: expected class indices in \[0, \d\), found values "
+                                        r"in \[0, 7\]"):
         _dm(root, tmp_path).validate()
     # a channel on another grid than the label
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), img.affine), root / "imagesTr" / "case_002_0001.nii.gz")
@@ -144,7 +145,7 @@ FAULTS = {  # the file that is damaged, how, and what the message says
                             lambda d, a: (np.where(d == d.max(), np.nan, d).astype(np.float32), a),
                             "image contains NaN or infinite values"),
     "fractional label": ("labelsTr/case_003.nii.gz", lambda d, a: (d.astype(np.float32) * 0.5, a),
-                         "label holds non-integer values"),
+                         "found non-integer values (e.g. 0.5)"),
     "label flipped against its image": ("labelsTr/case_000.nii.gz", _flip_x,
                                         "label geometry differs from case_000_0000.nii.gz's: voxel axis 0 flipped"),
     "label shifted": ("labelsTr/case_004.nii.gz", lambda d, a: (d, a + np.pad(np.ones((3, 1)) * 5, ((0, 1), (3, 0)))),
@@ -377,6 +378,7 @@ def test_patches_are_a_function_of_seed_epoch_index_with_foreground_oversampling
 def test_case_items_follow_the_interface(dataset, tmp_path):
     for configuration, shape in (("3d", (2, 7, 18, 21)), ("2d", (12, 2, 18, 21))):
         dm = _dm(dataset, tmp_path, configuration=configuration, fold=0)
+        assert dm.image_size is None and dm.input_size is None  # no 2D size: the patches are what the net sees
         assert dm.validate() == {"train": 4, "val": 1, "test": 1}
         dm.setup("test")
         item = dm._test[0]

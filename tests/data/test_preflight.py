@@ -57,8 +57,7 @@ def test_test_volume_with_labels_out_of_range(root):
     label[2, 5, 5] = 12
     _write_volume(path, np.zeros((4, 24, 20), np.float32), label)
     message = _preflight_error(_dm(root))
-    assert "case0100.npy.h5 (slices 0-3)" in message and "labels must lie in [0, 9), found values in [0.0, 12.0]" \
-        in message
+    assert "case0100.npy.h5 (slices 0-3): label: expected class indices in [0, 9), found values in [0, 12]" in message
 
 
 def test_test_volume_with_nan(root):
@@ -177,7 +176,8 @@ def test_validation_slice_is_read_in_full(root):
     label[0, 0] = 9
     np.savez_compressed(root / "train_npz" / "case0001_slice000.npz", image=np.zeros((24, 20), np.float32),
                         label=label)
-    assert "case0001_slice000.npz: labels must lie in [0, 9), found values in [0, 9]" in _preflight_error(_dm(root))
+    message = _preflight_error(_dm(root))
+    assert "case0001_slice000.npz: label: expected class indices in [0, 9), found values in [0, 9]" in message
 
 
 def test_acdc_and_histology_headers(tmp_path):
@@ -232,7 +232,7 @@ def test_list_folder_errors_say_what_was_searched_and_found(tmp_path):
     with pytest.raises(DataError) as info:
         SynapseDataModule(root, val_cases=()).validate()
     message = str(info.value)
-    assert info.value.argument == "list_dir"
+    assert info.value.parameter == "list_dir"
     assert f"no folder with train.txt and test_vol.txt under {root}: searched lists, lists/lists_Synapse" in message
     assert "found lists/ holds all.lst, test_vol.txt" in message
     with pytest.raises(DataError, match=r"`list_dir` .*nowhere: expected train.txt and test_vol.txt, found the "
@@ -247,7 +247,7 @@ def test_val_cases_absent_from_the_data_are_named(root):
     with pytest.raises(DataError) as info:
         SynapseDataModule(root).validate()  # the default SYNAPSE_VAL_CASES are not in this tiny set
     message = str(info.value)
-    assert info.value.argument == "val_cases"
+    assert info.value.parameter == "val_cases"
     assert message.startswith("`val_cases` case0006, case0010, case0026, case0031 are not among the 2 training cases")
     assert "(case0000, case0001)" in message
     with pytest.raises(DataError, match="`num_folds`=5 needs at least 5 training cases, found 2"):
@@ -264,6 +264,7 @@ def test_val_cases_absent_from_the_data_are_named(root):
     ({"image_size": (224, 0)}, "`image_size` .* found \\(224, 0\\)"),
     ({"image_size": "224"}, "`image_size` .* found '224'"),
     ({"image_size": True}, "`image_size` .* found True"),
+    ({"image_size": None}, "`image_size` .* found None"),  # only a DataModule with its own input_size takes None
     ({"val_cases": "case0006"}, "`val_cases` must be a list of case names, found the string 'case0006' "
                                 "\\(for one case write \\['case0006'\\]\\)"),
     ({"val_cases": [6, 10]}, "`val_cases` must be a list of non-empty case-name strings"),
@@ -295,8 +296,8 @@ def test_num_classes_below_two(root):
 
 
 @pytest.mark.parametrize(("change", "found"), [
-    ("label_255", "labels must lie in [0, 9), found values in [0.0, 255.0]"),
-    ("label_half", "label holds non-integer values"),
+    ("label_255", "label: expected class indices in [0, 9), found values in [0, 255]"),
+    ("label_half", "label: expected class indices in [0, 9), found non-integer values (e.g. 0.5)"),
     ("image_nan", "expected finite image values, found 1 NaN/infinite value(s) (first at index (3, 4))"),
 ])
 def test_training_slices_are_read_in_full(root, change, found):
@@ -399,14 +400,28 @@ def test_cli_bad_test_volume_exits_2_before_training(root, tmp_path, capsys):
     assert main([*argv, "--val-cases", "case0001"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: --data-dir: ")
-    assert "case0100.npy.h5 (slices 0-3): labels must lie in [0, 9), found values in [0.0, 14.0]" in err
+    assert "case0100.npy.h5 (slices 0-3): label: expected class indices in [0, 9), found values in [0, 14]" in err
     assert not out.exists()  # nothing written: no run folder, checkpoint or metrics
     assert main(argv) == 2  # the default validation cases are absent: the message names them and the flag
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data.val_cases: `val_cases` case0006, case0010, case0026, case0031 are not among")
     assert main([*argv, "--val-cases", "case0001", "--fold", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: --val-cases: `val_cases` or `fold` / `num_folds`, not both")
+    assert capsys.readouterr().err.startswith("error: --val-cases: give `val_cases` or `fold` / `num_folds`, not both")
     (root / "lists").rename(root / "elsewhere")
     assert main([*argv, "--val-cases"]) == 2
     assert capsys.readouterr().err.startswith("error: --data.list_dir: no folder with train.txt and test_vol.txt")
     assert not out.exists()
+
+
+def test_setting_and_data_errors_carry_their_parameter_across_processes():
+    """DataLoader workers and DDP ranks send errors pickled: the parameter a command line names must survive."""
+    import pickle
+
+    from lightning_selfreg.utils.checks import SettingError
+
+    setting = pickle.loads(pickle.dumps(SettingError("lr", "`lr` must be > 0, found -1.")))
+    assert (type(setting), setting.parameter, str(setting)) == (SettingError, "lr", "`lr` must be > 0, found -1.")
+    data = pickle.loads(pickle.dumps(DataError("`val_cases` ['x'] are not cases.", parameter="val_cases")))
+    assert (type(data), data.parameter, str(data)) == (DataError, "val_cases", "`val_cases` ['x'] are not cases.")
+    assert DataError("a.h5: truncated").parameter == "data_dir"  # a file under the data folder
+    assert isinstance(data, SettingError) and isinstance(data, ValueError)

@@ -57,20 +57,41 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tiny_checkpoint(path, in_channels=1):
+RECORDS = {  # the preprocessing records of the tiny checkpoints: a Synapse-style CT model, an RGB 2D-image model,
+    # a two-channel nnU-Net-style volume model, and a 3D one
+    "ct": dict(spatial_dims=2, image_dims=3, channel_names=["CT"], intensity=[{"scheme": "window", "low": -125.0,
+               "high": 275.0}], orientation=["L", "P", "S"]),
+    "rgb": dict(spatial_dims=2, image_dims=2, channel_names=["R", "G", "B"], intensity=[{"scheme": "rgb_to_0_1"}] * 3),
+    "two": dict(spatial_dims=2, image_dims=3, channel_names=["CT", "T2"], orientation=["R", "A", "S"],
+                intensity=[{"scheme": "ct", "low": -200.0, "high": 300.0, "mean": 50.0, "std": 80.0},
+                           {"scheme": "zscore"}]),
+    "3d": dict(spatial_dims=3, image_dims=3, channel_names=["CT"], orientation=["R", "A", "S"],
+               intensity=[{"scheme": "window", "low": -125.0, "high": 275.0}]),
+}
+
+
+def tiny_checkpoint(path, in_channels=None, record="ct"):
     """A checkpoint as experiments.run writes it (state_dict + hyper-parameters with the network's class_path config,
-    which LightningCLI's instantiator rebuilds), without training."""
+    which LightningCLI's instantiator rebuilds, and the DataModule's preprocessing record), without training.
+    ``record=None``: a checkpoint written before preprocessing records existed."""
     import lightning
 
     torch.manual_seed(0)
-    net = {**NET_CONFIG, "init_args": {**NET_CONFIG["init_args"], "in_channels": in_channels}}
-    module = SelfRegSegModule(UNet(**net["init_args"]), 9, input_size=32)
+    fields = RECORDS[record or "ct"]
+    in_channels = in_channels or len(fields["channel_names"])
+    dims = fields["spatial_dims"]
+    net = {**NET_CONFIG, "init_args": {**NET_CONFIG["init_args"], "in_channels": in_channels, "spatial_dims": dims}}
+    grid = {"spatial_dims": 3, "roi_size": 8} if dims == 3 else {"input_size": 32}
+    module = SelfRegSegModule(UNet(**net["init_args"]), 9, **grid)
     with torch.no_grad():  # a random head without bias: the prediction varies from voxel to voxel
         module.net.outc.weight.normal_(0, 3)
         module.net.outc.bias.zero_()
     hparams = {**dict(module.hparams), "net": net, "_instantiator": "lightning.pytorch.cli.instantiate_module"}
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams,
-                "pytorch-lightning_version": lightning.__version__}, path)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": hparams,
+                  "pytorch-lightning_version": lightning.__version__}
+    if record is not None:
+        checkpoint["preprocessing"] = {**fields, "class_names": module.class_names, "version": 1}
+    torch.save(checkpoint, path)
     return module
 
 
@@ -95,8 +116,8 @@ def test_a_write_killed_mid_way_leaves_an_orphan_that_the_next_run_removes(tmp_p
     torch.save({"state_dict": {"w": torch.ones(3)}}, last)  # the previous complete checkpoint
     payload = tmp_path / "payload.ckpt"
     torch.save({"state_dict": {"w": torch.randn(256, 1024)}}, payload)  # 1 MiB of real checkpoint bytes
-    files_py = str(ROOT / "lightning_selfreg" / "utils" / "files.py")
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, files_py, str(last), str(payload)],
+    files_py = ROOT / "lightning_selfreg" / "utils" / "files.py"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(files_py), str(last), str(payload)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "writing"
@@ -222,16 +243,33 @@ def test_wandb_online_without_key_or_route_exits_2_before_the_run_folder(no_wand
     out = tmp_path / "runs"
     assert run.main([*TINY, "--wandb", "online", "--output-dir", str(out), "--run-name", "r"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line.startswith("error: --wandb online:") and "WANDB_API_KEY" in line and "wandb login" in line
+    assert line.startswith("error: --wandb: W&B mode 'online'") and "WANDB_API_KEY" in line and "wandb login" in line
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     start = time.perf_counter()
     assert run.main([*TINY, "--wandb", "online", "--output-dir", str(out), "--run-name", "r"]) == 2
     assert time.perf_counter() - start < 5
     line = one_error_line(capsys.readouterr().err)
-    assert line.startswith("error: --wandb online:") and "127.0.0.1" in line and "unreachable" in line
+    assert line.startswith("error: --wandb: W&B mode 'online'") and "127.0.0.1" in line and "unreachable" in line
     assert not out.exists()
     with pytest.raises(WandbUnavailable, match="unreachable"):
         resolve_wandb_mode("online")
+
+
+@pytest.mark.parametrize(("env", "mode", "expected"), [
+    ("offline", "auto", "offline"), ("dryrun", "auto", "offline"), ("DISABLED", "auto", "disabled"),
+    ("offline", "online", "offline"), ("disabled", "offline", "offline"), ("offline", "disabled", "disabled"),
+    ("online", "auto", "online"),
+])
+def test_wandb_mode_is_what_wandb_will_do_when_the_environment_forces_it(no_wandb_login, monkeypatch, env, mode,
+                                                                           expected):
+    """WANDB_MODE in the environment wins over an online run (Lightning's WandbLogger passes no mode to W&B):
+    with credentials and a server that answers, `auto` used to report `online` while W&B stayed offline."""
+    from lightning_selfreg.tracking import wandb_mode
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", env)
+    monkeypatch.setattr(wandb_mode, "probe_server", lambda **kwargs: None)  # the server answers
+    assert resolve_wandb_mode(mode) == expected
 
 
 # ---------------------------------------------------------------- experiments.predict
@@ -252,15 +290,19 @@ def nifti(path, volume):
 
 
 def test_predict_writes_the_models_own_prediction(ckpt, tmp_path):
-    """Positive control for the error tests below: a good input is segmented as the model itself does it."""
+    """Positive control for the error tests below: a good input is segmented as the model itself does it, in the
+    recorded orientation (LPS: the RAS file is flipped in x and y for the model, and the labels flipped back)."""
     hu = np.random.default_rng(0).integers(-1000, 400, size=(40, 36, 3)).astype(np.float32)
     assert predict.main(["--checkpoint", str(ckpt), "--input", str(nifti(tmp_path / "ct.nii.gz", hu)), "--output",
-                         str(tmp_path / "seg.nii.gz"), "--device", "cpu"]) == 0
+                         str(tmp_path / "seg.nii.gz"), "--device", "cpu", "--quiet"]) == 0
     import nibabel as nib
 
-    module, _ = predict.load_module(ckpt, torch.device("cpu"))
-    volume = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0)))
-    expected = module.predict_volume((volume.clamp(-125, 275) + 125) / 400).numpy().transpose(2, 1, 0)
+    from lightning_selfreg.segmentation.inference import load_module
+
+    module, _ = load_module(ckpt, "cpu")
+    lps = np.ascontiguousarray(hu[::-1, ::-1].transpose(2, 1, 0))  # (D, H, W) of the LPS voxel order
+    volume = torch.from_numpy(lps)
+    expected = module.predict_volume((volume.clamp(-125, 275) + 125) / 400).numpy().transpose(2, 1, 0)[::-1, ::-1]
     assert len(np.unique(expected)) >= 3, np.unique(expected)  # a constant predictor cannot pass
     assert np.array_equal(np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj), expected)
 
@@ -271,35 +313,134 @@ def test_predict_writes_the_models_own_prediction(ckpt, tmp_path):
         ("nan", "expected finite intensities, found 2 NaN/inf voxel(s) (first in slice 1 of 3)"),
         ("window_equal", "--window LOW HIGH: expected finite values with LOW < HIGH, found 100 100"),
         ("window_reversed", "--window LOW HIGH: expected finite values with LOW < HIGH, found 275 -125"),
-        ("png_for_ct_model", "the model takes 1-channel images (UNet, in_channels=1), found 3 channel(s)"),
-        ("volume_for_rgb_model", "the model takes 3-channel images (UNet, in_channels=3), found 1 channel(s)"),
+        ("window_for_unwindowed_model", "--window -100 200: expected a model with a windowed channel"),
+        ("png_for_volume_model", "the model segments volumes (NIfTI, DICOM), found a 2D image"),
+        ("volume_for_image_model", "the model segments 2D images (PNG/TIFF/BMP/JPEG), found a volume file"),
+        ("rgb_for_grey_model", "the model takes 1-channel images (CT), found 3 (the image's channels)"),
+        ("one_channel_for_two", "the model takes 2 channels (CT, T2); expected nnU-Net's channel files"),
+        ("missing_channel", "case 'ct' has channel files [0], expected [0, 1]"),
+        ("slice_for_3d_model", "the 3D model needs a volume, found a single slice"),
+        ("truncated_nifti", "expected a complete NIfTI file, found a truncated or damaged one"),
+        ("text_as_nifti", "cannot be read as NIfTI"),
+        ("other_file_type", "expected a NIfTI volume (.nii/.nii.gz), a DICOM series folder"),
+        ("empty_folder", "found no image file in the folder"),
+        ("two_inputs_one_case", "expected one input per case name, found ct.nii.gz and ct_0000.nii.gz"),
+        ("output_is_input", "resolves to the input file"),
+        ("output_is_input_via_dotdot", "resolves to the input file"),
+        ("output_is_input_via_symlink", "resolves to the input file"),
+        ("output_folder_is_input_folder", "expected a folder other than the input folder"),
+        ("output_exists", "exists; pass --overwrite to replace, or --continue to skip"),
+        ("output_under_a_file", "expected a folder to write into, found the file"),
+        ("output_not_writable", "expected a writable folder"),
+        ("output_wrong_ending", "expected a .nii.gz (or .nii) file"),
+        ("labels_missing", "expected a label for every case"),
         ("cuda", "--device cuda: expected a CUDA GPU, found none"),
         ("bad_device", "--device gpu0: expected cpu, cuda or cuda:N, found an unknown device name"),
         ("empty_ckpt", "expected a PyTorch checkpoint (the zip archive torch.save writes), found an empty file"),
         ("truncated_ckpt", "truncated"),
         ("no_state_dict", "expected a Lightning checkpoint (a dict with `state_dict`)"),
+        ("no_record", "expected the preprocessing record that checkpoints of this version carry"),
     ],
 )
-def test_bad_predict_inputs_exit_2_with_one_line(ckpt, tmp_path, capsys, case, message):
+def test_bad_predict_inputs_exit_2_with_one_line(ckpt, tmp_path, capsys, monkeypatch, case, message):
     from PIL import Image
 
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
     volume = np.zeros((20, 16, 3), np.float32)
     if case == "nan":
         volume[0, 0, 1], volume[3, 2, 2] = np.nan, np.inf
-    image = nifti(tmp_path / "ct.nii.gz", volume)
+    image = nifti(inputs / "ct.nii.gz", volume)
     output = tmp_path / "out" / "seg.nii.gz"
+    named = image  # the path the message must name
     extra = []
     if case == "window_equal":
         extra = ["--window", "100", "100"]
     elif case == "window_reversed":
         extra = ["--window", "275", "-125"]
-    elif case == "png_for_ct_model":
-        image, output = tmp_path / "slide.png", tmp_path / "out" / "mask.png"
+    elif case == "window_for_unwindowed_model":
+        tiny_checkpoint(ckpt, record="two")
+        extra, named = ["--window", "-100", "200"], "--window -100 200"
+        image = inputs
+        nifti(inputs / "ct_0000.nii.gz", volume)
+        nifti(inputs / "ct_0001.nii.gz", volume)
+        image.joinpath("ct.nii.gz").unlink()
+        output = tmp_path / "out"
+    elif case == "png_for_volume_model":
+        image = named = inputs / "slide.png"
+        output = tmp_path / "out" / "mask.png"
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
-    elif case == "volume_for_rgb_model":
-        tiny_checkpoint(ckpt, in_channels=3)
+    elif case == "volume_for_image_model":
+        tiny_checkpoint(ckpt, record="rgb")
+    elif case == "rgb_for_grey_model":
+        tiny_checkpoint(ckpt, in_channels=1, record="rgb")
+        torch.save({**torch.load(ckpt, weights_only=False), "preprocessing": {
+            **RECORDS["rgb"], "channel_names": ["CT"], "intensity": [{"scheme": "none"}],
+            "class_names": [f"class_{i}" for i in range(1, 9)]}}, ckpt)
+        image = named = inputs / "slide.png"
+        output = tmp_path / "out" / "mask.png"
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    elif case == "one_channel_for_two":
+        tiny_checkpoint(ckpt, record="two")
+    elif case == "missing_channel":
+        tiny_checkpoint(ckpt, record="two")
+        image.rename(inputs / "ct_0000.nii.gz")
+        image = named = inputs
+        output = tmp_path / "out"
+    elif case == "slice_for_3d_model":
+        tiny_checkpoint(ckpt, record="3d")
+        image = named = nifti(inputs / "slice.nii.gz", np.zeros((20, 16), np.float32))
+    elif case == "truncated_nifti":
+        image = named = nifti(inputs / "big.nii.gz", np.random.default_rng(0).normal(size=(40, 40, 20)))
+        truncate(image, 0.5)
+    elif case == "text_as_nifti":
+        image.write_text("not a NIfTI file\n")
+    elif case == "other_file_type":
+        image = named = inputs / "ct.mha"
+        image.write_bytes(b"ObjectType = Image\n")
+    elif case == "empty_folder":
+        image.unlink()
+        image = named = inputs
+        output = tmp_path / "out"
+    elif case == "two_inputs_one_case":
+        nifti(inputs / "ct_0000.nii.gz", volume)
+        image = named = inputs
+        output = tmp_path / "out"
+    elif case == "output_is_input":
+        output = named = image
+    elif case == "output_is_input_via_dotdot":
+        output = named = tmp_path / "out" / ".." / "in" / "ct.nii.gz"
+    elif case == "output_is_input_via_symlink":
+        (tmp_path / "link").mkdir()
+        output = named = tmp_path / "link" / "seg.nii.gz"
+        output.symlink_to(image)
+    elif case == "output_folder_is_input_folder":
+        nifti(inputs / "ct2.nii.gz", volume)
+        output = named = tmp_path / "out" / ".." / "in"
+        image = inputs
+    elif case == "output_exists":
+        (tmp_path / "out").mkdir()
+        output.write_bytes(b"earlier result")
+        named = output
+    elif case == "output_under_a_file":
+        (tmp_path / "out").write_text("a file, not a folder")
+        named = output
+    elif case == "output_not_writable":
+        (tmp_path / "out").mkdir(mode=0o500)
+        named = output
+        if os.geteuid() == 0:  # root writes into any folder: deny it the way a read-only mount would
+            from lightning_selfreg.segmentation import predict_files
+
+            access = os.access
+            monkeypatch.setattr(predict_files.os, "access",
+                                lambda p, mode: Path(p) != tmp_path / "out" and access(p, mode))
+    elif case == "output_wrong_ending":
+        output = named = tmp_path / "out" / "seg.png"
+    elif case == "labels_missing":
+        (tmp_path / "labels").mkdir()
+        extra, named = ["--labels", str(tmp_path / "labels")], tmp_path / "labels"
     elif case == "cuda":
         extra = ["--device", "cuda"]
     elif case == "bad_device":
@@ -310,14 +451,20 @@ def test_bad_predict_inputs_exit_2_with_one_line(ckpt, tmp_path, capsys, case, m
         truncate(ckpt, 0.9)
     elif case == "no_state_dict":
         torch.save({"weights": {}}, ckpt)
-    assert predict.main(["--checkpoint", str(ckpt), "--input", str(image), "--output", str(output), *extra]) == 2
+    elif case == "no_record":
+        tiny_checkpoint(ckpt, record=None)
+    if case.endswith("ckpt") or case in ("no_state_dict", "no_record"):
+        named = ckpt
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(image), "--output", str(output), "--quiet",
+                         *extra]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert message in line
-    if case.endswith("ckpt") or case == "no_state_dict":
-        assert str(ckpt) in line
-    elif not case.startswith(("window", "cuda", "bad_device")):
-        assert str(image) in line
-    assert not (tmp_path / "out").exists()  # nothing written
+    if not case.startswith(("window_equal", "window_reversed", "cuda", "bad_device")):
+        assert str(named) in line, line
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+    if case == "output_exists":
+        assert output.read_bytes() == b"earlier result"
 
 
 # ---------------------------------------------------------------- Python API: bad batches and tap specs
@@ -357,8 +504,9 @@ def test_labels_outside_num_classes_are_named_on_the_first_batch(bad):
     label = torch.zeros(2, 16, 16, dtype=torch.long)
     label[1, 3, 4] = bad
     module = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9)
-    with pytest.raises(ValueError, match=rf"`batch\['label'\]` of the first train batch holds class {bad}, outside "
-                                         r"\[0, 9\) for `num_classes`=9"):
+    found = "0, 9" if bad == 9 else "-1, 0"
+    with pytest.raises(ValueError, match=rf"`batch\['label'\]` of the first train batch: expected class indices in "
+                                         rf"\[0, 9\), found values in \[{found}\] \(`num_classes`=9\)"):
         fit_on(module, torch.rand(2, 1, 16, 16), label)
 
 

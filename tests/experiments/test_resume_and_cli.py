@@ -24,9 +24,21 @@ TINY = ["--gpus", "0", "--width", "4", "--image-size", "32", "--batch-size", "16
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+def run_clis_in_parallel(*commands, timeout=300):
+    """``experiments.run`` with each argument list, all at once; the CompletedProcess of each (output in files:
+    a full pipe would stall a run until the one before it is read)."""
+    import tempfile
+
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=ENV, text=True,
+                              stdout=out, stderr=err) for args, (out, err) in zip(commands, logs, strict=True)]
+    results = []
+    for proc, args, (out, err) in zip(procs, commands, logs, strict=True):
+        proc.wait(timeout=timeout)
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return results
 
 
 def weights(path):
@@ -223,9 +235,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert line.split(" at step ")[1].startswith(f"{stopped_at};")
     command = shlex.split(line.split("resume with: ", 1)[1])
     assert command[:3] == ["python", "-m", "experiments.run"] and command[-1] == "--resume"
-    resumed = run_cli(*command[3:])
+    # the printed command (as typed) and an uninterrupted reference run, side by side
+    resumed, reference = run_clis_in_parallel(
+        command[3:], [*cli, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "ref"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = run_cli(*cli, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "ref")
     assert reference.returncode == 0, reference.stderr[-3000:]
     a, b = weights(out / "killed" / "checkpoints" / "last.ckpt"), weights(out / "ref" / "checkpoints" / "last.ckpt")
     assert torch.load(out / "ref" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == \
@@ -249,38 +262,44 @@ def test_resume_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_compare_writes_the_paired_summary_of_real_runs(tmp_path):
-    """End to end with real child runs (one seed, both arms); the driver over several seeds is tested with faked
-    runs in test_run.py and the statistics in test_compare.py."""
-    res = run_cli(*TINY, "--max-epochs", "1", "--compare", "--seeds", "3", "--output-dir", str(tmp_path),
-                  "--run-name", "cmp", timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_compare_writes_the_paired_summary_of_real_runs(tmp_path, monkeypatch, capfd):
+    """End to end with real child runs (one seed, both arms; the driver runs in this process, each run in its own
+    as a user's would); the driver over several seeds is tested with faked runs in test_run.py and the
+    statistics in test_compare.py."""
+    from experiments import run
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # inherited by the child runs
+    assert run.main([*TINY, "--max-epochs", "1", "--compare", "--seeds", "3", "--output-dir", str(tmp_path),
+                     "--run-name", "cmp"]) == 0
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
-    assert (tmp_path / "cmp" / "summary.md").is_file() and "[compare] run 2/2: selfreg, seed 3" in res.stdout
+    assert (tmp_path / "cmp" / "summary.md").is_file()
+    assert "[compare] run 2/2: selfreg, seed 3" in capfd.readouterr().out
     for arm in ("baseline", "selfreg"):
         run = json.loads((tmp_path / "cmp" / f"{arm}-seed3" / "metrics.json").read_text())
         assert run["selfreg"] is (arm == "selfreg") and run["seed"] == 3
     assert "difference" in summary and "liver" in summary["difference"]
 
 
-def test_predict_cli_on_a_user_nifti(tmp_path):
+def test_predict_cli_on_a_user_nifti(tiny_run, tmp_path, capsys):
     import nibabel as nib
 
-    out = tmp_path / "runs"
-    from experiments import run
+    from experiments import predict
 
-    assert run.main([*TINY, "--max-epochs", "1", "--output-dir", str(out), "--run-name", "p"]) == 0  # in-process
+    last = tiny_run[0] / "checkpoints" / "last.ckpt"  # a 1-epoch run of experiments.run (once per session)
     hu = np.random.default_rng(0).integers(-1000, 400, size=(40, 36, 3)).astype(np.int16)
-    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])  # RAS; the sample's arrays (and so the model) are LPS
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
-    low, high = -125.0, 275.0  # the default --window
-    volume = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0)).astype(np.float32))  # (D, H, W) axial
-    windowed = (volume.clamp(low, high) - low) / (high - low)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    record = checkpoint["preprocessing"]  # written by the run: what SampleCTDataModule does to a raw CT
+    assert record["orientation"] == ["L", "P", "S"] and record["intensity"] == [
+        {"scheme": "window", "low": -125.0, "high": 275.0}]
+    low, high = -125.0, 275.0
+    lps = np.ascontiguousarray(hu[::-1, ::-1].transpose(2, 1, 0)).astype(np.float32)  # (D, H, W) in LPS order
+    windowed = (torch.from_numpy(lps).clamp(low, high) - low) / (high - low)
     # The tiny trained model predicts one class everywhere (its last features are nearly constant), which an
     # all-background predictor would match almost as well. Give it a random 1x1 head on the centred features
     # (bias = -W @ mean feature), so that its own prediction varies from voxel to voxel, and save that model.
-    checkpoint = torch.load(out / "p" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    module = SelfRegSegModule.load_from_checkpoint(out / "p" / "checkpoints" / "last.ckpt", map_location="cpu")
+    module = SelfRegSegModule.load_from_checkpoint(last, map_location="cpu")
     features = []
     hook = module.net.outc.register_forward_pre_hook(lambda _, args: features.append(args[0]))
     module.predict_volume(windowed)
@@ -292,7 +311,8 @@ def test_predict_cli_on_a_user_nifti(tmp_path):
         module.net.outc.bias.copy_(-(head.flatten(1) @ mean))
     checkpoint["state_dict"] = module.state_dict()
     torch.save(checkpoint, tmp_path / "varied.ckpt")
-    expected = module.predict_volume(windowed).numpy().transpose(2, 1, 0)  # back to the file's (x, y, z)
+    # the model's own slice-wise prediction of the LPS volume, flipped back to the file's (x, y, z)
+    expected = module.predict_volume(windowed).numpy().transpose(2, 1, 0)[::-1, ::-1]
     assert len(np.unique(expected)) >= 3, np.unique(expected)  # a prediction no constant predictor matches
 
     res = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path / "varied.ckpt"),
@@ -300,13 +320,12 @@ def test_predict_cli_on_a_user_nifti(tmp_path):
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     seg = nib.load(tmp_path / "seg.nii.gz")
-    assert seg.shape == (40, 36, 3) and np.allclose(seg.affine, affine)
-    # the CLI's output is the model's own slice-wise prediction of the same windowed volume
+    assert seg.shape == (40, 36, 3) and np.array_equal(seg.affine, nib.load(tmp_path / "ct.nii.gz").affine)
     np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
-    bad = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path / "no.ckpt"),
-                          "--input", str(tmp_path / "ct.nii.gz"), "--output", str(tmp_path / "x.nii.gz")],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--checkpoint" in bad.stderr
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(tmp_path / "no.ckpt"), "--input", str(tmp_path / "ct.nii.gz"),
+                         "--output", str(tmp_path / "x.nii.gz")]) == 2  # the command line above, in this process
+    assert "--checkpoint" in capsys.readouterr().err
 
 
 def test_under_slurm_the_requeue_signal_saves_and_requeues_and_the_requeued_job_resumes(tmp_path, capsys,

@@ -65,7 +65,7 @@ def test_a_new_run_in_an_existing_folder_is_refused_and_names_the_ways_on(copy, 
     before = snapshot(folder)
     assert run.main(argv) == 2
     line = error_line(capsys)
-    assert line.startswith(f"error: --run-name r: the run folder {folder} already exists (a finished run with "
+    assert line.startswith(f"error: --run-name: the run folder {folder} already exists (a finished run with "
                            "metrics.json, checkpoints/last.ckpt at step 4)")
     assert "--resume" in line and "another --run-name" in line and "--overwrite" in line
     assert snapshot(folder) == before
@@ -198,16 +198,18 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_named_before_anything(tmp_
     target = tmp_path / "out.txt"
     target.write_text("a file")
     assert run.main([*TINY, "--output-dir", str(target)]) == 2
-    assert error_line(capsys) == f"error: --output-dir {target}: expected a folder, found a file"
+    assert error_line(capsys) == f"error: --output-dir: expected a folder, found the file {target}"
     assert run.main([*TINY, "--output-dir", str(target / "runs")]) == 2
-    assert f"expected a folder, found a file ({target / 'runs'} is inside {target}" in error_line(capsys)
+    assert error_line(capsys) == (f"error: --output-dir: expected a folder, found the file {target} "
+                                  f"({target / 'runs'} is inside it)")
     read_only = tmp_path / "ro"
     read_only.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
     assert run.main([*TINY, "--output-dir", str(read_only / "runs")]) == 2
-    assert error_line(capsys) == (f"error: --output-dir {read_only / 'runs'}: expected a writable folder, found "
-                                  f"{read_only} read-only (no write permission or a read-only file system)")
+    assert error_line(capsys) == (f"error: --output-dir: expected a writable folder, found {read_only} read-only "
+                                  f"(no write permission or a read-only file system) (the runs would go to "
+                                  f"{read_only / 'runs'})")
     assert target.read_text() == "a file" and list(read_only.iterdir()) == []
 
 

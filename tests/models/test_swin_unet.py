@@ -8,7 +8,7 @@ from lightning_selfreg import FeatureTaps, SelfReg, SelfRegLoss, SelfRegSegModul
 from lightning_selfreg.data import SynapseDataModule
 from lightning_selfreg.models.swin_unet import SwinBlock, SwinUnet
 
-PAPER_TAPS_224 = {  # paper.md §3.2
+PAPER_TAPS_224 = {  # docs/method.md §4
     **{f"layers.{i}.blocks.{j}": (96 * 2**i, 56 // 2**i, 56 // 2**i) for i in range(4) for j in range(2)},
     **{f"layers_up.{k}.blocks.{j}": (768 // 2**k, 7 * 2**k, 7 * 2**k) for k in range(1, 4) for j in range(2)},
     "up": (96, 224, 224),

@@ -1,3 +1,4 @@
+import inspect
 import math
 import sys
 
@@ -12,12 +13,16 @@ from lightning_selfreg.models.swin_unet import SwinUnet
 from lightning_selfreg.models.third_party import (
     monai_basic_unet,
     monai_basic_unet_tap_spec,
+    monai_dynunet,
+    monai_dynunet_tap_spec,
     monai_swin_unetr,
     monai_swin_unetr_tap_spec,
+    ready_tap_spec,
     smp_unet,
     smp_unet_tap_spec,
 )
 from lightning_selfreg.models.unet import UNet
+from lightning_selfreg.selfreg.taps import resolve_tap_spec
 from tests.conftest import capture
 
 
@@ -132,6 +137,77 @@ def test_short_fit_with_selfreg(name, synapse_dir, needs_monai):
     for key in ("selfreg/scr", "selfreg/ifd", "train/loss"):
         assert math.isfinite(float(metrics[key])) and float(metrics[key]) > 0, key
     assert all(not m._forward_hooks for m in module.net.modules())
+
+
+def test_monai_networks_as_monai_builds_them_need_no_spec(synapse_dir, needs_monai):
+    """SelfReg() on MONAI's own BasicUNet (no tap_spec attribute): the ready spec is found by the class."""
+    from monai.networks.nets import BasicUNet, DynUNet, SwinUNETR
+
+    pl.seed_everything(0)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=9, features=(4, 4, 8, 16, 32, 4))
+    assert not hasattr(net, "tap_spec") and resolve_tap_spec(net) == monai_basic_unet_tap_spec()
+    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=(), transform=None)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[SelfReg()], log_every_n_steps=1)
+    trainer.fit(SelfRegSegModule(net, 9, input_size=32), dm)
+    assert float(trainer.callback_metrics["selfreg/scr"]) > 0 and float(trainer.callback_metrics["selfreg/ifd"]) > 0
+    # the spec follows the instance: DynUNet's levels, SwinUNETR's blocks per stage
+    dyn = DynUNet(2, 1, 3, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5)
+    assert resolve_tap_spec(dyn) == monai_dynunet_tap_spec(6)
+    assert monai_dynunet(1, 3, strides=[1, 2, 2, 2, 2, 2]).tap_spec == monai_dynunet_tap_spec(6)
+    swin = SwinUNETR(1, 3, depths=(2, 2, 4, 2), feature_size=12, spatial_dims=2)
+    assert resolve_tap_spec(swin) == monai_swin_unetr_tap_spec((2, 2, 4, 2))
+    assert ready_tap_spec(torch.nn.Conv2d(1, 3, 1)) is None
+    with pytest.raises(ValueError, match="has no `tap_spec` attribute .*nor a ready spec"):
+        resolve_tap_spec(torch.nn.Conv2d(1, 3, 1))
+
+
+# --backbone NAME: (overrides of the file's network arguments that keep it small, the Python spec of the file's
+# network; None: the network's own tap_spec)
+BACKBONE_FILES = {
+    "unet": ({"base_channels": 4}, None),
+    "swinunet": ({"embed_dim": 12, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}, None),
+    "monai-basicunet": ({"features": [4, 4, 8, 8, 16, 4]}, lambda: monai_basic_unet_tap_spec()),
+    "monai-dynunet": ({"filters": [4, 8, 8, 16, 16]}, lambda: monai_dynunet_tap_spec(5)),
+    "monai-swinunetr": ({"feature_size": 12}, lambda: monai_swin_unetr_tap_spec((2, 2, 2, 2))),
+    "smp-unet": ({"encoder_name": "resnet18"}, lambda: smp_unet_tap_spec("resnet34", 5)),
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_backbone_files_resolve_to_the_python_spec_and_every_tap_fires(name):
+    """Each configs/backbones file builds its network as the CLI does (the data-linked arguments included); the
+    spec SelfReg resolves for it is the Python one, and every tapped path is a module whose output is captured."""
+    import yaml
+
+    from experiments.cli import LINKS, _import, backbone_file
+
+    pytest.importorskip("monai" if name.startswith("monai") else "torch")
+    if name == "smp-unet":
+        pytest.importorskip("segmentation_models_pytorch")
+    config = yaml.safe_load(backbone_file(name).read_text())
+    overrides, python_spec = BACKBONE_FILES[name]
+    cls = _import(config["model"]["net"]["class_path"])
+    parameters = inspect.signature(cls).parameters
+    data = {"num_classes": 3, "in_channels": 1, "spatial_dims": 2, "input_size": 64}  # SwinUNETR: >= 64
+    arguments = {**(config["model"]["net"].get("init_args") or {}), **overrides}
+    for source, targets, compute in LINKS:
+        for target in targets:
+            argument = target.removeprefix("model.net.init_args.")
+            if target.startswith("model.net.init_args.") and argument in parameters:
+                arguments[argument] = compute(data[source]) if compute else data[source]
+    net = cls(**arguments)
+    taps = ((config.get("selfreg") or {}).get("init_args") or {}).get("taps")
+    spec = resolve_tap_spec(net, taps)
+    assert spec == (python_spec() if python_spec else net.tap_spec)
+    modules = dict(net.named_modules())
+    assert set(spec.paths) <= set(modules), sorted(set(spec.paths) - set(modules))
+    with FeatureTaps(net, spec.paths, spec.nhwc) as feature_taps:
+        with feature_taps.capture(), torch.no_grad():
+            net.eval()(torch.randn(1, 1, 64, 64))
+        features = feature_taps.pop()
+    assert set(features) == set(spec.paths) and all(f.ndim == 4 and f.shape[0] == 1 for f in features.values())
 
 
 # ---------------------------------------------------------------- segmentation_models_pytorch

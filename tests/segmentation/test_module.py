@@ -418,7 +418,30 @@ def test_checkpoint_of_a_lightning_cli_module_alone_rebuilds_the_network(tmp_pat
     assert restored.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in restored.state_dict().items())
     plain = SelfRegSegModule(UNet(1, 3, base_channels=4, depth=2), 3)  # built in Python: weights only
-    assert "net" not in plain.hparams
+    assert "net" not in plain.hparams and "net" not in plain.hparams_initial
+    assert plain.hparams == plain.hparams_initial
+
+
+def test_a_cli_network_config_keeps_only_the_arguments_its_class_takes(tmp_path, monkeypatch):
+    """LightningCLI writes every applied link into the `net` config (here `img_size`, which a UNet refuses)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    class Data(pl.LightningDataModule):
+        input_size = 32
+
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.link_arguments("data.input_size", "model.net.init_args.img_size", apply_on="instantiate")
+
+    monkeypatch.setattr("sys.argv", ["cli"])
+    cli = CLI(SelfRegSegModule, Data, run=False, args=CLI_ARGS, save_config_callback=None,
+              seed_everything_default=False, trainer_defaults=dict(accelerator="cpu", logger=False))
+    assert cli.model.hparams["net"]["init_args"] == {"in_channels": 1, "num_classes": 3, "base_channels": 4,
+                                                     "depth": 2, "spatial_dims": 2}
+    assert cli.model.hparams_initial["net"] == cli.model.hparams["net"]
+    cli.trainer.strategy.connect(cli.model)
+    cli.trainer.save_checkpoint(tmp_path / "linked.ckpt")
+    assert isinstance(SelfRegSegModule.load_from_checkpoint(tmp_path / "linked.ckpt").net, UNet)
 
 
 def test_cli_checkpoint_of_a_pretrained_swinunet_loads_without_the_pretrained_file(tmp_path, monkeypatch):

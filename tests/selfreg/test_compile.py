@@ -80,3 +80,22 @@ def test_hooks_added_after_compile_work_with_hook_guards():
         with taps.capture():
             compiled(x)  # the hook guard fails: recompiled with the hooks
         assert sorted(taps.pop()) == sorted(net.tap_spec.paths)
+
+
+def test_taps_turn_the_hook_guards_on_for_graphs_compiled_afterwards():
+    """The documented process-wide effect (FeatureTaps' docstring): once taps exist, a network compiled without
+    hooks is recompiled when another instance of its class gets taps (without it, the cached graph is reused and
+    the taps capture nothing)."""
+    dynamo.reset()
+    x = torch.randn(2, 1, 32, 32)
+    with dynamo.config.patch(skip_nnmodule_hook_guards=True):  # torch's default, as in a fresh process
+        first = UNet(1, 3, base_channels=4, depth=2)
+        FeatureTaps(first, first.tap_spec.paths).remove()  # taps once: the guards are on from now on
+        assert dynamo.config.skip_nnmodule_hook_guards is False
+        torch.compile(first, backend="aot_eager")(x)  # compiled without hooks
+        second = UNet(1, 3, base_channels=4, depth=2)
+        taps = FeatureTaps(second, second.tap_spec.paths)
+        with taps.capture():
+            torch.compile(second, backend="aot_eager")(x)
+        assert sorted(taps.pop()) == sorted(second.tap_spec.paths)
+    dynamo.reset()

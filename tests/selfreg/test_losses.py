@@ -13,7 +13,7 @@ from lightning_selfreg.selfreg.losses import (
 
 
 def authors_intra_fd(f_s):
-    """IFD exactly as the authors' code computes it (paper.md §2.2), for even C."""
+    """IFD exactly as the authors' code computes it (docs/method.md §1.2), for even C."""
     score = F.normalize(f_s, p=2, dim=(2, 3)).mean([0, 2, 3])
     _, idx = torch.sort(score, descending=True)
     f_s = torch.index_select(f_s, 1, idx)

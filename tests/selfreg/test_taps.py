@@ -5,7 +5,7 @@ from torch import nn
 from lightning_selfreg import FeatureTaps, SelfRegLoss, TapSpec, list_tap_candidates
 from lightning_selfreg.models import UNet
 
-PAPER_TAPS_224 = {  # paper.md §3.1
+PAPER_TAPS_224 = {  # docs/method.md §4
     "down1": (128, 112, 112),
     "down2": (256, 56, 56),
     "down3": (512, 28, 28),

@@ -278,8 +278,9 @@ def test_rng_helpers_round_trip_and_leave_the_generators_as_they_were():
     import random
 
     import numpy as np
+    from lightning.pytorch.utilities.seed import isolate_rng
 
-    from lightning_selfreg.utils.rng import get_rng_states, preserved_rng_states, seeded_rngs, set_rng_states
+    from lightning_selfreg.utils.rng import get_rng_states, seeded_rngs, set_rng_states
 
     def draw():
         return random.random(), float(np.random.rand()), float(torch.rand(1))
@@ -288,7 +289,7 @@ def test_rng_helpers_round_trip_and_leave_the_generators_as_they_were():
     first = draw()
     set_rng_states(torch.load(_saved(states), weights_only=True))  # checkpoint-safe: plain types and tensors
     assert draw() == first
-    with preserved_rng_states():
+    with isolate_rng(include_cuda=False):  # what the monitor and seeded_rngs use
         draw()
     after = draw()
     set_rng_states(states)
@@ -352,3 +353,30 @@ def test_metrics_writer_writes_metrics_json_and_the_paper_table(tmp_path):
     assert not other_rank.exists()
     with pytest.raises(RuntimeError, match="no `test_results`"):
         MetricsWriter(other_rank).on_test_end(SimpleNamespace(is_global_zero=True), torch.nn.Module())
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_redundancy_monitor_reads_its_images_without_shifting_the_global_generators(fails):
+    """Reading dataset items runs their augmentation; its draws must not leak into training's (also when an item
+    cannot be read and the monitor falls back to the first batch)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, Dataset
+
+    class Augmenting(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            noise = torch.rand(1, 8, 8)  # a draw from the global generator
+            if fails and index == 3:
+                raise IndexError(index)
+            return {"image": noise, "label": torch.zeros(8, 8, dtype=torch.long)}
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    monitor = RedundancyMonitor(num_images=2)
+    images = monitor._dataset_images(SimpleNamespace(train_dataloader=DataLoader(Augmenting())))
+    assert (images is None) if fails else images.shape == (2, 1, 8, 8)
+    assert torch.equal(torch.rand(3), expected)

@@ -25,7 +25,9 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -49,6 +51,7 @@ from lightning_selfreg.data.nnunet.format import (
 from lightning_selfreg.data.nnunet.preprocess import (
     Fingerprint,
     cache_key,
+    channel_norms,
     compute_fingerprint,
     is_preprocessed_case,
     load_preprocessed,
@@ -58,8 +61,16 @@ from lightning_selfreg.data.nnunet.preprocess import (
 )
 from lightning_selfreg.data.preflight import check_disjoint, report_inverted, run_checks
 from lightning_selfreg.data.preflight_record import PreflightRecord
+from lightning_selfreg.data.preprocessing import (
+    Preprocessing,
+    check_axcodes,
+    orientation_of,
+    orientation_transform,
+    reorient_spacing,
+)
 from lightning_selfreg.data.sampling import PADDING, PaddingKey, UnpaddedDistributedSampler
 from lightning_selfreg.data.transforms import RandomAffine, default_seed, derive_seed
+from lightning_selfreg.utils.checks import SettingError
 
 __all__ = ["CONFIGURATIONS", "SAMPLE_NNUNET_DIR", "Configuration", "NnUNetDataModule", "crop_or_pad"]
 
@@ -106,6 +117,16 @@ def _bounds(shape: Sequence[int], patch: Sequence[int]) -> tuple[np.ndarray, np.
     lbs = -need // 2
     ubs = shape + need // 2 + need % 2 - patch
     return lbs, ubs
+
+
+def _reoriented(header: Any, orientation: Sequence[str] | None) -> Any:
+    """A :class:`CaseHeader` with its shape and spacing in the voxel order ``orientation``."""
+    ornt = None if orientation is None or header.affine is None else orientation_transform(header.affine, orientation)
+    if ornt is None:
+        return header
+    shape = reorient_spacing(header.shape, ornt)  # permutes (z, y, x) triples alike
+    return replace(header, shape=tuple(int(s) for s in shape),
+                   spacing=np.asarray(reorient_spacing(header.spacing, ornt)))
 
 
 def _forced(index: int, fraction: float) -> bool:
@@ -205,8 +226,10 @@ class _VolumeDataset(Dataset):
     """Whole cases for validation / test / predict: preprocessed image, native label, spacing, affine.
 
     3D: ``image`` (C, D', H', W'); 2D: ``image`` (D, C, H', W') (slices); ``label`` (D, H, W) int64 at the native
-    grid (or ``native_shape`` when the case has none), ``case``, ``spacing`` (3,) native mm ``(z, y, x)``,
-    ``affine`` (4, 4) of the original NIfTI file; ``"padding": True`` for a
+    grid in the record's voxel order (or ``native_shape`` when the case has none), ``case``, ``spacing`` (3,)
+    native mm ``(z, y, x)`` in that order, ``affine`` (4, 4) of the original NIfTI file, ``source`` (its first
+    channel file), ``ornt`` (3, 2) when the case was reoriented (see
+    :func:`~lightning_selfreg.data.preprocessing.restore`); ``"padding": True`` for a
     :class:`~lightning_selfreg.data.sampling.PaddingKey` index (skipped by the evaluation steps).
     """
 
@@ -230,6 +253,10 @@ class _VolumeDataset(Dataset):
             item["native_shape"] = torch.as_tensor(data["native_shape"], dtype=torch.int64)
         if data["affine"] is not None:
             item["affine"] = torch.as_tensor(data["affine"], dtype=torch.float64)
+        if data.get("ornt") is not None:  # the case was reoriented: the writer maps predictions back
+            item["ornt"] = torch.as_tensor(data["ornt"], dtype=torch.float64)
+        if data.get("source"):
+            item["source"] = data["source"]
         if isinstance(key, PaddingKey):
             item[PADDING] = True
         return item
@@ -269,6 +296,11 @@ class NnUNetDataModule(SegDataModule):
         fold: Validation fold (see above); ``None``: no validation.
         val_cases: Training cases to validate on instead of a fold.
         splits_file: A ``splits_final.json`` (default: ``<data_dir>/splits_final.json`` if present).
+        orientation: The voxel order every case is brought to before preprocessing (axis codes of the NIfTI
+            ``(x, y, z)`` axes, e.g. ``"RAS"``; see :mod:`~lightning_selfreg.data.preprocessing`). ``"auto"``: the
+            orientation most training cases are stored in (so a dataset stored in one orientation is used as
+            stored, as nnU-Net does, and cases stored otherwise are brought to it); None: every case as stored
+            (nnU-Net's behaviour; prediction then also uses inputs as stored). 2D-image datasets have none.
         target_spacing: Override the target spacing ``(z, y, x)`` mm (nnU-Net's ``-overwrite_target_spacing``);
             in 2D only its in-plane part is used.
         oversample_foreground: Share of training patches centred on a foreground voxel.
@@ -306,6 +338,7 @@ class NnUNetDataModule(SegDataModule):
         fold: int | None = None,
         val_cases: Sequence[str] | None = None,
         splits_file: str | Path | None = None,
+        orientation: str | Sequence[str] | None = "auto",
         target_spacing: Sequence[float] | None = None,
         oversample_foreground: float = OVERSAMPLE_FOREGROUND,
         intensity_shift: float = 0.0,
@@ -316,37 +349,43 @@ class NnUNetDataModule(SegDataModule):
         unlabeled_test_cases: Literal["error", "predict_only"] = "error",
     ) -> None:
         if configuration not in CONFIGURATIONS:
-            raise ValueError(f"`configuration` must be one of {CONFIGURATIONS}, found {configuration!r}.")
+            raise SettingError("configuration",
+                               f"`configuration` must be one of {CONFIGURATIONS}, found {configuration!r}.")
         dims = 3 if configuration == "3d" else 2
         if isinstance(patch_size, int):
             patch_size = (patch_size,) * dims
         if patch_size is not None and (len(patch_size) != dims or min(patch_size) < 1):
-            raise ValueError(f"`patch_size` must be {dims} positive ints for configuration {configuration!r}, "
-                             f"found {patch_size}.")
+            raise SettingError("patch_size", f"`patch_size` must be {dims} positive ints for configuration "
+                               f"{configuration!r}, found {patch_size}.")
         if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"`samples_per_epoch` must be >= 1, found {samples_per_epoch}.")
+            raise SettingError("samples_per_epoch", f"`samples_per_epoch` must be >= 1, found {samples_per_epoch}.")
         if fold is not None and fold < 0:
-            raise ValueError(f"`fold` must be >= 0, found {fold}.")
+            raise SettingError("fold", f"`fold` must be >= 0, found {fold}.")
         if not 0 <= oversample_foreground <= 1:
-            raise ValueError(f"`oversample_foreground` must be in [0, 1], found {oversample_foreground}.")
+            raise SettingError("oversample_foreground",
+                               f"`oversample_foreground` must be in [0, 1], found {oversample_foreground}.")
         if intensity_shift < 0:
-            raise ValueError(f"`intensity_shift` must be >= 0, found {intensity_shift}.")
+            raise SettingError("intensity_shift", f"`intensity_shift` must be >= 0, found {intensity_shift}.")
         if target_spacing is not None and (len(target_spacing) != 3 or min(target_spacing) <= 0):
-            raise ValueError(f"`target_spacing` must be 3 positive numbers (z, y, x) mm, found {target_spacing}.")
+            raise SettingError("target_spacing",
+                               f"`target_spacing` must be 3 positive numbers (z, y, x) mm, found {target_spacing}.")
         if unlabeled_test_cases not in ("error", "predict_only"):
-            raise ValueError(f"`unlabeled_test_cases` must be 'error' or 'predict_only', found "
-                             f"{unlabeled_test_cases!r}.")
+            raise SettingError("unlabeled_test_cases", f"`unlabeled_test_cases` must be 'error' or 'predict_only', "
+                                                       f"found {unlabeled_test_cases!r}.")
         if batch_transform is not None and dims == 3:
-            raise ValueError("`batch_transform` augments 2D batches; use configuration='2d' or None.")
+            raise SettingError("batch_transform",
+                               "`batch_transform` augments 2D batches; use configuration='2d' or None.")
         if data_dir is None:
             data_dir = SAMPLE_NNUNET_DIR
-        super().__init__(data_dir, image_size=1, batch_size=batch_size, num_workers=num_workers, transform=None,
-                         batch_transform=batch_transform, cache=False, val_cases=val_cases, cache_dir=cache_dir)
+        super().__init__(data_dir, image_size=None, batch_size=batch_size, num_workers=num_workers, transform=None,
+                         batch_transform=batch_transform, cache=False, val_cases=val_cases,
+                         cache_dir=cache_dir)
         self.configuration = configuration
         self._patch_arg = None if patch_size is None else tuple(int(p) for p in patch_size)
         self.samples_per_epoch = samples_per_epoch
         self.nnunet_fold = fold
         self.splits_file = None if splits_file is None else Path(splits_file)
+        self._orientation_arg = orientation if orientation == "auto" else check_axcodes(orientation)
         self.target_override = None if target_spacing is None else tuple(float(s) for s in target_spacing)
         self.oversample_foreground = oversample_foreground
         self.intensity_shift = intensity_shift
@@ -403,7 +442,7 @@ class NnUNetDataModule(SegDataModule):
                 raise DataError(f"{self.data_dir / 'imagesTs'}: {len(unlabeled)} test case(s) without a label in "
                                 f"labelsTs/{'' if labels.is_dir() else ' (no such folder)'}: {shown}; expected "
                                 "each test image's label, or unlabeled_test_cases='predict_only' to leave them out "
-                                "of testing.", argument="unlabeled_test_cases")
+                                "of testing.", parameter="unlabeled_test_cases")
             if unlabeled:
                 warnings.warn(f"{self.data_dir / 'imagesTs'}: {len(unlabeled)} case(s) without a label are left out "
                               f"of testing (unlabeled_test_cases='predict_only'): {unlabeled[:5]}", stacklevel=2)
@@ -417,14 +456,14 @@ class NnUNetDataModule(SegDataModule):
             unknown = sorted(set(self.val_cases) - set(ids))
             if unknown:
                 raise DataError(f"`val_cases` {unknown} are not training cases of {self.data_dir}.",
-                                argument="val_cases")
+                                parameter="val_cases")
             held = set(self.val_cases)
             return [c for c in ids if c not in held], [c for c in ids if c in held]
         if self.nnunet_fold is None:
             return ids, []
         path = self.splits_file or self.data_dir / "splits_final.json"
         if self.splits_file is not None and not path.is_file():
-            raise DataError(f"`splits_file` {path} does not exist.", argument="splits_file")
+            raise DataError(f"`splits_file` {path} does not exist.", parameter="splits_file")
         splits = read_splits(path, ids) if path.is_file() else crossval_split(ids)
         split = splits[self.nnunet_fold] if self.nnunet_fold < len(splits) else random_split(ids, self.nnunet_fold)
         return split["train"], split["val"]
@@ -458,6 +497,8 @@ class NnUNetDataModule(SegDataModule):
         for w in caught[:5]:
             warnings.warn(str(w.message), stacklevel=2)
         train = [headers[("train", c.case)] for c in cases["train"]]
+        orientation = self._resolve_orientation(train)
+        train = [_reoriented(h, orientation) for h in train]
         fp = Fingerprint(np.array([h.spacing for h in train]), np.array([h.shape for h in train]), ())
         target = np.asarray(self.target_override if self.target_override else target_spacing(fp), dtype=np.float64)
         if self.meta.is_2d_format:
@@ -469,8 +510,21 @@ class NnUNetDataModule(SegDataModule):
         if patch is None:
             cap = MAX_DEFAULT_PATCH[self.configuration]
             patch = tuple(int(16 * math.ceil(min(m, cap) / 16)) for m in median)
-        self._headers = {"target": target, "patch": tuple(patch), "headers": headers}
+        self._headers = {"target": target, "patch": tuple(patch), "headers": headers, "orientation": orientation}
         return self._headers
+
+    def _resolve_orientation(self, train: Sequence[Any]) -> tuple[str, str, str] | None:
+        if self.meta.is_2d_format or self._orientation_arg is None:
+            return None
+        if self._orientation_arg != "auto":
+            return self._orientation_arg
+        counts = Counter(orientation_of(h.affine) for h in train if h.affine is not None)
+        return counts.most_common(1)[0][0] if counts else None
+
+    @property
+    def orientation(self) -> tuple[str, str, str] | None:
+        """The voxel order of the arrays the network sees (the ``orientation`` argument, ``"auto"`` resolved)."""
+        return self._read_headers()["orientation"]
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -484,7 +538,9 @@ class NnUNetDataModule(SegDataModule):
 
     # ------------------------------------------------------------------ cache
     def _settings(self) -> dict[str, Any]:
-        return {"configuration": self.configuration, "target": self.target_override}
+        orientation = self.orientation
+        return {"configuration": self.configuration, "target": self.target_override,
+                "orientation": None if orientation is None else "".join(orientation)}
 
     @property
     def cache_dir(self) -> Path:
@@ -517,24 +573,45 @@ class NnUNetDataModule(SegDataModule):
         cache.mkdir(parents=True, exist_ok=True)
         remove_orphaned_temp_files(cache)  # the temporary case folders of a killed preprocessing
         cases = self._all_cases()
-        fp_path = cache / "fingerprint.json"
-        if fp_path.is_file():
-            fingerprint = Fingerprint.from_json(json.loads(fp_path.read_text(encoding="utf-8")))
-        else:
-            fingerprint = compute_fingerprint(cases["train"], self.meta, progress=self.progress)
-            atomic_write_text(fp_path, json.dumps(fingerprint.to_json()))
-        target: list[float | None] = list(self.target_override or target_spacing(fingerprint))
-        if self.spatial_dims == 2:
-            target[0] = None  # in-plane only
+        record = self.preprocessing()
         for case in tqdm(cases["train"] + cases["test"], desc="nnU-Net preprocessing", unit="case",
                          disable=not self.progress):
             if not is_preprocessed_case(cache, case.case):
-                preprocess_case(case, self.meta, fingerprint, target, cache)
+                preprocess_case(case, self.meta, record, cache)
         atomic_write_text(cache / DONE, json.dumps({
-            "dataset": str(self.data_dir), "settings": self._settings(), "target_spacing": target,
-            "fingerprint": fingerprint.to_json(), "train": [c.case for c in cases["train"]],
-            "test": [c.case for c in cases["test"]],
+            "dataset": str(self.data_dir), "settings": self._settings(), "target_spacing": record.spacing,
+            "fingerprint": self._fingerprint().to_json(), "train": [c.case for c in cases["train"]],
+            "test": [c.case for c in cases["test"]], "preprocessing": record.to_dict(),
         }, indent=1))
+
+    def _fingerprint(self) -> Fingerprint:
+        """The training fingerprint (computed once into the cache folder, then read from it)."""
+        from lightning_selfreg.utils.files import atomic_write_text
+
+        path = self.cache_dir / "fingerprint.json"
+        if path.is_file():
+            return Fingerprint.from_json(json.loads(path.read_text(encoding="utf-8")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fingerprint = compute_fingerprint(self._all_cases()["train"], self.meta, progress=self.progress,
+                                          orientation=self.orientation)
+        atomic_write_text(path, json.dumps(fingerprint.to_json()))
+        return fingerprint
+
+    def preprocessing(self) -> Preprocessing:
+        """nnU-Net's preprocessing of this dataset as a record (see :meth:`SegDataModule.preprocessing`).
+
+        The orientation (:attr:`orientation`), the target spacing (3D: ``(z, y, x)``; 2D: in-plane only, the
+        slice axis keeps each case's spacing) and the per-channel normalisation of ``channel_names`` with the
+        training foreground's CT statistics from the fingerprint (computed here if the cache has none yet).
+        """
+        fingerprint = self._fingerprint()
+        target: list[float | None] = [float(t) for t in (self.target_override or target_spacing(fingerprint))]
+        if self.spatial_dims == 2:
+            target[0] = None  # in-plane only
+        return Preprocessing(spatial_dims=self.spatial_dims, image_dims=2 if self.meta.is_2d_format else 3,
+                             channel_names=self.meta.channel_names,
+                             intensity=channel_norms(self.meta.channel_names, fingerprint.intensity),
+                             class_names=self.class_names, orientation=self.orientation, spacing=tuple(target))
 
     # ------------------------------------------------------------------ pre-flight
     def validate(self, workers: int | None = None) -> dict[str, int]:

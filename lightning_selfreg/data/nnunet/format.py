@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lightning_selfreg.data.contract import DataError
+from lightning_selfreg.utils.checks import label_problem
 
 __all__ = [
     "IMAGE_2D_ENDINGS",
@@ -369,16 +370,13 @@ def read_case_header(case: CaseFiles, meta: DatasetJson) -> CaseHeader:
 
 
 def check_label_values(path: Path, label: np.ndarray, num_classes: int) -> None:
-    """Raise a :class:`DataError` naming ``path`` unless ``label`` holds integers in ``[0, num_classes)``."""
-    if not np.issubdtype(label.dtype, np.number):
-        raise _fail(path, f"label has non-numeric dtype {label.dtype}.")
-    if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
-        raise _fail(path, "label holds non-integer values.")
-    if label.size and (label.min() < 0 or label.max() >= num_classes):  # two passes; the unique values only then
-        values = np.unique(label)
-        bad = values[(values < 0) | (values >= num_classes)]
-        raise _fail(path, f"label values must be those of dataset.json's labels (0..{num_classes - 1}), found "
-                          f"{bad[:10].tolist()}.")
+    """Raise a :class:`DataError` naming ``path`` unless ``label`` holds integers in ``[0, num_classes)``.
+
+    ``num_classes`` is the number of dataset.json's labels (:func:`~lightning_selfreg.utils.checks.label_problem`).
+    """
+    problem = label_problem(label, num_classes)
+    if problem is not None:
+        raise _fail(path, f"label: {problem} (the labels of dataset.json).")
 
 
 def check_case(case: CaseFiles, meta: DatasetJson) -> float | None:

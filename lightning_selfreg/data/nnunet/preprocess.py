@@ -1,7 +1,14 @@
 """nnU-Net's preprocessing: fingerprint, target spacing, intensity normalisation, resampling, cached cases.
 
-Follows nnU-Net v2's ``DefaultPreprocessor`` / ``ExperimentPlanner`` (``shared/reference/nnunet.md`` §3–§6):
+Follows nnU-Net v2's ``DefaultPreprocessor`` and ``ExperimentPlanner`` (F. Isensee et al., *nnU-Net*, Nature Methods
+18, 203-211 (2021), and the code at <https://github.com/MIC-DKFZ/nnUNet>, ``nnunetv2/preprocessing`` and
+``nnunetv2/experiment_planning``):
 
+* **orientation** (not in nnU-Net, whose readers use the arrays as stored): every case is first brought to the
+  DataModule's voxel order (``NnUNetDataModule(orientation="auto")``: the one most training cases are stored in,
+  so a dataset stored in one orientation is used as stored), exactly (flips and axis permutations), and the
+  record of all the steps below (:class:`~lightning_selfreg.data.preprocessing.Preprocessing`) is what checkpoints
+  carry for prediction;
 * **fingerprint** over all training cases at their native resolution: spacings, shapes and, for CT channels,
   the foreground (``label > 0``) intensities. nnU-Net samples ``1e8 // num_cases`` foreground voxels per case
   with replacement; here every foreground voxel is used when a case has fewer than that (the statistics
@@ -42,6 +49,13 @@ from scipy import ndimage
 
 from lightning_selfreg.data.contract import DataError
 from lightning_selfreg.data.nnunet.format import CaseFiles, DatasetJson, read_case
+from lightning_selfreg.data.preprocessing import (
+    ChannelNorm,
+    Preprocessing,
+    orientation_transform,
+    reorient,
+    reorient_spacing,
+)
 from lightning_selfreg.utils.files import atomic_folder
 
 __all__ = [
@@ -49,6 +63,7 @@ __all__ = [
     "CACHE_VERSION",
     "Fingerprint",
     "cache_key",
+    "channel_norms",
     "class_locations",
     "compute_fingerprint",
     "is_preprocessed_case",
@@ -61,7 +76,7 @@ __all__ = [
 ]
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
-CACHE_VERSION = 2  # bump when the preprocessed format or algorithm changes (2: one folder per case)
+CACHE_VERSION = 3  # bump when the preprocessed format or algorithm changes (3: one folder per case)
 FOREGROUND_SAMPLES = int(1e8)  # nnU-Net's budget of foreground intensity samples, split over the cases
 MAX_LOCATIONS = 10_000
 
@@ -97,8 +112,11 @@ def _scheme(channel_name: str) -> str:
     return name if name in ("ct", "nonorm", "rescale_to_0_1", "rgb_to_0_1") else "zscore"
 
 
-def compute_fingerprint(cases: Sequence[CaseFiles], meta: DatasetJson, progress: bool = False) -> Fingerprint:
+def compute_fingerprint(cases: Sequence[CaseFiles], meta: DatasetJson, progress: bool = False,
+                        orientation: Sequence[str] | None = None) -> Fingerprint:
     """Spacings, shapes and CT foreground intensity statistics of the training ``cases`` (native resolution).
+
+    Spacings and shapes are given in the voxel order ``orientation`` (None: as stored).
 
     Raises:
         DataError: Unreadable files or bad label values (the message names the file), or a CT channel of a
@@ -112,8 +130,10 @@ def compute_fingerprint(cases: Sequence[CaseFiles], meta: DatasetJson, progress:
     samples: list[list[np.ndarray]] = [[] for _ in schemes]
     for case in tqdm(cases, desc="nnU-Net fingerprint", unit="case", disable=not progress):
         data = read_case(case, meta)
-        spacings.append(data["spacing"])
-        shapes.append(data["image"].shape[1:])
+        ornt = None if orientation is None or data["affine"] is None else \
+            orientation_transform(data["affine"], orientation)
+        spacings.append(reorient_spacing(data["spacing"], ornt))
+        shapes.append(reorient_spacing(data["image"].shape[1:], ornt))
         if "ct" not in schemes:
             continue
         foreground = data["label"] > 0
@@ -140,7 +160,10 @@ def compute_fingerprint(cases: Sequence[CaseFiles], meta: DatasetJson, progress:
 
 
 def target_spacing(fingerprint: Fingerprint) -> np.ndarray:
-    """nnU-Net's 3d_fullres target spacing ``(z, y, x)``: the median, with the anisotropy rule (§3 of nnunet.md)."""
+    """nnU-Net's 3d_fullres target spacing ``(z, y, x)``: the median, with the anisotropy rule.
+
+    As nnU-Net v2's ``ExperimentPlanner.determine_fullres_target_spacing`` (see the module docstring).
+    """
     spacings, shapes = fingerprint.spacings, fingerprint.shapes
     target = np.median(spacings, axis=0)
     target_size = np.median(shapes, axis=0)
@@ -153,6 +176,25 @@ def target_spacing(fingerprint: Fingerprint) -> np.ndarray:
     return target
 
 
+def channel_norms(channel_names: Sequence[str], intensity: Sequence[dict[str, float] | None]
+                  ) -> tuple[ChannelNorm, ...]:
+    """nnU-Net's per-channel normalisation as :class:`~lightning_selfreg.data.preprocessing.ChannelNorm` records.
+
+    ``CT`` (case-insensitive) gets the training foreground's statistics from ``intensity`` (the fingerprint's);
+    ``noNorm`` casts; ``rescale_to_0_1`` and ``rgb_to_0_1`` rescale; any other name z-scores each image.
+    """
+    norms = []
+    for c, name in enumerate(channel_names):
+        scheme = _scheme(name)
+        if scheme == "ct":
+            stats = intensity[c]
+            norms.append(ChannelNorm("ct", low=stats["percentile_00_5"], high=stats["percentile_99_5"],
+                                     mean=stats["mean"], std=stats["std"]))
+        else:
+            norms.append(ChannelNorm("none" if scheme == "nonorm" else scheme))
+    return tuple(norms)
+
+
 def normalize(image: np.ndarray, channel_names: Sequence[str], intensity: Sequence[dict[str, float] | None],
               source: Any = "") -> np.ndarray:
     """nnU-Net's per-channel intensity normalisation of one case's ``(C, D, H, W)`` image (float32).
@@ -161,22 +203,8 @@ def normalize(image: np.ndarray, channel_names: Sequence[str], intensity: Sequen
         DataError: ``rgb_to_0_1`` on values outside 0..255 (naming ``source``).
     """
     out = np.empty(image.shape, dtype=np.float32)
-    for c, name in enumerate(channel_names):
-        x = image[c].astype(np.float32)
-        scheme = _scheme(name)
-        if scheme == "ct":
-            stats = intensity[c]
-            x = np.clip(x, stats["percentile_00_5"], stats["percentile_99_5"])
-            x = (x - stats["mean"]) / max(stats["std"], 1e-8)
-        elif scheme == "zscore":
-            x = (x - x.mean()) / max(float(x.std()), 1e-8)
-        elif scheme == "rescale_to_0_1":
-            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
-        elif scheme == "rgb_to_0_1":
-            if x.min() < 0 or x.max() > 255:
-                raise DataError(f"{source}: channel {c} ({name!r}) must hold values in 0..255 for rgb_to_0_1.")
-            x = x / 255.0
-        out[c] = x
+    for c, norm in enumerate(channel_norms(channel_names, intensity)):
+        out[c] = norm.apply(image[c], source)
     return out
 
 
@@ -190,9 +218,22 @@ def _separate_axis(spacing: Sequence[float], target: Sequence[float]) -> int | N
 
 
 def _resize_axes(x: np.ndarray, shape: Sequence[int], order: int, axes: Sequence[int]) -> np.ndarray:
-    """Resize the ``axes`` of a 3D array to ``shape`` (other axes must keep their size), centre-aligned."""
-    if all(x.shape[a] == shape[a] for a in axes):
+    """Resize the ``axes`` of a 3D array to ``shape`` (other axes must keep their size), centre-aligned.
+
+    When exactly one axis keeps its size, each slice across it is resampled on its own (2D splines, as nnU-Net's
+    "separate z" resampling does slice by slice): a spline along an axis that keeps its size only reproduces its
+    samples, and the 2D splines need 16 taps per voxel instead of 64 and no prefilter along that axis.
+    """
+    moving = [a for a in axes if x.shape[a] != shape[a]]
+    if not moving:
         return x
+    fixed = [a for a in range(x.ndim) if a not in moving]
+    if order > 0 and x.ndim == 3 and len(fixed) == 1:
+        a = fixed[0]
+        inner = [b for b in range(3) if b != a]
+        slices = [_resize_axes(part, [shape[b] for b in inner], order, (0, 1)) for part in np.moveaxis(x, a, 0)]
+        return np.moveaxis(np.stack(slices), 0, a)
+    axes = moving
     scale = np.array([x.shape[a] / shape[a] if a in axes else 1.0 for a in range(x.ndim)])
     out_shape = tuple(int(shape[a]) if a in axes else x.shape[a] for a in range(x.ndim))
     return ndimage.affine_transform(x, scale, offset=0.5 * scale - 0.5, output_shape=out_shape, order=order,
@@ -268,9 +309,11 @@ def class_locations(label: np.ndarray, num_classes: int, seed: int = 1234) -> di
     return out
 
 
-def preprocess_case(case: CaseFiles, meta: DatasetJson, fingerprint: Fingerprint, target: Sequence[float | None],
-                    out_dir: Path) -> dict[str, Any]:
-    """Read, normalise and resample one case and write it to ``out_dir/<case>/``, atomically as a whole.
+def preprocess_case(case: CaseFiles, meta: DatasetJson, record: Preprocessing, out_dir: Path) -> dict[str, Any]:
+    """Read, reorient, normalise and resample one case and write it to ``out_dir/<case>/``, atomically as a whole.
+
+    The image goes through :meth:`Preprocessing.prepare <lightning_selfreg.data.preprocessing.Preprocessing.prepare>`
+    (the function prediction uses); the label is reoriented alike and resampled with :func:`resample_label`.
 
     The case's files are written into a temporary folder that is renamed to ``<case>/`` at the end
     (:func:`~lightning_selfreg.utils.files.atomic_folder`), so a failed or killed preprocessing never leaves a
@@ -278,39 +321,40 @@ def preprocess_case(case: CaseFiles, meta: DatasetJson, fingerprint: Fingerprint
     which the next preprocessing removes).
 
     Files: ``image.npy`` float32 (C, D', H', W'); with a label, ``label.npy`` int16 (D', H', W') at the
-    preprocessed grid, ``native.npy`` int16 (D, H, W) at the native grid and ``locations.npz`` (class
-    locations); ``props.json`` the properties.
+    preprocessed grid, ``native.npy`` int16 (D, H, W) at the native grid (in the record's voxel order) and
+    ``locations.npz`` (class locations); ``props.json`` the properties.
 
     Args:
         case: The case's files.
         meta: dataset.json.
-        fingerprint: Training statistics (CT normalisation).
-        target: Target spacing ``(z, y, x)``; a ``None`` axis keeps the case's spacing (2D configuration).
+        record: The DataModule's preprocessing (orientation, normalisation with the fingerprint's statistics,
+            target spacing; a None axis keeps the case's spacing, the 2D configuration's slice axis).
         out_dir: Cache folder.
 
     Returns:
-        The properties: native shape, spacing and affine; preprocessed shape and spacing; classes present.
+        The properties: native shape, spacing and affine (of the file), the orientation transform applied
+        (``ornt``, or None), preprocessed shape and spacing; classes present.
     """
     data = read_case(case, meta)
-    spacing = data["spacing"]
-    target = np.array([sp if t is None else t for sp, t in zip(spacing, target, strict=True)], dtype=np.float64)
-    image = normalize(data["image"], meta.channel_names, fingerprint.intensity, case.images[0])
-    image = resample_image(image, spacing, target)
+    prepared = record.prepare(data["image"], data["spacing"], data["affine"], source=case.images[0])
+    image = prepared.image
+    target = record.target_spacing(prepared.spacing)
+    affine = data["affine"]
     props: dict[str, Any] = {
-        "case": case.case, "split": case.split, "native_shape": list(data["image"].shape[1:]),
-        "native_spacing": spacing.tolist(), "affine": None if data["affine"] is None else data["affine"].tolist(),
-        "spacing": target.tolist(), "shape": list(image.shape[1:]), "has_label": data["label"] is not None,
-        "classes": [],
+        "case": case.case, "split": case.split, "native_shape": list(prepared.shape),
+        "native_spacing": list(prepared.spacing), "affine": None if affine is None else affine.tolist(),
+        "ornt": None if prepared.ornt is None else prepared.ornt.tolist(), "source": str(case.images[0]),
+        "spacing": list(prepared.spacing) if target is None else target.tolist(), "shape": list(image.shape[1:]),
+        "has_label": data["label"] is not None, "classes": [],
     }
     arrays = {"image": image}
+    locations = None
     if data["label"] is not None:
-        native = data["label"]
-        label = resample_label(native, spacing, target, image.shape[1:])
+        native = reorient(data["label"], prepared.ornt)
+        label = resample_label(native, prepared.spacing, props["spacing"], image.shape[1:])
         locations = class_locations(label, meta.num_classes)
         arrays.update(label=label, native=native.astype(np.int16))
         props["classes"] = sorted(int(k) for k in locations)
-    else:
-        locations = None
 
     def write(folder: Path) -> None:
         for name, array in arrays.items():
