@@ -2,6 +2,7 @@
 
 import csv
 import json
+import locale
 
 import lightning.pytorch as pl
 import nibabel as nib
@@ -258,7 +259,15 @@ def _write_dicom_series(folder, volume_zyx, spacing_xyz, origin):
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     series = "1.2.826.0.1.3680043.2.1125.1.4242"
-    for z in range(volume_zyx.shape[0]):
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM switches the process to the "C" locale
+    try:
+        _write_slices(writer, image, folder, series)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(writer, image, folder, series):
+    for z in range(image.GetSize()[2]):
         s = image[:, :, z]
         for tag, value in {"0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".1",
                            "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{series}.{z + 10}",
@@ -280,7 +289,9 @@ def test_a_dicom_series_folder_is_read_with_its_geometry(synapse_model, tmp_path
     affine = np.diag([-0.8, -0.7, 2.5, 1.0])
     affine[:3, 3] = (-10.0, 20.0, 30.0)
     nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0).astype(np.int16), affine), tmp_path / "same.nii.gz")
+    encoding = locale.getpreferredencoding(False)
     assert cli("--checkpoint", ckpt, "--input", tmp_path / "series", "--output", tmp_path / "dicom.nii.gz") == 0
+    assert locale.getpreferredencoding(False) == encoding  # GDCM's switch to the "C" locale is undone
     assert cli("--checkpoint", ckpt, "--input", tmp_path / "same.nii.gz", "--output", tmp_path / "nifti.nii.gz") == 0
     from_dicom = nib.load(tmp_path / "dicom.nii.gz")
     assert np.allclose(from_dicom.affine, affine) and int(from_dicom.header["sform_code"]) == 1
