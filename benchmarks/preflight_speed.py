@@ -1,17 +1,23 @@
-"""Time the data pre-flight (``SynapseDataModule.validate()``) on a synthetic full-size Synapse layout.
+"""Time the data pre-flight (``validate()``) cold and warm, on a synthetic full-size Synapse or nnU-Net layout.
 
-Writes, into a temporary folder (or ``--dir``, kept for re-runs), the TransUNet layout at its real size:
-2,211 training slices of 512 x 512 as ``np.savez_compressed`` ``.npz`` (``image`` float32 CT-like values in
-[0, 1], ``label`` float32 organ masks, as TransUNet's files) over the 18 training case names, and 12 test volumes
-``test_vol_h5/<case>.npy.h5`` (``image``, ``label`` float32, D x 512 x 512, contiguous) with depths 85-198
+``--dataset synapse`` writes, into a temporary folder (or ``--dir``, kept for re-runs), the TransUNet layout at its
+real size: 2,211 training slices of 512 x 512 as ``np.savez_compressed`` ``.npz`` (``image`` float32 CT-like
+values in [0, 1], ``label`` float32 organ masks, as TransUNet's files) over the 18 training case names, and 12 test
+volumes ``test_vol_h5/<case>.npy.h5`` (``image``, ``label`` float32, D x 512 x 512, contiguous) with depths 85-198
 (1,568 slices in all), plus ``lists/lists_Synapse`` as TransUNet's repository ships it. The default validation
 cases (``SYNAPSE_VAL_CASES``: 4 cases, 503 slices) hold the same slice counts as the real ones.
 
-Then times ``validate()`` ``--repeats`` times and each of its phases once: headers of every file, validation
-slices read in full, test volumes read in full. ``--cold`` evicts the layout's files from the page cache
-(``posix_fadvise(DONTNEED)`` on those files only) before every timing, so the reads come from the disk.
+``--dataset nnunet`` writes an nnU-Net v2 raw dataset of ``--cases`` CT cases (default 100: 90 in ``imagesTr``,
+10 in ``imagesTs`` with ``labelsTs``), 512 x 512 x D with D in 60-120 (like MSD Pancreas), int16 HU and uint8
+labels as ``.nii.gz``, spacing 0.8 x 0.8 x 2.5 mm.
 
-    python benchmarks/preflight_speed.py [--dir /tmp/synapse_full] [--cold] [--repeats 3]
+Each repeat times a **cold** pre-flight (a new, empty cache folder: every file read in full and checked) and then
+a **warm** one (the same cache folder: only what changed is read; here nothing). ``--evict`` drops the layout's
+files from the page cache (``posix_fadvise(DONTNEED)`` on those files only) before the cold run, so its reads
+come from the disk.
+
+    python benchmarks/preflight_speed.py --dataset synapse [--dir /tmp/synapse_full] [--evict] [--repeats 2]
+    python benchmarks/preflight_speed.py --dataset nnunet [--dir /tmp/nnunet_full] [--cases 100] [--evict]
 """
 
 from __future__ import annotations
@@ -108,6 +114,44 @@ def write_layout(root: Path, train_slices: int, size: int, test_volumes: int, de
     print(f"wrote {len(names)} slices and {len(cases)} volumes in {time.perf_counter() - start:.0f} s")
 
 
+def _write_nnunet_case(args: tuple[str, int, str, str, int, int]) -> str:
+    import nibabel as nib
+
+    root, seed, images, labels, depth, size = args
+    rng = np.random.default_rng(seed)
+    case = f"case_{seed:03d}"
+    hu = np.empty((size, size, depth), np.int16)  # NIfTI (x, y, z)
+    label = np.zeros((size, size, depth), np.uint8)
+    for z in range(depth):
+        image, mask = ct_slice(rng, size, z / depth)
+        hu[:, :, z] = np.round(image.T * 400 - 125).astype(np.int16)
+        label[:, :, z] = (mask.T > 0) + (mask.T > 4)  # 2 foreground classes
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), Path(root) / images / f"{case}_0000.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), Path(root) / labels / f"{case}.nii.gz")
+    return case
+
+
+def write_nnunet_layout(root: Path, cases: int, size: int, processes: int) -> None:
+    """The synthetic nnU-Net dataset (see the module docstring); skipped when ``root`` already holds one."""
+    import json
+
+    if (root / "dataset.json").is_file():
+        return
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    n_test = max(1, cases // 10)
+    depths = np.random.default_rng(0).integers(60, 121, cases)
+    jobs = [(str(root), i, "imagesTr" if i < cases - n_test else "imagesTs",
+             "labelsTr" if i < cases - n_test else "labelsTs", int(depths[i]), size) for i in range(cases)]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_write_nnunet_case, jobs))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {
+        "background": 0, "organ": 1, "lesion": 2}, "numTraining": cases - n_test, "file_ending": ".nii.gz"}))
+    print(f"wrote {cases} cases in {time.perf_counter() - start:.0f} s")
+
+
 def layout_size(root: Path) -> tuple[int, int]:
     files = [p for p in root.rglob("*") if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
@@ -127,54 +171,48 @@ def evict(root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("synapse", "nnunet"), default="synapse")
     parser.add_argument("--dir", type=Path, help="layout folder (kept; reused when complete); default: a temp dir")
-    parser.add_argument("--train-slices", type=int, default=2211)
+    parser.add_argument("--train-slices", type=int, default=2211, help="synapse")
+    parser.add_argument("--test-volumes", type=int, default=12, help="synapse")
+    parser.add_argument("--depth-scale", type=float, default=1.0, help="synapse: scale the test volumes' depths")
+    parser.add_argument("--cases", type=int, default=100, help="nnunet: cases (a tenth of them in imagesTs)")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--test-volumes", type=int, default=12)
-    parser.add_argument("--depth-scale", type=float, default=1.0, help="scale the test volumes' depths")
     parser.add_argument("--processes", type=int, default=2, help="processes that write the layout")
     parser.add_argument("--workers", type=int, default=None, help="validate(workers=...); default: its own")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cold", action="store_true", help="evict the files from the page cache before each run")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--evict", action="store_true", help="evict the files from the page cache before cold runs")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lightning_selfreg.data import SynapseDataModule
-    from lightning_selfreg.data.preflight import run_checks
+    from lightning_selfreg.data import NnUNetDataModule, SynapseDataModule
 
-    root = args.dir or Path(tempfile.mkdtemp(prefix="synapse_full_"))
+    root = args.dir or Path(tempfile.mkdtemp(prefix=f"{args.dataset}_full_"))
+    caches = []
     try:
-        write_layout(root, args.train_slices, args.size, args.test_volumes, args.depth_scale, args.processes)
+        if args.dataset == "synapse":
+            write_layout(root, args.train_slices, args.size, args.test_volumes, args.depth_scale, args.processes)
+        else:
+            write_nnunet_layout(root, args.cases, args.size, args.processes)
         n_files, n_bytes = layout_size(root)
         print(f"layout {root}: {n_files} files, {n_bytes / 2**30:.2f} GiB; {os.cpu_count()} CPU cores")
-        dm = SynapseDataModule(root)  # the default validation cases; lists found in lists/lists_Synapse
-        workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
-        times, cpu = [], []
-        for _ in range(args.repeats):
-            if args.cold:
-                evict(root)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            counts = dm.validate(workers=workers)
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-        print(f"validate(): {counts}; wall " + ", ".join(f"{t:.2f} s" for t in times) +
-              f" (best {min(times):.2f} s); CPU time (all threads) " + ", ".join(f"{t:.2f} s" for t in cpu) +
-              f"; {'cold' if args.cold else 'warm'} page cache, {workers} threads, load average "
-              f"{os.getloadavg()[0]:.1f}")
-        splits = dm.splits()
-        phases = {
-            "headers (all files)": (dm._check_header, [i for items in splits.values() for i in items]),
-            "validation slices, full": (dm._read_sample, splits["val"]),
-            "test volumes, full": (dm._check_case, splits["test"]),
-        }
-        for name, (check, items) in phases.items():
-            if args.cold:
-                evict(root)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run_checks(check, items, workers)
-            print(f"  {name}: {len(items)} items, wall {time.perf_counter() - start:.2f} s, CPU "
-                  f"{time.process_time() - start_cpu:.2f} s")
+        for repeat in range(args.repeats):
+            cache = Path(tempfile.mkdtemp(prefix="preflight_cache_"))
+            caches.append(cache)
+            for phase in ("cold", "warm"):
+                if phase == "cold" and args.evict:
+                    evict(root)
+                dm = SynapseDataModule(root, cache_dir=cache) if args.dataset == "synapse" else \
+                    NnUNetDataModule(root, cache_dir=cache, progress=False)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                counts = dm.validate(workers=args.workers)
+                wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+                print(f"run {repeat + 1} {phase}{' (evicted)' if phase == 'cold' and args.evict else ''}: "
+                      f"{counts}; wall {wall:.2f} s, CPU {cpu:.2f} s, load average {os.getloadavg()[0]:.1f}",
+                      flush=True)
     finally:
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -59,6 +59,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 
+from experiments.settings import (
+    SettingsError,
+    check_config_files,
+    check_settings,
+    meta_forward_error,
+    smallest_valid_size,
+)
 from lightning_selfreg import SelfReg, SelfRegSegModule
 from lightning_selfreg.callbacks import RedundancyMonitor
 from lightning_selfreg.data import DataError, SegDataModule
@@ -93,7 +100,10 @@ class RunOptions:
     Args:
         output_dir: Folder that receives the run folder.
         name: Run folder and W&B run name; default ``<dataset>-<network>-<selfreg|baseline>-seed<seed>-<time>``.
-        resume: Continue the run ``name`` from its ``checkpoints/last.ckpt`` (the same settings are required).
+        resume: Continue the run ``name`` from its ``checkpoints/last.ckpt``; only the settings that do not change
+            the trained model may differ (:data:`experiments.run_folder.RESUMABLE`), and are recorded.
+        overwrite: Replace an existing run folder ``name`` (it is moved aside when the new run starts and deleted
+            when the new run has finished); without it an existing run folder is an error.
         wandb: W&B mode; ``auto`` = online when W&B credentials are set and the server answers within 3 s, else
             offline; ``disabled`` logs to CSV.
         wandb_project: W&B project.
@@ -105,6 +115,7 @@ class RunOptions:
     output_dir: str = "runs"
     name: str | None = None
     resume: bool = False
+    overwrite: bool = False
     wandb: Literal["auto", "offline", "online", "disabled"] = "auto"
     wandb_project: str = "lightning_selfreg"
     checkpoint_every_n_steps: int = 0
@@ -116,6 +127,9 @@ class RunOptions:
             raise SettingError("name", f"`name` must be a folder name (no '/'), found {self.name!r}.")
         if self.resume and not self.name:
             raise SettingError("resume", "`resume` needs `name`, the run folder to continue (--run-name).")
+        if self.resume and self.overwrite:
+            raise SettingError("overwrite", "`overwrite` replaces the run folder that `resume` continues: give one of "
+                                            "them, found both.")
 
 
 class ConfigError(ValueError):
@@ -178,6 +192,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "--output-dir": ("run.output_dir", "value"),
     "--run-name": ("run.name", "value"),
     "--resume": ("run.resume", "true"),
+    "--overwrite": ("run.overwrite", "true"),
+    "--cache-dir": ("data.cache_dir", "value"),
     "--wandb": ("run.wandb", "value"),
     "--wandb-project": ("run.wandb_project", "value"),
     "--checkpoint-every-n-steps": ("run.checkpoint_every_n_steps", "value"),
@@ -244,6 +260,40 @@ def _preset(dataset: str, gpu: bool) -> Path:
     return CONFIG_DIR / files.get("gpu" if gpu else "cpu", files.get("any", ""))
 
 
+def _selfreg_setting(arg: str) -> bool:
+    flag = arg.split("=", 1)[0]
+    return flag.startswith("--selfreg.") or (flag in ALIASES and ALIASES[flag][0].startswith("selfreg."))
+
+
+def without_selfreg_settings(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the flags that configure SelfReg (``--lambda-scr 0.1``, ``--selfreg.pairing=random``, ...).
+
+    The baseline arm of a comparison runs the shared flags with ``--no-selfreg``, which conflicts with them.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        if _selfreg_setting(argv[i]):
+            i += 1 if "=" in argv[i] else 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _check_selfreg_intent(argv: Sequence[str]) -> None:
+    """``--no-selfreg`` (or ``--selfreg null``) beside a flag that configures SelfReg: conflicting intent, named."""
+    off = next((a for i, a in enumerate(argv) if a == "--no-selfreg" or (
+        a in ("--selfreg", "--selfreg=null") and (a.endswith("=null") or (
+            i + 1 < len(argv) and argv[i + 1].lower() in ("null", "none"))))), None)
+    if off is None:
+        return
+    setting = next((a.split("=", 1)[0] for a in argv if _selfreg_setting(a)), None)
+    if setting is not None:
+        raise ConfigError("no-selfreg" if off == "--no-selfreg" else "selfreg",
+                          f"{'' if off == '--no-selfreg' else 'null '}conflicts with {setting}, which configures "
+                          "SelfReg; give --no-selfreg for the baseline or the SelfReg settings, not both")
+
+
 def command_items(argv: Sequence[str], cuda_available: bool | None = None) -> list[Item]:
     """The command line as :class:`Item` s: each short flag with the full-key tokens it stands for, the preset first.
 
@@ -256,6 +306,7 @@ def command_items(argv: Sequence[str], cuda_available: bool | None = None) -> li
         ConfigError: For a missing value, an unknown ``--dataset`` / ``--backbone``, or a negative ``--gpus``.
     """
     argv = list(argv)
+    _check_selfreg_intent(argv)
     gpus = requested_gpus(argv)
     if gpus is None and cuda_available is None:
         cuda_available = torch.cuda.is_available()
@@ -778,6 +829,10 @@ class SelfRegCLI(LightningCLI):
                  run_parts: Callable[[SelfRegCLI], tuple[list, Any, list, dict[str, Any]]] | None = None) -> None:
         self._instantiate = instantiate
         self._run_parts = run_parts
+        try:
+            check_config_files(args)  # missing, empty, not a mapping, YAML syntax: named with the file and line
+        except SettingsError as err:
+            raise ConfigError(err.key, err.detail) from err
         # LightningCLI seeds the process after parsing; a parse-only CLI leaves the random state as it found it
         with warnings.catch_warnings(), nullcontext() if instantiate else _no_global_seed():
             # `args` is the expanded sys.argv, not a second command line
@@ -803,6 +858,10 @@ class SelfRegCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise locate_parse_error(parser, args, err) from err
+        try:  # right after parsing, before the seed is set: the seed and the Trainer's settings
+            check_settings(self.config)
+        except SettingsError as err:
+            raise ConfigError(err.key, err.detail) from err
 
     def instantiate_classes(self) -> None:
         """Build the DataModule, the model, the callbacks and the Trainer; constructor errors name their key."""
@@ -853,10 +912,13 @@ class SelfRegCLI(LightningCLI):
 
 
 def check_network(datamodule: SegDataModule, module: SelfRegSegModule, config: Any = None) -> None:
-    """Run the network once on a shape-only (meta) copy at the DataModule's input size, before any data is read.
+    """Run the network on a shape-only (meta) copy at the DataModule's input size, before any data is read.
 
-    Catches a size the backbone cannot take (too small for its depth, not a multiple of its patch or window) and
-    an output that is not ``num_classes`` channels, at no cost (no memory, no arithmetic).
+    Catches a size the backbone cannot take (too small for its depth, not a multiple of its patch or window), in
+    evaluation (one sample) and in training (a batch of ``datamodule.batch_size``: BatchNorm on a 1 x 1 x 1
+    bottleneck of one sample, InstanceNorm on a single voxel), naming the smallest size the network takes
+    (:func:`~experiments.settings.smallest_valid_size`), and an output that is not ``num_classes`` channels, at
+    no cost (no memory, no arithmetic).
 
     Raises:
         ConfigError: Naming the DataModule's size setting, or ``model.net``.
@@ -867,21 +929,30 @@ def check_network(datamodule: SegDataModule, module: SelfRegSegModule, config: A
         return
     dims = datamodule.spatial_dims
     size = (size,) * dims if isinstance(size, int) else tuple(int(v) for v in size)
-    shape = (1, datamodule.in_channels, *size)
+    channels = datamodule.in_channels
+    shape = (1, channels, *size)
     try:
         net = copy.deepcopy(module.net).to("meta").eval()  # eval: BatchNorm takes a 1 x 1 map of one sample
     except (NotImplementedError, RuntimeError):
         return
     key = (_data_setting(config, attribute or "roi_size") if config is not None else None) or "data"
+    batch = int(getattr(datamodule, "batch_size", 1) or 1)
+    for train, batch_size in ((False, 1), (True, batch)):
+        err = meta_forward_error(net, (batch_size, channels, *size), train)
+        if err is None:
+            continue
+        message = _one_line(err) or type(err).__name__
+        smallest = smallest_valid_size(net, channels, size, batch_size, train)
+        hint = f"; the smallest size from {list(size)} it takes is {list(smallest)}" if smallest else ""
+        what = f"train on a batch of {batch_size} of shape" if train else "take inputs of shape"
+        raise ConfigError(key, f"the network {type(module.net).__name__} cannot {what} {(batch_size, *shape[1:])} "
+                               f"(the DataModule's size){hint}: {message[:300]}") from err
+    net.eval()
     try:
         with torch.no_grad():
             logits = net(torch.empty(shape, device="meta"))
     except NotImplementedError:  # an operation without a meta kernel: the first batch will tell
         return
-    except (RuntimeError, ValueError, AssertionError, IndexError) as err:
-        message = _one_line(err) or type(err).__name__
-        raise ConfigError(key, f"the network {type(module.net).__name__} cannot take inputs of shape {shape} "
-                               f"(the DataModule's size): {message[:300]}") from err
     expected = (1, datamodule.num_classes, *size)
     if tuple(logits.shape) != expected:
         raise ConfigError("model.net", f"{type(module.net).__name__} maps inputs {shape} to {tuple(logits.shape)}; "

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.cli import RUN_NAME_ENV, ConfigError, SelfRegCLI, expand_aliases, run_labels
+from experiments.cli import RUN_NAME_ENV, ConfigError, SelfRegCLI, expand_aliases, run_labels, without_selfreg_settings
 from lightning_selfreg.callbacks.progress import format_duration
 from lightning_selfreg.utils.files import atomic_write_text
 
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compare] run {k}/{len(plan)}: {arm}, seed {seed}{' (resumed)' if action == 'resume' else ''} -> "
               f"{out_dir / name} (elapsed {format_duration(time.monotonic() - start)}, {eta})", flush=True)
         # later flags win: the run's own seed, arm and folder after the shared flags
-        cmd = [sys.executable, "-m", "experiments.run", *flags, "--seed", str(seed),
+        shared = without_selfreg_settings(flags) if arm == "baseline" else flags  # they conflict with --no-selfreg
+        cmd = [sys.executable, "-m", "experiments.run", *shared, "--seed", str(seed),
                *(["--no-selfreg"] if arm == "baseline" else []), "--output-dir", str(out_dir), "--run-name", name,
                *extra]
         env = {key: value for key, value in os.environ.items() if key != RUN_NAME_ENV}

@@ -12,69 +12,50 @@ in the same keys; ``--print_config`` writes one that runs as is), and the short 
 :data:`experiments.cli.ALIASES` (``--gpus 4``, ``--dataset``, ``--data-dir``, ``--lambda-scr``, ...). Later flags
 win over earlier ones and over the files.
 
-Every run writes ``<run.output_dir>/<run.name>/config.yaml`` (the resolved configuration), ``checkpoints/``
+Every run writes ``<run.output_dir>/<run.name>/`` (:mod:`experiments.run_folder` lists its files and rules):
+``config.yaml`` (the resolved configuration), ``history.jsonl`` (starts, resumes with their changed settings,
+interruptions), ``metrics.csv`` (every logged scalar, also beside W&B; appended on resume), ``checkpoints/``
 (best by validation Dice when there is a validation split, and ``last.ckpt`` every epoch; each checkpoint carries
-the configuration, so ``SelfRegSegModule.load_from_checkpoint(path)`` rebuilds the model), the W&B (or CSV) logs,
+the configuration, so ``SelfRegSegModule.load_from_checkpoint(path)`` rebuilds the model), the W&B logs,
 ``plan.json`` (``--dataset nnunet``: :mod:`experiments.planning`), and, atomically, pictures to look at without
 W&B: ``curves.png`` (loss terms, validation Dice per class), ``redundancy.png`` (channel redundancy per block,
 first and last epoch), ``overlays/`` (every test case, lowest Dice first), then ``metrics.json`` and
 ``metrics.md`` (per-organ table with units, both protocols, per-case Dice, links to the pictures). The terminal
 gets a start line, one line per epoch with the run's ETA (a bar on a terminal) and the per-organ table
-(:mod:`experiments.terminal`). ``--resume`` continues a killed run from its
-``last.ckpt``. ``--compare --seeds 0 1 2`` trains SelfReg and the baseline for every seed
+(:mod:`experiments.terminal`). An existing run folder is never modified unless asked: ``--resume`` continues it
+from ``last.ckpt`` (settings that would change the trained model must be the run's), ``--overwrite`` replaces it.
+``--compare --seeds 0 1 2`` trains SelfReg and the baseline for every seed
 (:mod:`experiments.compare`).
+
+Exit status: 0 when the run finished; 2 for a bad setting, bad data, an existing run folder, an output that cannot
+be written (a full disk, a read-only folder; the last complete checkpoint stays intact), each with one line on
+stderr naming the file or setting; 143 after SIGTERM and 130 after SIGINT (Ctrl+C), having saved a resumable
+checkpoint at the current step and printed the command that resumes it (see
+:class:`~lightning_selfreg.callbacks.GracefulStop`; under SLURM, Lightning's auto-requeue also saves and
+requeues, and the requeued job resumes by itself).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
 
-from experiments.cli import ConfigError, RunOptions, SelfRegCLI, expand_aliases, run_labels, run_name
+from experiments.cli import ConfigError, RunOptions, SelfRegCLI, expand_aliases, run_labels
+from experiments.run_folder import RunFolder, checkpoint_step, plan_run_folder
 from lightning_selfreg.utils.files import atomic_write_text
-
-# identity of a run: a resume must not change these (the weights would not fit or the run would be another one)
-RESUME_KEYS = ("model.net", "data.class_path", "selfreg", "seed_everything", "data.init_args.image_size")
-
-
-def _get(config: Any, dotted: str) -> Any:
-    value = config
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def _check_resume(cli: SelfRegCLI, run_dir: Path) -> Path:
-    """The checkpoint ``--resume`` continues from, after checking it and the saved configuration."""
-    from lightning_selfreg.utils.checkpoint import CheckpointError, check_checkpoint_file
-
-    resume_from = run_dir / "checkpoints" / "last.ckpt"
-    if not resume_from.is_file():
-        raise ConfigError("run.resume", f"{resume_from} does not exist")
-    try:
-        check_checkpoint_file(resume_from)  # empty / truncated / corrupt: named now, not mid-setup
-    except CheckpointError as err:
-        raise ConfigError("run.resume", str(err)) from err
-    saved_path = run_dir / "config.yaml"
-    if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        now = yaml.safe_load(cli.parser.dump(cli.config, skip_unset=False))
-        different = [k for k in RESUME_KEYS if _get(saved, k) != _get(now, k)]
-        if different:
-            raise ConfigError("run.resume", f"settings {different} differ from {saved_path}")
-    return resume_from
 
 
 class ConfigInCheckpoint(pl.Callback):
     """Store the run's resolved configuration (its ``config.yaml``) in every checkpoint, under ``"config"``.
 
     The model's own hyper-parameters rebuild the network (``SelfRegSegModule.load_from_checkpoint``); this is the
-    rest of the run: data and preprocessing, SelfReg on/off with its lambdas and taps, trainer, seed.
+    rest of the run: data and preprocessing, SelfReg on/off with its lambdas and taps, trainer, seed. A resume
+    compares its settings with these (:func:`experiments.run_folder.plan_run_folder`).
 
     Args:
         config: The configuration as plain YAML-able data.
@@ -88,18 +69,31 @@ class ConfigInCheckpoint(pl.Callback):
         checkpoint["config"] = self.config
 
 
-def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
-    """The run's callbacks, logger, checkpoint plugin and Trainer overrides, from ``cli``'s configuration.
+def dump_config(cli: SelfRegCLI) -> str:
+    """The resolved configuration as YAML, with the unset (None) values (what ``config.yaml`` holds)."""
+    return cli.parser.dump(cli.config, skip_unset=False)
 
-    The ``run_parts`` of :class:`SelfRegCLI`, called when it builds the Trainer; decides the run folder
-    (``cli.run_dir``) and the W&B mode (``cli.wandb_mode``, which may fall back to offline) but writes nothing.
+
+def _is_ddp(config: Any) -> bool:
+    trainer = config["trainer"]
+    return "ddp" in str(trainer.get("strategy")) or (trainer.get("num_nodes") or 1) > 1
+
+
+def run_callbacks(cli: SelfRegCLI, folder: RunFolder) -> tuple[list, Any, list, dict[str, Any]]:
+    """The run's callbacks, loggers, checkpoint plugin and Trainer overrides, from ``cli``'s configuration.
+
+    The ``run_parts`` of :class:`SelfRegCLI`, called when it builds the Trainer; decides the W&B mode
+    (``cli.wandb_mode``, which may fall back to offline) but writes nothing. The loggers: ``metrics.csv`` always
+    (:class:`~lightning_selfreg.tracking.csv_logger.MetricsCSVLogger`), and W&B unless ``run.wandb`` is
+    ``disabled`` (the same W&B run id over resumes).
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import WandbLogger
 
     from lightning_selfreg.callbacks import (
         CurvesWriter,
         FiniteLossGuard,
+        GracefulStop,
         ImagesPerSecondMonitor,
         MetricsWriter,
         OverlayWriter,
@@ -110,16 +104,14 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         TestResultsTable,
     )
     from lightning_selfreg.callbacks.progress import EpochLines, RunProgressBar
+    from lightning_selfreg.tracking.csv_logger import MetricsCSVLogger
     from lightning_selfreg.tracking.report import settings_line
     from lightning_selfreg.tracking.wandb_mode import WandbUnavailable, resolve_wandb_mode
     from lightning_selfreg.utils.checkpoint import AtomicCheckpointIO
 
     options: RunOptions = cli.config_init["run"]
     trainer = cli.config["trainer"]
-    ddp = "ddp" in str(trainer.get("strategy")) or (trainer.get("num_nodes") or 1) > 1
-    name = run_name(cli.config, ddp)
-    run_dir = Path(options.output_dir) / name
-    resume_from = _check_resume(cli, run_dir) if options.resume else None
+    run_dir = folder.path
     try:  # before anything is written: may fall back to offline
         mode = resolve_wandb_mode(options.wandb, sync_hint=str(run_dir / "wandb" / "offline-run-*"))
     except WandbUnavailable as err:
@@ -132,7 +124,8 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
     has_val = cli.datamodule.has_validation
     checkpoint_dir = run_dir / "checkpoints"
     labels = run_labels(cli.config)
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_unset=False))
+    config = yaml.safe_load(dump_config(cli))
+    stop = GracefulStop(folder.checkpoint)
     callbacks = [
         ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val/dice", mode="max",
                         save_top_k=1, save_last=False) if has_val else None,
@@ -142,6 +135,7 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, save_last=False,
                         every_n_train_steps=options.checkpoint_every_n_steps, enable_version_counter=False)
         if options.checkpoint_every_n_steps else None,
+        stop,
         RNGStateCheckpoint(),
         FiniteLossGuard(),
         ImagesPerSecondMonitor(),
@@ -160,34 +154,40 @@ def run_callbacks(cli: SelfRegCLI) -> tuple[list, Any, list, dict[str, Any]]:
         None if trainer.get("enable_progress_bar") is False else RunProgressBar() if sys.stdout.isatty()
         else EpochLines(),
     ]
-    if mode == "disabled":
-        logger = CSVLogger(save_dir=run_dir, name="csv", version="")
-    else:
-        logger = WandbLogger(project=options.wandb_project, name=name, save_dir=str(run_dir),
-                             offline=mode == "offline", id=name.replace("/", "-"), resume="allow",
-                             config=config)
-    extra = {} if has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
-    cli.run_dir, cli.wandb_mode, cli.resume_from, cli.has_validation = run_dir, mode, resume_from, has_val
-    return [c for c in callbacks if c is not None], logger, [AtomicCheckpointIO()], extra
+    loggers: list = [MetricsCSVLogger(run_dir / "metrics.csv")]
+    if mode != "disabled":
+        loggers.insert(0, WandbLogger(project=options.wandb_project, name=folder.name, save_dir=str(run_dir),
+                                      offline=mode == "offline", id=folder.wandb_id, resume="allow",
+                                      config=config))
+    # default_root_dir: where Lightning's SLURM auto-requeue writes hpc_ckpt_<n>.ckpt (and looks for it)
+    extra: dict[str, Any] = {"default_root_dir": str(run_dir)}
+    if not has_val:
+        extra.update(limit_val_batches=0, num_sanity_val_steps=0)
+    cli.run_dir, cli.wandb_mode, cli.resume_from, cli.has_validation = run_dir, mode, folder.resume_from, has_val
+    cli.graceful_stop = stop
+    return [c for c in callbacks if c is not None], loggers, [AtomicCheckpointIO()], extra
 
 
-def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
-    """Fit, test, write the run folder; returns the ``metrics.json`` content on rank 0 (else None)."""
+def train_and_test(cli: SelfRegCLI, folder: RunFolder) -> dict[str, Any] | None:
+    """Start (or continue) the run folder, fit, test; returns the ``metrics.json`` content on rank 0 (else None)."""
     from lightning.pytorch.loggers import WandbLogger
 
     from experiments.terminal import end_report, start_line
     from lightning_selfreg.tracking.environment import log_run_environment
-    from lightning_selfreg.utils.files import remove_orphaned_temp_files
 
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
-    run_dir, checkpoint_dir = cli.run_dir, cli.run_dir / "checkpoints"
+    run_dir = folder.path
+    wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     if trainer.is_global_zero:
         print(start_line(cli), flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (run_dir, checkpoint_dir):  # temporary files of writes killed in an earlier run here
-            remove_orphaned_temp_files(folder)
-        if cli.resume_from is None:
-            atomic_write_text(run_dir / "config.yaml", cli.parser.dump(cli.config, skip_unset=False))
+        environment = log_run_environment(None)
+        folder.start(dump_config(cli), environment)
+        if folder.replaced is not None:
+            print(f"--overwrite: the previous run folder was moved to {folder.replaced}; it is deleted when this run "
+                  "has finished", file=sys.stderr)
+        if folder.requeued:
+            print(f"SLURM requeue: resuming {run_dir} from {folder.resume_from} (step {folder.resume_step})",
+                  file=sys.stderr)
         if getattr(cli, "plan", None) is not None:  # nnU-Net: what was planned, and what the user's flags overrode
             from experiments.planning import plan_record
 
@@ -195,20 +195,20 @@ def train_and_test(cli: SelfRegCLI) -> dict[str, Any] | None:
             print(record["line"] + (f"; overridden by your flags: {record['overridden']}" if record["overridden"]
                                     else ""), flush=True)
             atomic_write_text(run_dir / "plan.json", json.dumps(record, indent=2) + "\n")
-        log_run_environment(trainer.logger)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(cli.resume_from) if cli.resume_from else None)
+        if wandb is not None:
+            wandb.log_hyperparams({"env": environment})
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(folder.resume_from) if folder.resume_from else None)
     best = "best" if cli.has_validation and not trainer.fast_dev_run else None
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    logger = trainer.logger
     if not trainer.is_global_zero:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+        if wandb is not None:
+            wandb.experiment.finish()
         return None
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(end_report(cli, metrics), flush=True)  # the per-organ table with units, the run folder, W&B in a line
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()  # close the run so that a later run in this process starts its own
+    if wandb is not None:
+        wandb.experiment.finish()  # close the run so that a later run in this process starts its own
+    folder.finish()
     return metrics
 
 
@@ -223,8 +223,49 @@ def _error_line(err: BaseException, argv: list[str]) -> str:
     return str(err).strip("'\"").splitlines()[0] if str(err) else type(err).__name__
 
 
+def _last_checkpoint(folder: RunFolder | None) -> str:
+    """`` (the last complete checkpoint <path>, step N, is intact)`` when the run has one."""
+    if folder is None or not folder.checkpoint.is_file():
+        return ""
+    step = checkpoint_step(folder.checkpoint)
+    return f"; the last complete checkpoint {folder.checkpoint} (step {step}) is intact"
+
+
+def _interrupted(cli: SelfRegCLI | None, folder: RunFolder, signum: int | None) -> int:
+    """Report an interrupted run in one line (where it stopped, what was saved, the command that resumes it)."""
+    stop = getattr(cli, "graceful_stop", None)
+    signum = signum or (stop.signal if stop is not None else None) or signal.SIGTERM
+    name = signal.Signals(signum).name
+    stage = stop.stage if stop is not None else None
+    kept = folder.checkpoint if folder.checkpoint.is_file() else None
+    step = stop.saved_step if stop is not None and stop.saved_step is not None else \
+        checkpoint_step(kept) if kept is not None else None
+    if stop is not None and stop.saved_path is not None:
+        what = f"saved {stop.saved_path} at step {stop.saved_step}; resume with: {folder.command()}"
+    elif stage == "test":
+        what = f"training had finished ({kept}, step {step}); test it with: {folder.command()}"
+    elif kept is not None:
+        during = " during validation" if stage == "validate" else ""
+        what = f"stopped{during}; the last checkpoint {kept} (step {step}) is kept; resume with: {folder.command()}"
+    else:
+        what = f"stopped before the first checkpoint, nothing to resume; start again with: " \
+               f"{folder.command(resume=False, overwrite=folder.path.exists())}"
+    first = cli is None or getattr(cli, "trainer", None) is None or cli.trainer.is_global_zero
+    if first and folder.path.is_dir():
+        try:
+            folder.record("interrupted", signal=name, stage=stage, step=step,
+                          checkpoint=str(stop.saved_path or kept) if stop is not None else str(kept))
+        except OSError:
+            pass
+    if first:  # one line for the run, not one per DDP rank
+        print(f"interrupted by {name}: {what}", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one experiment (or a comparison, ``--compare``); returns the process exit status."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from experiments.terminal import quiet_framework
 
     quiet_framework()  # Lightning's tips and known-harmless notices; real warnings still show
@@ -235,15 +276,35 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main([a for a in argv if a != "--compare"])
     from lightning_selfreg.data import DataError
 
+    folder: RunFolder | None = None
+    cli: SelfRegCLI | None = None
     try:
         from experiments.planning import plan_arguments
 
         args, plan = plan_arguments(expand_aliases(argv))  # --dataset nnunet: planned from the data and device
-        cli = SelfRegCLI(args, run_parts=run_callbacks)
+        parsed = SelfRegCLI(args, instantiate=False)  # every setting checked, nothing built: fast
+        config = yaml.safe_load(dump_config(parsed))
+        folder = plan_run_folder(config, argv, _is_ddp(config))  # an existing run is refused before the data
+        cli = SelfRegCLI([*args, "--run.name", folder.name], run_parts=lambda c: run_callbacks(c, folder))
         cli.plan = plan
-        train_and_test(cli)
+        train_and_test(cli, folder)
+    except SIGTERMException:
+        return _interrupted(cli, folder, None)
+    except SystemExit as exit_:  # a second Ctrl+C: Lightning stops at once and exits with status 1
+        stop = getattr(cli, "graceful_stop", None)
+        if folder is not None and stop is not None and stop.signal == signal.SIGINT:
+            return _interrupted(cli, folder, signal.SIGINT)
+        raise exit_
+    except KeyboardInterrupt:
+        if folder is not None and cli is not None and getattr(cli, "trainer", None) is not None:
+            return _interrupted(cli, folder, signal.SIGINT)
+        print("interrupted by SIGINT before the run started: nothing was written", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, FileNotFoundError, ImportError) as err:
         print(f"error: {_error_line(err, argv)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder: the write's one line, the state of the checkpoints
+        print(f"error: {_error_line(err, argv)}{_last_checkpoint(folder)}", file=sys.stderr)
         return 2
     return 0
 

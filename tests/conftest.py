@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -7,6 +10,17 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Caches (the pre-flight record, nnU-Net's preprocessed cases) never go to the user's ~/.cache or into the package:
+# one folder for the session (subprocesses inherit it), a fresh one per test (below).
+_SESSION_CACHE = tempfile.mkdtemp(prefix="selfreg-test-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, True)
+os.environ["XDG_CACHE_HOME"] = _SESSION_CACHE
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own XDG_CACHE_HOME: no test sees another's pre-flight record or preprocessed cases."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
 def write_synapse_layout(root, n_train_cases=2, slices_per_case=3, n_test=1, size=(24, 20), depth=4, num_classes=9,

@@ -11,6 +11,7 @@ Training safety and resume:
 
 - :class:`FiniteLossGuard`: stop with a clear error on a NaN / infinite loss.
 - :class:`RNGStateCheckpoint`: the global RNG states in checkpoints.
+- :class:`GracefulStop`: on SIGTERM / SIGINT, a resumable checkpoint at the current step, then stop.
 
 Progress (the run's ETA): :class:`EpochLines` (one line per epoch, for logs) and :class:`RunProgressBar` (a
 terminal).
@@ -34,6 +35,7 @@ Outputs of a run, in its folder (no logger needed):
 
 from lightning_selfreg.callbacks.curves_writer import CurvesWriter
 from lightning_selfreg.callbacks.finite_loss_guard import FiniteLossGuard
+from lightning_selfreg.callbacks.graceful_stop import GracefulStop
 from lightning_selfreg.callbacks.images_per_second import ImagesPerSecondMonitor
 from lightning_selfreg.callbacks.metrics_writer import MetricsWriter
 from lightning_selfreg.callbacks.overlay_writer import OverlayWriter
@@ -52,6 +54,7 @@ __all__ = [
     "CurvesWriter",
     "EpochLines",
     "FiniteLossGuard",
+    "GracefulStop",
     "ImagesPerSecondMonitor",
     "MetricsWriter",
     "OverlayWriter",

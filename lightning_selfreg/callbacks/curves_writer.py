@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_selfreg.tracking.csv_logger import MetricsCSVLogger
 from lightning_selfreg.tracking.curves import plot_curves, read_metrics_csv
 from lightning_selfreg.tracking.figures import save_figure
 from lightning_selfreg.utils.checks import SettingError
@@ -46,8 +47,10 @@ class CurvesWriter(pl.Callback):
 
     @staticmethod
     def csv_path(trainer: pl.Trainer) -> Path | None:
-        """The ``metrics.csv`` of the trainer's CSVLogger (after flushing it), or None without one."""
+        """The ``metrics.csv`` of the trainer's CSV logger (a run folder's or Lightning's, flushed), or None."""
         for logger in trainer.loggers:
+            if isinstance(logger, MetricsCSVLogger):
+                return logger.path
             if isinstance(logger, CSVLogger):
                 logger.save()
                 return Path(logger.experiment.metrics_file_path)

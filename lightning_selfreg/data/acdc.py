@@ -26,6 +26,7 @@ import numpy as np
 from lightning_selfreg.data.contract import Item
 from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.preflight import check_pair_header, npz_headers
+from lightning_selfreg.data.preflight_record import foreground_fraction
 from lightning_selfreg.data.preprocessing import ChannelNorm, check_axcodes
 from lightning_selfreg.data.readers import (
     check_slice,
@@ -121,8 +122,8 @@ class ACDCDataModule(SegDataModule):
     def _read_sample(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         return read_slice(item.path, self.num_classes, keys=("img", "label"))
 
-    def _check_sample(self, item: Item) -> None:
-        check_slice(item.path, self.num_classes, keys=("img", "label"))
+    def _check_sample(self, item: Item) -> float | None:
+        return foreground_fraction(check_slice(item.path, self.num_classes, keys=("img", "label"))[1])
 
     def _read_case(self, item: Item) -> dict[str, Any]:
         return read_npz_volume(item.path, self.num_classes, keys=("img", "label"))

@@ -41,7 +41,8 @@ from lightning_selfreg.data.contract import (
     check_num_classes,
 )
 from lightning_selfreg.data.datasets import CaseDataset, SampleDataset
-from lightning_selfreg.data.preflight import run_checks
+from lightning_selfreg.data.preflight import check_disjoint, report_inverted, run_checks
+from lightning_selfreg.data.preflight_record import PreflightRecord, default_cache_dir, foreground_fraction
 from lightning_selfreg.data.preprocessing import ChannelNorm, Preprocessing
 from lightning_selfreg.data.sampling import ResumableDataLoader, ResumableSampler, UnpaddedDistributedSampler
 from lightning_selfreg.data.splits import split_cases
@@ -88,6 +89,10 @@ class SegDataModule(pl.LightningDataModule):
         fold: With ``num_folds``, validate on fold ``fold`` of the training cases (the alternative to
             ``val_cases``: give one or the other).
         num_folds: Number of folds for cross-validation (>= 2).
+        cache_dir: Folder for what is derived from the data (the pre-flight's record of checked files; the
+            preprocessed cases of :class:`~lightning_selfreg.data.nnunet.NnUNetDataModule`); default
+            ``$XDG_CACHE_HOME/lightning_selfreg`` (``~/.cache/lightning_selfreg``). Never written inside the
+            dataset or the package.
 
     Raises:
         ValueError: A bad argument (``image_size <= 0``, a string for ``val_cases``, ``fold`` outside
@@ -103,6 +108,8 @@ class SegDataModule(pl.LightningDataModule):
     layout_help: str = ""
     # fold used for validation when the dataset has no validation split and none is configured (None: no val)
     fallback_val_fold: int | None = None
+    # splits must not share a case; True: compare the image files' bytes (file names that are not patient ids)
+    disjoint_by_content: bool = False
 
     def __init__(
         self,
@@ -116,6 +123,7 @@ class SegDataModule(pl.LightningDataModule):
         val_cases: Sequence[str] | None = None,
         fold: int | None = None,
         num_folds: int = 5,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         check_int(batch_size, "batch_size", 1)
@@ -146,6 +154,9 @@ class SegDataModule(pl.LightningDataModule):
         self.cache = cache
         self.val_cases = val_cases
         self.fold, self.num_folds = fold, num_folds
+        if isinstance(cache_dir, str) and not cache_dir:
+            raise SettingError("cache_dir", "`cache_dir` must be a folder path or None, found ''.")
+        self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._train: SampleDataset | None = None
         self._val: SampleDataset | None = None
         self._test: CaseDataset | None = None
@@ -231,13 +242,19 @@ class SegDataModule(pl.LightningDataModule):
         was expected and what was found. The default checks nothing.
         """
 
-    def _check_sample(self, item: Item) -> None:
-        """Pre-flight full check of one validation sample (label range, finite values, shapes); default: read it."""
-        self._read_sample(item)
+    def _check_sample(self, item: Item) -> float | None:
+        """Pre-flight full check of one training or validation sample (label range, finite values, shapes).
 
-    def _check_case(self, item: Item) -> None:
-        """Pre-flight full check of one evaluation case (label range, finite values, shapes); default: read it."""
-        self._read_case(item)
+        Returns the share of its label that is foreground (None when unknown). Default: read it.
+        """
+        return foreground_fraction(self._read_sample(item)[1])
+
+    def _check_case(self, item: Item) -> float | None:
+        """Pre-flight full check of one evaluation case (label range, finite values, shapes).
+
+        Returns the share of its label that is foreground (None when unknown). Default: read it.
+        """
+        return foreground_fraction(self._read_case(item).get("label"))
 
     # ------------------------------------------------------------------ splits
     def _missing_error(self, what: str) -> DataError:
@@ -286,21 +303,27 @@ class SegDataModule(pl.LightningDataModule):
         """Whether a validation split exists (checks the layout)."""
         return bool(self.splits()["val"])
 
+    def preflight_record(self) -> PreflightRecord:
+        """The record of what the pre-flight has checked for this dataset (in :attr:`cache_root`)."""
+        return PreflightRecord(self.cache_root, self.data_dir, f"{type(self).__name__}/{self.num_classes}")
+
     def validate(self, workers: int | None = None) -> dict[str, int]:
-        """Pre-flight pass over every file the run will use, before the first training step.
+        """Pre-flight pass over every file the run will use, before the run folder, a cache or the first step.
 
-        1. The layout and the splits resolve, every listed file exists and is non-empty (all missing files listed).
-        2. Every file's cheap part is checked (:meth:`_check_header`: ``.npz`` keys, shapes and dtypes from the
-           zip directory and ``.npy`` headers, ``.h5`` datasets, image headers; see
-           :mod:`~lightning_selfreg.data.preflight`).
-        3. Validation samples and evaluation cases are read in full (:meth:`_check_sample`, :meth:`_check_case`):
-           label range ``[0, num_classes)``, finite values, image/label shape agreement.
-
-        Training files are only read in full when training reads them; a corrupt one that passes (2) still
-        raises a :class:`DataError` naming it then.
+        1. The layout and the splits resolve, every listed file exists and is non-empty (all missing files listed),
+           there is a training and a test split, and no case is in two splits
+           (:func:`~lightning_selfreg.data.preflight.check_disjoint`).
+        2. Every item (training and validation samples, test cases) is checked: its cheap part first
+           (:meth:`_check_header`: ``.npz`` keys, shapes and dtypes from the zip directory and ``.npy`` headers,
+           ``.h5`` datasets, image headers; see :mod:`~lightning_selfreg.data.preflight`), then read in full
+           (:meth:`_check_sample`, :meth:`_check_case`): readable to the end, finite intensities, labels integral
+           and in ``[0, num_classes)``, image/label shape agreement, spacing > 0.
+        3. Items that passed are recorded (:class:`~lightning_selfreg.data.preflight_record.PreflightRecord`, in
+           ``cache_root``), so a later pre-flight reads only the files that changed since.
+        4. Labels whose majority is foreground (they look inverted) are reported, one warning line.
 
         Args:
-            workers: Threads for steps 2-4 (default 1). More threads overlap the decompression, but NumPy parses
+            workers: Threads for step 2 (default 1). More threads overlap the decompression, but NumPy parses
                 every ``.npy`` header with ``ast.literal_eval``, and CPython 3.11's parser is not thread-safe
                 (it raises ``SystemError: AST constructor recursion depth mismatch`` at random, seen here on
                 3.11.7), so threads are only safe on an interpreter without that bug.
@@ -316,6 +339,8 @@ class SegDataModule(pl.LightningDataModule):
         splits = self.splits()
         if not splits["train"]:
             raise self._missing_error("has no training samples")
+        if not splits["test"]:
+            raise self._missing_error("has no test cases")
         bad = []
         for items in splits.values():
             for item in items:
@@ -325,10 +350,21 @@ class SegDataModule(pl.LightningDataModule):
         if bad:
             more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
             raise DataError(f"Listed files are missing or empty: {', '.join(bad[:20])}{more}.")
-        workers = 1 if workers is None else workers
-        run_checks(self._check_header, [i for items in splits.values() for i in items], workers)
-        run_checks(self._check_sample, splits["val"], workers)
-        run_checks(self._check_case, splits["test"], workers)
+        check_disjoint(splits, self.data_dir, by_content=self.disjoint_by_content)
+        jobs = [(item, "case" if split == "test" else "sample") for split, items in splits.items() for item in items]
+        record = self.preflight_record()
+        todo = [job for job in jobs if not record.passed(*job)]
+
+        def check(job: tuple[Item, str]) -> None:
+            item, kind = job
+            self._check_header(item)
+            record.add(item, kind, self._check_sample(item) if kind == "sample" else self._check_case(item))
+
+        try:
+            run_checks(check, todo, 1 if workers is None else workers)
+        finally:
+            record.save()
+        report_inverted([(item, record.foreground(item)) for item, _ in jobs])
         return {name: len(items) for name, items in splits.items()}
 
     # ------------------------------------------------------------------ Lightning hooks

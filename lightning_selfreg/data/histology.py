@@ -159,6 +159,7 @@ class _HistologyDataModule(SegDataModule):
     channel_names = ("R", "G", "B")  # any image is read as RGB (load_image_2d), x / 255
     intensity = (ChannelNorm("rgb_to_0_1"),) * 3
     fallback_val_fold = 0  # no Val_Folder: validate on fold 0 of 5 of Train_Folder
+    disjoint_by_content = True  # image names (1.png, ...) are not patient ids: compare the files
 
     @property
     def volumetric(self) -> bool:

@@ -18,10 +18,12 @@ that names the file, what was expected and what was found.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +36,17 @@ from lightning_selfreg.data.contract import DataError, Item, check_arrays
 __all__ = [
     "READ_ERRORS",
     "ArrayHeader",
+    "check_disjoint",
     "check_h5_volume",
     "check_pair_header",
     "h5_headers",
     "image_header",
     "npz_headers",
+    "report_inverted",
     "run_checks",
 ]
+
+log = logging.getLogger(__name__)
 
 # What the readers (numpy, zipfile, zlib, h5py, PIL) raise on truncated or corrupt files; readers turn these into
 # a DataError naming the file. (A DataError is a ValueError: catch it first and re-raise it unchanged.)
@@ -190,7 +196,7 @@ def check_pair_header(source: Any, headers: dict[str, ArrayHeader], keys: tuple[
 
 
 def check_h5_volume(path: str | Path, num_classes: int, keys: tuple[str, str] = ("image", "label"),
-                    block: int = 16) -> None:
+                    block: int = 16) -> float:
     """Read an HDF5 volume in full, ``block`` slices at a time, and check every block with ``check_arrays``.
 
     Args:
@@ -198,6 +204,9 @@ def check_h5_volume(path: str | Path, num_classes: int, keys: tuple[str, str] = 
         num_classes: Labels must lie in ``[0, num_classes)``.
         keys: Image and label dataset names.
         block: Slices per read (bounds the memory to ``block * H * W`` values per dataset).
+
+    Returns:
+        The share of the label that is foreground (non-zero).
 
     Raises:
         DataError: Missing datasets, shape mismatch, NaN/inf, out-of-range or non-integer labels (the message
@@ -212,15 +221,19 @@ def check_h5_volume(path: str | Path, num_classes: int, keys: tuple[str, str] = 
                        if k in f and isinstance(f[k], h5py.Dataset)}
             check_pair_header(path, headers, keys, (3,), 3, kind="datasets")
             image, label = f[keys[0]], f[keys[1]]
+            foreground = 0
             for start in range(0, image.shape[0], block):
                 stop = min(start + block, image.shape[0])
-                check_arrays(f"{path} (slices {start}-{stop - 1})", image[start:stop], label[start:stop],
+                labels = label[start:stop]
+                check_arrays(f"{path} (slices {start}-{stop - 1})", image[start:stop], labels,
                              num_classes, image_ndim=(3,), label_ndim=3)
+                foreground += int(np.count_nonzero(labels))
     except DataError:
         raise
     except READ_ERRORS as err:
         raise DataError(f"{path}: expected a readable HDF5 volume, found a truncated or corrupt file "
                         f"({_describe(err)}).") from err
+    return foreground / max(math.prod(headers[keys[1]].shape), 1)
 
 
 def run_checks(check: Callable[[Item], Any], items: Sequence[Item], workers: int) -> None:
@@ -235,3 +248,65 @@ def run_checks(check: Callable[[Item], Any], items: Sequence[Item], workers: int
             pass
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_disjoint(splits: Mapping[str, Sequence[Item]], source: Any, by_content: bool = False) -> None:
+    """Raise a :class:`DataError` when a case (or, ``by_content``, an identical image file) is in two splits.
+
+    Args:
+        splits: ``{"train": [...], "val": [...], "test": [...]}``.
+        source: The dataset, for the message.
+        by_content: Compare the image files' bytes (same size, then SHA-256) instead of the case names, for
+            datasets whose file names are not patient identifiers (GlaS, MoNuSeg: ``1.png`` in two folders may be
+            two images).
+
+    Raises:
+        DataError: Naming the case(s) or files and the two splits.
+    """
+    names = [name for name in ("train", "val", "test") if name in splits]
+    if by_content:
+        by_size: dict[int, list[tuple[str, Item]]] = {}
+        for name in names:
+            for item in splits[name]:
+                by_size.setdefault(item.path.stat().st_size, []).append((name, item))
+        for group in by_size.values():
+            if len({name for name, _ in group}) < 2:
+                continue
+            digests: dict[str, tuple[str, Item]] = {}
+            for name, item in group:
+                other = digests.setdefault(_digest(item.path), (name, item))
+                if other[0] != name:
+                    raise DataError(f"{source}: the same image is in the {other[0]} split ({other[1].path}) and the "
+                                    f"{name} split ({item.path}); expected disjoint splits.")
+        return
+    cases = {name: {item.case for item in splits[name]} for name in names}
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            both = sorted(cases[first] & cases[second])
+            if both:
+                shown = ", ".join(both[:5]) + (f" and {len(both) - 5} more" if len(both) > 5 else "")
+                raise DataError(f"{source}: case(s) {shown} are in both the {first} and the {second} split; "
+                                "expected disjoint splits (the same patient on both sides inflates the scores).")
+
+
+def report_inverted(items: Sequence[tuple[Item, float | None]], threshold: float = 0.5) -> list[Item]:
+    """Warn (one line) about labels whose majority is foreground: they look inverted (background must be 0).
+
+    Args:
+        items: ``(item, share of its label that is foreground)`` pairs (None: unknown).
+        threshold: Report a label whose foreground share is above this.
+
+    Returns:
+        The reported items.
+    """
+    inverted = [(item, fg) for item, fg in items if fg is not None and fg > threshold]
+    if inverted:
+        shown = ", ".join(f"{(item.label_path or item.path)} ({fg:.0%} foreground)" for item, fg in inverted[:5])
+        more = f" and {len(inverted) - 5} more" if len(inverted) > 5 else ""
+        log.warning("pre-flight: %d of %d labels look inverted (more foreground than background; foreground is any "
+                    "value > 0): %s%s. Check that their background is 0.", len(inverted), len(items), shown, more)
+    return [item for item, _ in inverted]

@@ -24,6 +24,7 @@ from lightning_selfreg.data.contract import Item
 from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.image_io import HU_WINDOW
 from lightning_selfreg.data.preflight import check_h5_volume, check_pair_header, h5_headers, npz_headers
+from lightning_selfreg.data.preflight_record import foreground_fraction
 from lightning_selfreg.data.preprocessing import ChannelNorm, check_axcodes
 from lightning_selfreg.data.readers import (
     check_slice,
@@ -148,11 +149,11 @@ class SynapseDataModule(SegDataModule):
             check_pair_header(item.path, datasets, ("image", "label"), (3,), 3, kind="datasets")
             check_spacing(item.path, attrs.get("spacing"))
 
-    def _check_sample(self, item: Item) -> None:
-        check_slice(item.path, self.num_classes)
+    def _check_sample(self, item: Item) -> float | None:
+        return foreground_fraction(check_slice(item.path, self.num_classes)[1])
 
-    def _check_case(self, item: Item) -> None:
-        check_h5_volume(item.path, self.num_classes)
+    def _check_case(self, item: Item) -> float | None:
+        return check_h5_volume(item.path, self.num_classes)
 
     def _read_sample(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         return read_slice(item.path, self.num_classes)
@@ -177,6 +178,7 @@ class SampleCTDataModule(SynapseDataModule):
             +-15 deg, zoom 1/1.5..1.5, shift 7.5 %, intensity jitter (no flips: they ruin left/right organs on this
             sample). A name rather than an instance as the default, so that a configuration file can say it.
         data_dir: Override the bundled folder.
+        cache_dir: Cache root for the pre-flight's record (default ``$XDG_CACHE_HOME/lightning_selfreg``).
     """
 
     def __init__(
@@ -185,6 +187,7 @@ class SampleCTDataModule(SynapseDataModule):
         batch_size: int = 8,
         batch_transform: RandomAffine | Literal["default"] | None = "default",
         data_dir: str | Path = SAMPLE_DIR,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if isinstance(batch_transform, str):
             if batch_transform != "default":
@@ -192,4 +195,4 @@ class SampleCTDataModule(SynapseDataModule):
                                    f"None, found {batch_transform!r}.")
             batch_transform = RandomAffine()
         super().__init__(data_dir, image_size=image_size, batch_size=batch_size, transform=None,
-                         batch_transform=batch_transform, cache=True, val_cases=())
+                         batch_transform=batch_transform, cache=True, val_cases=(), cache_dir=cache_dir)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from numbers import Real
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -55,6 +57,17 @@ def _check_3d_options(spatial_dims: int, roi_size: int | Sequence[int] | None, i
             "roi_size", f"spatial_dims=3 needs `roi_size`, the sliding window (D, H, W) or one int, found {roi_size!r}."
         )
     _require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
+
+
+def _check_optimizer_options(lr: Any, momentum: Any, weight_decay: Any, poly_power: Any) -> None:
+    for name, value, low, inclusive in (("lr", lr, 0.0, False), ("poly_power", poly_power, 0.0, False),
+                                        ("weight_decay", weight_decay, 0.0, True), ("momentum", momentum, 0.0, True)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or \
+                value < low or (value == low and not inclusive):
+            raise SettingError(name, f"`{name}` must be a finite number {'>=' if inclusive else '>'} {low:g}"
+                                     f"{' and < 1' if name == 'momentum' else ''}, found {value!r}.")
+    if momentum >= 1:
+        raise SettingError("momentum", f"`momentum` must be a finite number >= 0 and < 1, found {momentum!r}.")
 
 
 class SelfRegSegModule(pl.LightningModule):
@@ -139,6 +152,7 @@ class SelfRegSegModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         _check_3d_options(spatial_dims, roi_size, input_size, sw_batch_size, sw_overlap)
+        _check_optimizer_options(lr, momentum, weight_decay, poly_power)
         if optimizer not in OPTIMIZERS:
             raise SettingError("optimizer", f"`optimizer` must be one of {OPTIMIZERS}, found {optimizer!r}.")
         if lr_schedule not in SCHEDULES:

@@ -48,6 +48,11 @@ def _check_map(x: Tensor, name: str) -> None:
             f"`{name}` must be a (B, C, *spatial) feature map with 2 or 3 spatial dims, i.e. (B, C, H, W) or "
             f"(B, C, D, H, W), found {found}."
         )
+    if not x.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point feature map, found dtype {x.dtype} "
+                         f"(shape {tuple(x.shape)}).")
+    if x.numel() == 0:
+        raise ValueError(f"`{name}` must be a non-empty feature map, found shape {tuple(x.shape)} (a zero-size dim).")
 
 
 def _adaptive_pool(x: Tensor, size: tuple[int, ...]) -> Tensor:
@@ -381,6 +386,9 @@ class SelfRegLoss(nn.Module):
         missing = [t for t in self.tap_names if t not in features]
         if missing:
             raise KeyError(f"SelfRegLoss is missing tapped features {missing}; captured: {sorted(features)}.")
+        _check_map(final, "final")
+        for t in self.tap_names:
+            _check_map(features[t], f"features[{t!r}]")
         with no_autocast(final.device.type):
             if self.implementation == "reference":
                 ifd, scr = self._terms_reference(features, final, generator)

@@ -2,5 +2,6 @@
 
 ``wandb_mode``: what W&B will do (online, offline, disabled) decided before a run starts; ``environment``: the
 machine, versions and git state logged with a run; ``report``: the tables of a run and of a comparison;
-``compare``: pairing SelfReg and baseline runs by seed into a comparison summary.
+``compare``: pairing SelfReg and baseline runs by seed into a comparison summary; ``csv_logger``: every logged
+scalar in the run folder's ``metrics.csv``, appended (never truncated) on resume.
 """

@@ -43,7 +43,11 @@ FIGURE_SIZE = (12.0, 4.5)  # inches; 1200 x 450 pixels at the default 100 dpi
 
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, float]]:
-    """The rows of a CSVLogger ``metrics.csv`` as ``{column: value}``, empty and non-numeric cells left out.
+    """The rows of a run's ``metrics.csv`` as ``{column: value}``, empty and non-numeric cells left out.
+
+    Reads Lightning's ``CSVLogger`` files and the run folder's
+    :class:`~lightning_selfreg.tracking.csv_logger.MetricsCSVLogger` file. After a resume the latter holds the steps
+    between the resumed checkpoint and the interruption twice: of each ``(step, key)`` the last value is kept.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -60,7 +64,9 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, float]]:
                 except ValueError:
                     continue
             rows.append(row)
-    return rows
+    last = {(row["step"], key): i for i, row in enumerate(rows) if "step" in row for key in row}
+    return [{k: v for k, v in row.items() if k in ("step", "epoch") or "step" not in row or last[(row["step"], k)] == i}
+            for i, row in enumerate(rows)]
 
 
 def epoch_means(rows: Sequence[Mapping[str, float]], key: str) -> tuple[list[int], list[float]]:

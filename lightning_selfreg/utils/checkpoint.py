@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_selfreg.utils.files import atomic_write, remove_orphaned_temp_files
+from lightning_selfreg.utils.files import WriteError, atomic_write, remove_orphaned_temp_files, write_error
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "check_checkpoint_file", "load_checkpoint"]
 
@@ -29,6 +29,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     write leaves the temporary ``.tmp<pid>.<name>`` behind; the first save into a folder removes such files of
     processes that no longer run (:func:`~lightning_selfreg.utils.files.remove_orphaned_temp_files`), and
     ``experiments.run`` already does so when a run starts or resumes.
+
+    A write that fails (a full disk, a read-only folder) raises a
+    :class:`~lightning_selfreg.utils.files.WriteError` naming the file and the cause, and the previous checkpoint
+    under that name stays as it was.
     """
 
     def __init__(self) -> None:
@@ -42,8 +46,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             self._cleaned.add(folder)
             # another save of this process (e.g. an async checkpoint thread) may be in flight: keep our own pid's
             remove_orphaned_temp_files(folder, include_own=False)
-        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
-                                                                                       storage_options))
+        try:
+            atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
+                                                                                           storage_options))
+        except WriteError:
+            raise
+        except RuntimeError as err:  # torch's stream writer reports a failed write (e.g. ENOSPC) as RuntimeError
+            if "write" not in str(err).lower():
+                raise
+            raise write_error(path, err) from err
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:

@@ -106,6 +106,127 @@ def test_preflight_names_the_bad_file(tmp_path):
         _dm(root, tmp_path).validate()
 
 
+def _patch_header(path, edit):
+    """Edit a .nii.gz file's header bytes directly (nibabel's save would repair a zero spacing)."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes())
+    header = nib.Nifti1Header(raw[:348], check=False)
+    edit(header)
+    path.write_bytes(gzip.compress(header.binaryblock + raw[348:]))
+
+
+def _rewrite(path, change):
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj).copy()
+    data, affine = change(data, img.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def _sform_without_z(header):
+    matrix = header.get_best_affine()
+    matrix[:3, 2] = 0
+    header.set_sform(matrix, code=1)
+    header["qform_code"] = 0
+
+
+def _flip_x(data, affine):
+    flipped = affine @ np.diag([-1.0, 1, 1, 1])
+    flipped[:3, 3] = affine[:3, 3] + affine[:3, 0] * (data.shape[0] - 1)  # the same field of view, x reversed
+    return data[::-1].copy(), flipped
+
+
+FAULTS = {  # the file that is damaged, how, and what the message says
+    "truncated image": ("imagesTr/case_001_0000.nii.gz", "truncate", "cannot be read as NIfTI"),
+    "NaN in a training image": ("imagesTr/case_002_0001.nii.gz",
+                                lambda d, a: (np.where(d == d.max(), np.nan, d).astype(np.float32), a),
+                                "image contains NaN or infinite values"),
+    "NaN in a test image": ("imagesTs/test_000_0001.nii.gz",
+                            lambda d, a: (np.where(d == d.max(), np.nan, d).astype(np.float32), a),
+                            "image contains NaN or infinite values"),
+    "fractional label": ("labelsTr/case_003.nii.gz", lambda d, a: (d.astype(np.float32) * 0.5, a),
+                         "found non-integer values (e.g. 0.5)"),
+    "label flipped against its image": ("labelsTr/case_000.nii.gz", _flip_x,
+                                        "label geometry differs from case_000_0000.nii.gz's: voxel axis 0 flipped"),
+    "label shifted": ("labelsTr/case_004.nii.gz", lambda d, a: (d, a + np.pad(np.ones((3, 1)) * 5, ((0, 1), (3, 0)))),
+                      "origin moved by (5.0, 5.0, 5.0) mm"),
+    "zero spacing in pixdim": ("imagesTr/case_001_0000.nii.gz",
+                               lambda h: h["pixdim"].__setitem__(3, 0.0), "found pixdim[1:4] = (1.1, 1.1, 0.0)"),
+    "negative spacing in pixdim": ("labelsTr/case_002.nii.gz",
+                                   lambda h: h["pixdim"].__setitem__(1, -1.0), "found pixdim[1:4] = (-1.0, 1.0, 4.0)"),
+    "zero axis in the sform": ("imagesTs/test_000_0000.nii.gz", _sform_without_z,
+                               "a sform whose voxel axes have lengths (0.7, 0.7, 0.0)"),
+    "test image without its label": ("labelsTs/test_000.nii.gz", "delete", "1 test case(s) without a label in "
+                                     "labelsTs/: test_000; expected each test image's label"),
+    "fold overlap in splits_final.json": ("splits_final.json", "overlap", "fold 0 has case(s) ['case_001'] in both "
+                                          "train and val"),
+    "a test case with a training case's name": ("imagesTs/test_000_0000.nii.gz", "rename",
+                                                "case(s) case_002 are in both the train and the test split"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_preflight_reads_every_file_before_any_cache(tmp_path, fault):
+    """Each fault is named by validate(), before a preprocessed case or the run exists."""
+    root = write_nnunet(tmp_path / "Dataset006_Faults")
+    relative, change, found = FAULTS[fault]
+    path = root / relative
+    if change == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif change == "delete":
+        path.unlink()
+    elif change == "overlap":
+        path.write_text(json.dumps([{"train": ["case_000", "case_001"], "val": ["case_001", "case_004"]}]))
+    elif change == "rename":
+        for name in ("test_000_0000", "test_000_0001"):
+            (root / "imagesTs" / f"{name}.nii.gz").rename(root / "imagesTs" / f"{name.replace('test_000', 'case_002')}"
+                                                                              ".nii.gz")
+        (root / "labelsTs" / "test_000.nii.gz").rename(root / "labelsTs" / "case_002.nii.gz")
+    elif relative.endswith(".nii.gz") and change.__code__.co_argcount == 1:
+        _patch_header(path, change)
+    else:
+        _rewrite(path, change)
+    dm = _dm(root, tmp_path, fold=0 if change == "overlap" else None)
+    with pytest.raises(DataError) as info:
+        dm.validate()
+    message = str(info.value)
+    assert "\n" not in message and found in message, message
+    if change not in ("delete", "overlap", "rename"):
+        assert message.startswith(str(path)), message
+    assert not (tmp_path / "cache" / "nnunet").exists()  # nothing preprocessed
+
+
+def test_unlabeled_test_cases_can_be_predict_only(tmp_path):
+    root = write_nnunet(tmp_path / "Dataset007_Unlabeled")
+    rng = np.random.default_rng(1)
+    _case(root, "imagesTs", "labelsTs", "test_001", (2.0, 0.7, 0.7), (10, 20, 22), rng)
+    (root / "labelsTs" / "test_001.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"1 test case\(s\) without a label in labelsTs/: test_001"):
+        _dm(root, tmp_path).validate()
+    with pytest.warns(UserWarning, match=r"1 case\(s\) without a label are left out of testing .*'test_001'"):
+        dm = _dm(root, tmp_path, unlabeled_test_cases="predict_only")
+        assert dm.validate() == {"train": 5, "val": 0, "test": 1}
+    assert dm.predict_only == ["test_001"] and [i.case for i in dm.splits()["test"]] == ["test_000"]
+
+
+def test_a_warm_nnunet_preflight_reads_no_case_again(tmp_path, monkeypatch):
+    import lightning_selfreg.data.nnunet.datamodule as nnunet_module
+
+    root = write_nnunet(tmp_path / "Dataset008_Warm")
+    read = []
+    original = nnunet_module.check_case
+    monkeypatch.setattr(nnunet_module, "check_case", lambda case, meta: read.append(case.case) or original(case, meta))
+    _dm(root, tmp_path).validate()
+    assert len(read) == 6
+    read.clear()
+    _dm(root, tmp_path).validate()
+    assert read == []
+    path = root / "imagesTr" / "case_003_0001.nii.gz"  # the second channel alone changes
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    _dm(root, tmp_path).validate()
+    assert read == ["case_003"]
+
+
 # ------------------------------------------------------------------ splits
 # sklearn.model_selection.KFold(5, shuffle=True, random_state=12345) on the sorted ids (computed with sklearn 1.x)
 KFOLD_7 = [["case_003", "case_006"], ["case_000", "case_004"], ["case_001"], ["case_005"], ["case_002"]]
@@ -162,6 +283,24 @@ def test_resampling_round_trip_to_native_grid():
     assert np.abs(back - image).max() < 0.1
 
 
+def test_anisotropic_target_spacing_takes_the_10th_percentile_of_the_coarse_axis():
+    """nnU-Net's rule: when the coarse axis' median spacing is > 3x the others' and its median size x 3 is below the
+    others', the coarse axis takes the 10th percentile of its spacings (finer than the median); otherwise the median."""
+    from lightning_selfreg.data.nnunet.preprocess import Fingerprint, target_spacing
+
+    def target(z_spacings, z_size):
+        spacings = np.array([[z, 0.8, 0.8] for z in z_spacings])
+        shapes = np.array([[z_size, 512, 512]] * len(z_spacings))
+        return tuple(target_spacing(Fingerprint(spacings, shapes, ())).tolist())
+
+    thick = [5.0] * 8 + [1.5, 1.5]
+    assert target(thick, 60) == pytest.approx((1.5, 0.8, 0.8))  # the anisotropic branch
+    assert target(thick, 200) == pytest.approx((5.0, 0.8, 0.8))  # enough slices: the median
+    assert target([2.0] * 10, 60) == pytest.approx((2.0, 0.8, 0.8))  # not anisotropic: the median
+    assert target([5.0] * 10, 60) == pytest.approx((5.0, 0.8, 0.8))  # the 10th percentile of equal spacings
+    assert target([5.0] * 8 + [0.5, 0.5], 60)[0] == pytest.approx(0.8 + 1e-5)  # never finer than the other axes
+
+
 def test_normalization_per_channel_type(dataset, tmp_path):
     dm = _dm(dataset, tmp_path, configuration="3d")
     dm.prepare_data()
@@ -188,8 +327,8 @@ def test_cache_is_reused_and_follows_the_files(tmp_path, monkeypatch):
     dm = _dm(root, tmp_path, configuration="2d")
     dm.prepare_data()
     first = dm.cache_dir
-    assert dm.is_preprocessed() and sorted(p.name for p in first.glob("*.json"))[:2] == ["case_000.json",
-                                                                                         "case_001.json"]
+    assert dm.is_preprocessed() and sorted(p.parent.name for p in first.glob("*/props.json"))[:2] == ["case_000",
+                                                                                                      "case_001"]
     import lightning_selfreg.data.nnunet.datamodule as nnunet_module
 
     def fail(*args, **kwargs):
@@ -279,3 +418,39 @@ def test_fit_and_test_learns_the_organ_and_writes_native_predictions(dataset, tm
     written = nib.load(tmp_path / "pred" / "test_000.nii.gz")
     native = nib.load(dataset / "labelsTs" / "test_000.nii.gz")
     assert written.shape == native.shape and np.allclose(written.affine, native.affine)
+
+
+def test_an_interrupted_preprocessing_leaves_no_half_written_case(tmp_path, monkeypatch):
+    """A case is a folder renamed into place when complete: a failure mid-case leaves nothing of it, a killed run
+    leaves a temporary folder that the next preprocessing removes."""
+    import subprocess
+    import sys
+
+    root = write_nnunet(tmp_path / "Dataset009_Atomic")
+    dm = _dm(root, tmp_path)
+    written = []
+    original = np.savez
+
+    def savez(path, *args, **kwargs):  # the last file of a case; its arrays are already in the folder
+        written.append(path)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(KeyboardInterrupt):
+        dm.prepare_data()
+    cache = dm.cache_dir
+    assert (cache / "case_002").parent == written[2].parent.parent  # it was being written beside the others
+    assert sorted(p.name for p in cache.iterdir()) == ["case_000", "case_001", "fingerprint.json"]
+    assert not dm.is_preprocessed()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    orphan = cache / f".tmp{dead}.case_003"  # what a SIGKILL mid-case leaves
+    orphan.mkdir()
+    (orphan / "image.npy").write_bytes(b"\x93NUMPY half")
+    monkeypatch.setattr(np, "savez", original)
+    _dm(root, tmp_path).prepare_data()
+    assert not orphan.exists() and dm.is_preprocessed()
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [f"case_{i:03d}" for i in range(5)] + ["test_000"]
+    assert all((cache / p.name / "props.json").is_file() for p in cache.iterdir() if p.is_dir())

@@ -4,6 +4,8 @@ Every bad file is written in the exact real format (TransUNet ``.npz`` slices, `
 each test asserts that the one-line message names the file and what was expected and found.
 """
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -144,16 +146,19 @@ def test_header_reader_reads_no_data(root, monkeypatch):
     assert sum(read) < 1000
 
 
-def test_corrupt_deflate_stream_slips_past_preflight_and_is_named_when_read(root):
-    """A corrupt member (directory intact) passes the header pass; training's read names the file, with workers."""
+def test_corrupt_deflate_stream_is_named_by_the_preflight_and_when_read(root):
+    """A corrupt member (directory intact) passes the header check; the pre-flight's full read names the file, and so
+    does training's read, from a worker."""
     path = root / "train_npz" / "case0000_slice000.npz"
     np.savez_compressed(path, image=np.random.default_rng(0).random((24, 200), dtype=np.float32),
                         label=np.zeros((24, 200), np.uint8))
     data = bytearray(path.read_bytes())
     data[12000:12300] = bytes(300)  # deep inside image.npy's deflate stream, past what the header read inflates
     path.write_bytes(bytes(data))
+    npz_headers(path)  # the header pass alone does not see it
     dm = _dm(root, num_workers=1, batch_size=6)
-    dm.validate()
+    with pytest.raises(DataError, match=r"case0000_slice000.npz: cannot be read as .npz \((BadZipFile|error)"):
+        dm.validate()
     with pytest.raises(DataError, match=r"case0000_slice000.npz: cannot be read as .npz \((BadZipFile|error)"):
         read_slice(path, 9)
     dm.setup("fit")
@@ -285,6 +290,101 @@ def test_num_classes_below_two(root):
         OneClass(root)
     with pytest.raises(ValueError, match="`num_classes` must be an int >= 2"):
         read_slice(root / "train_npz" / "case0000_slice000.npz", 1)
+
+
+# ---------------------------------------------------------------- every file in full, recorded, splits, inverted
+
+
+@pytest.mark.parametrize(("change", "found"), [
+    ("label_255", "label: expected class indices in [0, 9), found values in [0, 255]"),
+    ("label_half", "label: expected class indices in [0, 9), found non-integer values (e.g. 0.5)"),
+    ("image_nan", "expected finite image values, found 1 NaN/infinite value(s) (first at index (3, 4))"),
+])
+def test_training_slices_are_read_in_full(root, change, found):
+    """A training slice whose header is fine but whose values are not: named by the pre-flight, not by training."""
+    path = root / "train_npz" / "case0000_slice001.npz"
+    image, label = np.full((24, 20), 0.5, np.float32), np.zeros((24, 20), np.float32)
+    if change == "label_255":
+        label[4:9, 4:9] = 255
+    elif change == "label_half":
+        label[4:9, 4:9] = 0.5
+    else:
+        image[3, 4] = np.nan
+    np.savez(path, image=image, label=label)
+    message = _preflight_error(_dm(root))
+    assert message.startswith(str(path)) and found in message, message
+
+
+def test_a_warm_preflight_reads_only_the_files_that_changed(root, monkeypatch, tmp_path):
+    checked = []
+    for name in ("_check_sample", "_check_case"):
+        original = getattr(SynapseDataModule, name)
+        monkeypatch.setattr(SynapseDataModule, name,
+                            lambda self, item, original=original: checked.append(item.path.name) or original(self,
+                                                                                                           item))
+    before = sorted(p.name for p in root.rglob("*"))
+    cache = tmp_path / "cache"
+    assert _dm(root, cache_dir=cache).validate() == {"train": 3, "val": 3, "test": 1}
+    assert len(checked) == 7  # cold: the 6 slices and the test volume, read in full
+    assert sorted(p.name for p in root.rglob("*")) == before  # nothing written into the dataset
+    assert len(list((cache / "preflight").glob("SynapseDataModule-*.json"))) == 1
+    checked.clear()
+    _dm(root, cache_dir=cache).validate()
+    assert checked == []  # warm: nothing read again
+    path = root / "train_npz" / "case0001_slice002.npz"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # changed on disk
+    _dm(root, cache_dir=cache).validate()
+    assert checked == [path.name]
+    checked.clear()
+    np.savez(path, image=np.zeros((24, 20), np.float32), label=np.full((24, 20), 9, np.float32))  # now bad
+    assert str(path) in _preflight_error(_dm(root, cache_dir=cache))
+    assert checked == [path.name]
+    other = SynapseDataModule(root, val_cases=["case0001"], cache_dir=cache)  # same data: same record
+    checked.clear()
+    with pytest.raises(DataError):
+        other.validate()
+    assert checked == [path.name]
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_speed_not_the_run(root, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="lightning_selfreg.data.preflight_record"):
+        assert _dm(root, cache_dir=blocked).validate()["test"] == 1
+    assert "could not record what it checked" in caplog.text and "next run checks every file again" in caplog.text
+    assert blocked.read_text() == "not a folder"
+
+
+def test_splits_must_be_disjoint(root, tmp_path):
+    (root / "lists" / "test_vol.txt").write_text("case0100\ncase0000\n")  # a training case among the tests
+    _write_volume(root / "test_vol_h5" / "case0000.npy.h5", np.zeros((4, 24, 20), np.float32),
+                  np.zeros((4, 24, 20), np.float32))
+    message = _preflight_error(_dm(root))
+    assert "case(s) case0000 are in both the train and the test split" in message
+    glas = write_uctransnet(tmp_path / "glas")
+    for sub, name in (("img", "Tr_1.png"), ("labelcol", "Tr_1_anno.bmp")):  # a training image copied as a test one
+        (glas / "Test_Folder" / sub / name.replace("Tr_1", "Te_9")).write_bytes((glas / "Train_Folder" / sub /
+                                                                                 name).read_bytes())
+    message = _preflight_error(GlaSDataModule(glas, image_size=16))
+    assert "the same image is in the" in message and "Tr_1.png" in message and "Te_9.png" in message
+
+
+def test_labels_that_look_inverted_are_reported(tmp_path, caplog):
+    glas = write_uctransnet(tmp_path / "glas")
+    mask = glas / "Train_Folder" / "labelcol" / "Tr_2_anno.bmp"
+    inverted = np.full((30, 36), 255, np.uint8)
+    inverted[8:20, 10:25] = 0  # background 255, gland 0: read as 81 % foreground
+    Image.fromarray(inverted).save(mask)
+    dm = GlaSDataModule(glas, image_size=16)
+    with caplog.at_level("WARNING", logger="lightning_selfreg.data.preflight"):
+        dm.validate()
+    (record,) = caplog.records
+    assert "1 of 7 labels look inverted" in record.getMessage() and f"{mask} (83% foreground)" in \
+        record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_selfreg.data.preflight"):
+        GlaSDataModule(glas, image_size=16).validate()  # warm: reported again, from the record
+    assert len(caplog.records) == 1 and str(mask) in caplog.records[0].getMessage()
 
 
 # ---------------------------------------------------------------- the command line

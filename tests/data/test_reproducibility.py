@@ -157,3 +157,28 @@ def test_a_transform_without_seed_gets_the_global_rngs_seeded_per_sample(data_di
     assert torch.equal(a, b) and not torch.equal(a, c)
     after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+
+
+def test_worker_seeds_depend_on_seed_and_epoch_not_on_the_global_rng():
+    """The loader's base seed (each worker's torch / random / NumPy seed) is a function of (seed, epoch): the same
+    epoch replays the same worker streams, another epoch gets other ones, whatever the global RNG did."""
+    from lightning_selfreg.data.sampling import ResumableDataLoader, ResumableSampler
+
+    class WorkerSeed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, key):
+            return torch.tensor(torch.initial_seed())  # the worker's torch seed: base seed + worker id
+
+    def seeds(seed, epoch):
+        dataset = WorkerSeed()
+        sampler = ResumableSampler(dataset, seed=seed)
+        sampler.set_epoch(epoch)
+        loader = ResumableDataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1)
+        torch.rand(3)  # the global RNG moves on between the runs: it must not matter
+        return {int(v) for batch in loader for v in batch}
+
+    first = seeds(0, 0)
+    assert len(first) == 1 and seeds(0, 0) == first  # one worker, reproducible
+    assert seeds(0, 1) != first and seeds(1, 0) != first and seeds(0, 1) != seeds(1, 0)

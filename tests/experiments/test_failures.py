@@ -147,8 +147,9 @@ def test_a_write_killed_mid_way_leaves_an_orphan_that_the_next_run_removes(tmp_p
             raise Stop
 
         monkeypatch.setattr(pl.Trainer, "fit", stop)  # the run has started in that folder: stop before training
-        with pytest.raises(Stop):
-            run.main([*TINY, "--wandb", "disabled", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"])
+        with pytest.raises(Stop):  # --resume: the folder exists (a new run there would be refused)
+            run.main([*TINY, "--wandb", "disabled", "--output-dir", str(tmp_path / "runs"), "--run-name", "r",
+                      "--resume"])
         assert not orphan.exists() and not orphan_in_run_dir.exists()
         assert in_flight.exists() and all(p.exists() for p in unrelated)
         assert torch.load(last, weights_only=True)["state_dict"]["w"].shape == (3,)

@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -60,19 +61,115 @@ def test_non_finite_loss_stops_with_step_and_term(synapse_dir):
         trainer.fit(module, dm)
 
 
-def _fit_sample(ckpt_dir, ckpt_path=None, every_n_steps=None):
-    """3 epochs of a tiny UNet + SelfReg on the sample (4 steps per epoch); returns the final state dict."""
+class SendSignal(pl.Callback):
+    """Send ``signum`` to this process when training step ``at`` starts (as a scheduler or Ctrl+C would)."""
+
+    def __init__(self, at, signum):
+        self.at, self.signum = at, signum
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at:
+            self.at = None
+            os.kill(os.getpid(), self.signum)
+
+
+def _fit_sample(ckpt_dir, ckpt_path=None, every_n_steps=None, stop=None):
+    """3 epochs of a tiny UNet + SelfReg on the sample (4 steps per epoch); returns the final state dict.
+
+    ``stop=(step, signal, path)``: that signal arrives at that step; ``GracefulStop(path)`` saves there, and the
+    stopped fit returns its ``GracefulStop``."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_selfreg.callbacks import GracefulStop
+    from lightning_selfreg.utils.checkpoint import AtomicCheckpointIO
+
     pl.seed_everything(3)
     module = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9, input_size=32)  # poly LR per step
     callbacks = [RNGStateCheckpoint(), SelfReg()]
     if every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every_n_steps,
                                          save_top_k=-1))
+    if stop is not None:
+        graceful = GracefulStop(stop[2])
+        callbacks += [graceful, SendSignal(stop[0], stop[1])]
     trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(every_n_steps), callbacks=callbacks)
-    trainer.fit(module, SampleCTDataModule(image_size=32, batch_size=16), ckpt_path=ckpt_path)
+                         enable_model_summary=False, enable_checkpointing=bool(every_n_steps), callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO()])
+    try:
+        trainer.fit(module, SampleCTDataModule(image_size=32, batch_size=16), ckpt_path=ckpt_path)
+    except SIGTERMException:
+        assert stop is not None
+        return graceful
+    assert stop is None
     assert trainer.num_training_batches == 4 and trainer.global_step == 12
     return module.state_dict()
+
+
+def test_a_run_stopped_by_sigterm_or_sigint_resumes_to_the_same_weights(tmp_path):
+    """SIGTERM mid-epoch (step 5 of 4 per epoch), SIGINT on the last step of an epoch: the checkpoint written at the
+    current step resumes to the weights of an uninterrupted run."""
+    reference = _fit_sample(None)
+    for at, signum, saved_at in ((5, signal.SIGTERM, 6), (3, signal.SIGINT, 4)):
+        path = tmp_path / f"{signum.name}.ckpt"
+        stopped = _fit_sample(None, stop=(at, signum, path))
+        assert (stopped.signal, stopped.stage, stopped.saved_step, stopped.saved_path) == (signum, "train", saved_at,
+                                                                                           path)
+        assert torch.load(path, weights_only=False)["global_step"] == saved_at
+        resumed = _fit_sample(None, ckpt_path=str(path))
+        for key, value in reference.items():
+            assert torch.equal(value, resumed[key]), (signum.name, key)
+
+
+def test_a_signal_during_validation_keeps_the_last_checkpoint(synapse_dir, tmp_path):
+    """Mid-validation the state would not resume exactly: nothing is written, the last checkpoint stays."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_selfreg.callbacks import GracefulStop
+
+    class SignalInValidation(pl.Callback):
+        def on_validation_batch_start(self, trainer, *args):
+            if not trainer.sanity_checking:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    path = tmp_path / "last.ckpt"
+    stop = GracefulStop(path)
+    dm = SynapseDataModule(synapse_dir, image_size=32, batch_size=2, val_cases=["case0001"], transform=None)
+    module = SelfRegSegModule(UNet(1, 9, base_channels=4, depth=2), 9, input_size=32)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+                         callbacks=[stop, SignalInValidation()])
+    with pytest.raises(SIGTERMException):
+        trainer.fit(module, dm)
+    assert (stop.signal, stop.stage, stop.saved_step) == (signal.SIGTERM, "validate", None) and not path.exists()
+
+
+def test_sigterm_exits_143_with_the_command_that_resumes(tmp_path, capsys, monkeypatch):
+
+    from experiments import run
+
+    original = run.run_callbacks
+
+    def with_signal(cli, folder):
+        callbacks, *rest = original(cli, folder)
+        return [*callbacks, SendSignal(2, signal.SIGTERM)], *rest
+
+    monkeypatch.setattr(run, "run_callbacks", with_signal)
+    out = tmp_path / "runs"
+    argv = [*TINY, "--max-epochs", "2", "--output-dir", str(out)]  # no --run-name: the command must add it
+    assert run.main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    (folder,) = out.iterdir()
+    last = folder / "checkpoints" / "last.ckpt"
+    assert err.startswith(f"interrupted by SIGTERM: saved {last} at step 3; resume with: python -m experiments.run ")
+    assert torch.load(last, weights_only=False)["global_step"] == 3 and not (folder / "metrics.json").exists()
+    events = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "interrupted" and events[-1]["signal"] == "SIGTERM" and events[-1]["step"] == 3
+    command = shlex.split(err.split("resume with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "experiments.run"] and command[-3:] == ["--run-name", folder.name,
+                                                                                  "--resume"]
+    monkeypatch.setattr(run, "run_callbacks", original)
+    assert run.main(command[3:]) == 0  # the printed command, as typed
+    assert torch.load(last, weights_only=False)["global_step"] == 8 and (folder / "metrics.json").is_file()
 
 
 def test_resume_from_mid_epoch_and_end_of_epoch_checkpoints_is_exact(tmp_path):
@@ -89,7 +186,8 @@ def test_resume_from_mid_epoch_and_end_of_epoch_checkpoints_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL a run right after a mid-epoch step checkpoint, resume it, compare with an uninterrupted run."""
+    """SIGKILL a run right after a mid-epoch step checkpoint, resume it, SIGTERM the resumed run, resume it with the
+    command it printed, compare with an uninterrupted run."""
     out = tmp_path / "runs"
     every = 3  # 4 steps per epoch: steps 3, 6, 9 are mid-epoch, 12 is not
     dm = SampleCTDataModule(image_size=32, batch_size=16)
@@ -118,10 +216,28 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert saved is not None, "no mid-epoch checkpoint was caught in time"
     assert saved["SampleCTDataModule"]["train_loader"]["batches"] == saved["global_step"] % steps_per_epoch
     final_epochs = saved["epoch"] + 2
-    # the resumed run and an uninterrupted reference run, side by side (each is deterministic on its own)
+    # the resumed run is stopped by SIGTERM (a scheduler's pre-emption) once it has trained on: it saves at that
+    # step, exits 143 and prints the command that resumes it, which then runs the run to its end
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *cli, "--max-epochs", str(final_epochs),
+                             "--output-dir", str(out), "--run-name", "killed", "--resume"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if torch.load(last, map_location="cpu", weights_only=False)["global_step"] > saved["global_step"]:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"interrupted by SIGTERM: saved {last} at step ") and "resume with: " in line
+    stopped_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert line.split(" at step ")[1].startswith(f"{stopped_at};")
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "experiments.run"] and command[-1] == "--resume"
+    # the printed command (as typed) and an uninterrupted reference run, side by side
     resumed, reference = run_clis_in_parallel(
-        [*cli, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "killed", "--resume"],
-        [*cli, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "ref"])
+        command[3:], [*cli, "--max-epochs", str(final_epochs), "--output-dir", str(out), "--run-name", "ref"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert reference.returncode == 0, reference.stderr[-3000:]
     a, b = weights(out / "killed" / "checkpoints" / "last.ckpt"), weights(out / "ref" / "checkpoints" / "last.ckpt")
@@ -210,3 +326,47 @@ def test_predict_cli_on_a_user_nifti(tiny_run, tmp_path, capsys):
     assert predict.main(["--checkpoint", str(tmp_path / "no.ckpt"), "--input", str(tmp_path / "ct.nii.gz"),
                          "--output", str(tmp_path / "x.nii.gz")]) == 2  # the command line above, in this process
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_under_slurm_the_requeue_signal_saves_and_requeues_and_the_requeued_job_resumes(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Lightning's own SLURM auto-requeue (SIGUSR1: hpc checkpoint + `scontrol requeue`), then the scheduler's
+    SIGTERM: a checkpoint at that step and status 143; the requeued job (same script, SLURM_RESTART_COUNT=1) finds
+    its folder by the job id and resumes without --resume."""
+    from experiments import run
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+                       "SLURM_NODELIST": "localhost", "SLURM_LOCALID": "0", "SLURM_PROCID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NTASKS_PER_NODE": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}.items():
+        monkeypatch.setenv(key, value)
+
+    class Scheduler(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step in (1, 2):  # the requeue signal, then the kill
+                os.kill(os.getpid(), signal.SIGUSR1 if trainer.global_step == 1 else signal.SIGTERM)
+
+    original = run.run_callbacks
+    monkeypatch.setattr(run, "run_callbacks", lambda cli, folder: (lambda parts: ([*parts[0], Scheduler()],
+                                                                                 *parts[1:]))(original(cli, folder)))
+    out = tmp_path / "runs"
+    argv = [*TINY, "--max-epochs", "1", "--output-dir", str(out)]
+    assert run.main(argv) == 143
+    folder = out / "samplect-unet-selfreg-seed0-slurm4242"  # named after the job: the requeued job finds it
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert torch.load(folder / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 1  # when it came
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    capsys.readouterr()
+    monkeypatch.setattr(run, "run_callbacks", original)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert run.main(argv) == 0  # the same command: resumed from the newest checkpoint, not refused
+    assert f"SLURM requeue: resuming {folder} from {folder / 'checkpoints' / 'last.ckpt'} (step 3)" in \
+        capsys.readouterr().err
+    events = [json.loads(line)["event"] for line in (folder / "history.jsonl").read_text().splitlines()]
+    assert events == ["start", "interrupted", "resume", "finished"] and (folder / "metrics.json").is_file()
+    monkeypatch.setenv("SLURM_JOB_ID", "4343")  # another job with that folder's name: an error, not a resume
+    assert run.main([*argv, "--run-name", folder.name]) == 2

@@ -30,20 +30,43 @@ def parse(argv, cuda=False):
 
 
 def test_aliases_are_the_full_keys_and_expand_the_same_in_every_ddp_rank():
-    argv = ["--gpus", "4", "--dataset", "synapse", "--data-dir", "/d", "--lambda-scr", "0.1", "--no-selfreg",
+    argv = ["--gpus", "4", "--dataset", "synapse", "--data-dir", "/d", "--lambda-scr", "0.1", "--lr", "0.5",
             "--seed", "3", "--val-cases", "case0001", "case0002", "--resume", "--run-name", "x"]
     full = cli.expand_aliases(argv)
     assert full == cli.expand_aliases(argv)  # Lightning re-launches every rank with the same argv
     assert full[:2] == ["--config", str(CONFIGS / "synapse_unet.yaml")]  # the preset first: flags win over it
     pairs = dict(zip(full[2::2], full[3::2], strict=True))
     assert pairs == {"--trainer.accelerator": "gpu", "--trainer.devices": "4", "--trainer.strategy": "ddp",
-                     "--data.data_dir": "/d", "--selfreg.lambda_scr": "0.1", "--selfreg": "null",
+                     "--data.data_dir": "/d", "--selfreg.lambda_scr": "0.1", "--model.lr": "0.5",
                      "--seed_everything": "3", "--data.val_cases": "[case0001, case0002]", "--run.resume": "true",
                      "--run.name": "x"}
+    assert cli.expand_aliases(["--gpus", "0", "--no-selfreg"])[-2:] == ["--selfreg", "null"]
     assert cli.expand_aliases(["--gpus", "0"])[:2] == ["--config", str(CONFIGS / "sample.yaml")]
     assert cli.expand_aliases([], cuda_available=True)[1] == str(CONFIGS / "sample_gpu.yaml")
     # --config without --dataset: the file is the whole configuration, no preset under it
     assert cli.expand_aliases(["--config", "my.yaml", "--gpus", "0"])[:2] == ["--config", "my.yaml"]
+
+
+def test_two_gpus_choose_ddp_and_one_gpu_does_not():
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    def pairs(argv):
+        full = cli.expand_aliases(argv)[2:]
+        return dict(zip(full[::2], full[1::2], strict=True))
+
+    assert pairs(["--gpus", "2"]) == {"--trainer.accelerator": "gpu", "--trainer.devices": "2",
+                                      "--trainer.strategy": "ddp"}
+    assert pairs(["--gpus", "1"]) == {"--trainer.accelerator": "gpu", "--trainer.devices": "1"}
+    assert pairs(["--gpus", "0"]) == {"--trainer.accelerator": "cpu", "--trainer.devices": "1"}
+    config = parse(["--gpus", "2"])
+    assert config["trainer"]["strategy"] == "ddp" and run._is_ddp(config) and not run._is_ddp(parse(["--gpus", "1"]))
+    # what that strategy builds (on CPU processes here: the same DDP strategy Lightning gives two GPUs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=config["trainer"]["strategy"], logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 2
+    single = pl.Trainer(accelerator="cpu", devices=1, strategy=parse(["--gpus", "1"])["trainer"]["strategy"],
+                        logger=False)
+    assert isinstance(single.strategy, SingleDeviceStrategy)
 
 
 def test_precedence_file_then_flags_and_presets_by_device(tmp_path):
@@ -92,6 +115,25 @@ BAD = [  # (flags, the start of the one line after "error: "): the flag as typed
     (["--backbone", "resnet"], "--backbone: expected one of"),
     (["--dataset", "synapse"], "--data.data_dir: `data_dir` must be the dataset's folder"),  # no --data-dir
     (["--data-dir", "/nonexistent/sample"], "--data-dir: Data directory /nonexistent/sample does not exist"),
+    # issue 21 §3: what the Trainer or LightningCLI would accept, named with what is expected
+    (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]"),
+    (["--seed", str(2**70)], "--seed: expected an integer in [0, 4294967295]"),
+    (["--precision", "64"], "--precision: expected one of 32-true, 16-mixed, bf16-mixed"),
+    (["--lr", "-1"], "--lr: `lr` must be a finite number > 0, found -1.0"),
+    (["--lr", "0"], "--lr: `lr` must be a finite number > 0"),
+    (["--max-epochs", "0"], "--max-epochs: expected an integer >= 1, found 0 (0 trains nothing)"),
+    (["--max-epochs", "-1"], "--max-epochs: expected an integer >= 1, found -1 (-1 would train forever)"),
+    (["--trainer.max_steps", "0"], "--trainer.max_steps: expected an integer >= 1, or -1"),
+    (["--no-selfreg", "--lambda-scr", "0.1"], "--no-selfreg: conflicts with --lambda-scr"),
+    (["--lambda-ifd=0.2", "--no-selfreg"], "--no-selfreg: conflicts with --lambda-ifd"),
+    (["--selfreg", "null", "--selfreg.pairing", "ordered"], "--selfreg: null conflicts with --selfreg.pairing"),
+    (["--config", "/nonexistent/run.yaml"], "--config: /nonexistent/run.yaml: file not found"),
+    (["--dataset", "nnunet", "--patch-size", "16", "16", "16", "--batch-size", "1", "--width", "4", "--data.fold",
+      "null"], "--patch-size: the network UNet cannot train on a batch of 1 of shape (1, 1, 16, 16, 16) (the "
+               "DataModule's size); the smallest size from [16, 16, 16] it takes is [32, 16, 16]"),
+    (["--dataset", "nnunet", "--patch-size", "8", "32", "32", "--width", "4", "--data.fold", "null"],
+     "--patch-size: the network UNet cannot take inputs of shape (1, 1, 8, 32, 32) (the DataModule's size); the "
+     "smallest size from [8, 32, 32] it takes is [16, 32, 32]"),
 ]
 
 
@@ -102,6 +144,40 @@ def test_bad_settings_exit_2_with_one_line_before_anything_is_written(tmp_path, 
     message = capsys.readouterr().err.strip()
     assert message.startswith(f"error: {key}") and "\n" not in message, message
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("", "expected a mapping of settings (e.g. `trainer:` / `  max_epochs: 10`), found an empty file"),
+    ("- a\n- b\n", "expected a mapping of settings (key: value lines), found a list (['a', 'b'])"),
+    ("model:\n  lr: [0.1\ntrainer: x\n", "YAML syntax error at line 3, column 8: expected ',' or ']', but got ':' "
+                                          "(while parsing a flow sequence that starts at line 2, column 7)"),
+    ("model:\n\tlr: 0.1\n", "YAML syntax error at line 2, column 1: found character '\\t' that cannot start any "
+                             "token"),
+])
+def test_a_bad_config_file_is_named_with_the_line(tmp_path, capsys, text, found):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert run.main(["--gpus", "0", "--config", str(path), "--output-dir", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --config: {path}: {found}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_python_api_names_integer_or_empty_feature_maps():
+    from lightning_selfreg import SelfRegLoss, ifd_loss, scr_loss
+
+    good = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"`feature` must be a floating-point feature map, found dtype torch.int64"):
+        ifd_loss(torch.ones(2, 4, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`final` must be a non-empty feature map, found shape \(0, 4, 8, 8\)"):
+        scr_loss(good, torch.ones(0, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"`feature` must be a floating-point feature map, found dtype torch.int32"):
+        scr_loss(good.int(), good)
+    loss = SelfRegLoss({"g": ["a"]}, {"g": ["a"]})
+    with pytest.raises(ValueError, match=r"`features\['a'\]` must be a non-empty feature map, found shape "
+                                         r"\(2, 4, 0, 8\)"):
+        loss({"a": torch.ones(2, 4, 0, 8)}, good)
+    with pytest.raises(ValueError, match=r"`final` must be a floating-point feature map, found dtype torch.uint8"):
+        loss({"a": good}, good.to(torch.uint8))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="needs a machine with fewer than 4 GPUs")

@@ -148,6 +148,51 @@ def test_poly_schedule_matches_the_authors_formula(synapse_dir):
     assert lr == pytest.approx(0.1 * (1 - t.global_step / total) ** 0.9)
 
 
+class StepRecorder(pl.Callback):
+    """Per optimizer step: the learning rate it used and the logged SelfReg terms."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = trainer.callback_metrics
+        self.rows.append({"step": trainer.global_step - 1, "lr": self.lr,
+                          **{k: float(v) for k, v in metrics.items() if k.startswith(("selfreg/", "train/"))}})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lr = optimizer.param_groups[0]["lr"]
+
+
+def test_poly_power_shapes_every_step_of_the_schedule(synapse_dir):
+    """lr_t = lr * (1 - t / T) ** poly_power at every step t (a power other than the default 0.9)."""
+    dm, module = make(synapse_dir, lr=0.1, lr_schedule="poly", poly_power=2.0)
+    recorder = StepRecorder()
+    t = trainer([recorder], max_steps=-1, max_epochs=2)
+    t.fit(module, dm)
+    total = t.estimated_stepping_batches
+    assert len(recorder.rows) == total >= 4
+    for row in recorder.rows:
+        assert row["lr"] == pytest.approx(0.1 * (1 - row["step"] / total) ** 2.0), row
+
+
+def test_selfreg_warmup_ramps_the_term_that_is_trained_on(synapse_dir):
+    """In fit, SelfReg's term at step t is min(1, t / warmup_steps) x its full weight, in the loss and in the logs."""
+    dm, module = make(synapse_dir)
+    recorder = StepRecorder()
+    t = trainer([SelfReg(warmup_steps=4), recorder], max_steps=6, log_every_n_steps=1)
+    t.fit(module, dm)
+    assert [r["step"] for r in recorder.rows] == list(range(6))
+    for row in recorder.rows:
+        scale = min(1.0, row["step"] / 4)
+        full = 0.015 * row["selfreg/scr"] + 0.015 * row["selfreg/ifd"]
+        assert full > 0, row
+        assert row["selfreg/total"] == pytest.approx(scale * full, rel=1e-5, abs=1e-9), row
+        assert row["selfreg/lambda_scr"] == pytest.approx(0.015 * scale)
+        # the trained loss holds the ramped term: the segmentation loss plus it
+        assert row["train/loss"] == pytest.approx(0.4 * row["train/ce"] + 0.6 * row["train/dice"] +
+                                                  row["selfreg/total"], rel=1e-5), row
+
+
 # ---------------------------------------------------------------- test metrics of a known prediction
 
 

@@ -142,3 +142,11 @@ def test_nhwc_taps_are_permuted_to_nchw():
     with pytest.raises(ValueError, match="not taps"):
         TapSpec(final="final", scr_groups={"all": ("a",)}, nhwc=["b"])
     assert TapSpec.from_config({"encoder": ["a"], "final": "f", "nhwc": ["a"]}).nhwc == ("a",)
+
+
+def test_an_empty_tap_path_is_rejected_not_the_whole_model_tapped():
+    """'' names the model itself in named_modules(): tapping it would hand SelfReg the logits as a feature map."""
+    net = UNet(1, 3, base_channels=4, depth=2)
+    with pytest.raises(ValueError, match=r"Tap module\(s\) not found in the model: ''"):
+        FeatureTaps(net, ["down1", ""])
+    assert all(not m._forward_hooks for m in net.modules())  # nothing hooked

@@ -53,6 +53,10 @@ def test_curves_are_the_per_epoch_means_of_the_csv(tmp_path):
     assert epoch_means(read, "train/loss") == ([1, 2], [pytest.approx(0.9), 0.5])
     assert epoch_means(read, "val/dice/spleen") == ([1, 2], [0.3, 0.4])
     assert epoch_means(read, "selfreg/ifd") == ([], [])
+    # a resumed run's metrics.csv holds the steps after its checkpoint twice: the last value of each (step, key) counts
+    again = {"epoch": 0, "step": 9, "train/loss": 0.2, "train/ce": 0.4}
+    write_lightning_csv(tmp_path / "resumed.csv", [*rows[:2], again, *rows[2:]])
+    assert epoch_means(read_metrics_csv(tmp_path / "resumed.csv"), "train/loss") == ([1, 2], [pytest.approx(0.6), 0.5])
     fig = plot_curves(read, title="toy")
     loss_ax, dice_ax = fig.axes[:2]
     assert [line.get_label() for line in loss_ax.get_lines()] == ["total loss", "CE", "SCR (unweighted)",

@@ -20,6 +20,7 @@ foreground is a function of its index: exactly ``round(n * 0.33)`` of an epoch's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from lightning_selfreg.data.datamodule import SegDataModule
 from lightning_selfreg.data.nnunet.format import (
     NNUNET_LAYOUT,
     CaseFiles,
-    check_label_values,
+    check_case,
     crossval_split,
     find_cases,
     random_split,
@@ -53,11 +54,14 @@ from lightning_selfreg.data.nnunet.preprocess import (
     cache_key,
     channel_norms,
     compute_fingerprint,
+    is_preprocessed_case,
     load_preprocessed,
     new_shape,
     preprocess_case,
     target_spacing,
 )
+from lightning_selfreg.data.preflight import check_disjoint, report_inverted, run_checks
+from lightning_selfreg.data.preflight_record import PreflightRecord
 from lightning_selfreg.data.preprocessing import (
     Preprocessing,
     check_axcodes,
@@ -200,7 +204,7 @@ class _SliceDataset(Dataset):
         self.cache, self.patch = cache, tuple(int(p) for p in patch)
         self.index = []
         for case in cases:
-            props = json.loads((cache / f"{case}.json").read_text(encoding="utf-8"))
+            props = json.loads((cache / case / "props.json").read_text(encoding="utf-8"))
             self.index += [(case, z) for z in range(props["shape"][0])]
         self._loaded: dict[str, dict[str, Any]] = {}
 
@@ -272,13 +276,14 @@ class NnUNetDataModule(SegDataModule):
     ``<data_dir>/splits_final.json`` when it exists), else of nnU-Net's own default 5-fold split
     (:func:`~lightning_selfreg.data.nnunet.format.crossval_split`: the same folds as an nnU-Net baseline), and
     ``fold >= number of folds`` uses nnU-Net's random 80:20 split; ``val_cases`` overrides both. Test cases are
-    the ``imagesTs`` cases that have a label in ``labelsTs``.
+    the ``imagesTs`` cases with their label in ``labelsTs``; an ``imagesTs`` case without one is an error unless
+    ``unlabeled_test_cases="predict_only"`` (then it is left out of testing and listed in a warning).
 
     Preprocessing (fingerprint, normalisation, resampling; see
     :mod:`~lightning_selfreg.data.nnunet.preprocess`) runs once, with a progress bar, in :meth:`prepare_data`
-    (or the first :meth:`setup`) into ``<cache_dir>/<hash of settings and files>/`` and is reused by later runs.
-    :meth:`validate` checks every file's header (readable, channels and label of a case agree in shape and
-    spacing) and every label's values before that.
+    (or the first :meth:`setup`) into :attr:`cache_dir` (``<cache_dir>/nnunet/<dataset>-<hash of its path>/<hash
+    of settings and files>/``, one folder per case, each written atomically) and is reused by later runs.
+    :meth:`validate` reads every file in full before that (see there).
 
     Args:
         data_dir: The ``DatasetXXX_Name`` folder; None: the bundled CT sample (:data:`SAMPLE_NNUNET_DIR`).
@@ -308,8 +313,11 @@ class NnUNetDataModule(SegDataModule):
             contrast-enhanced).
         batch_transform: Batched on-device augmentation of 2D training batches (e.g. ``RandomAffine()``);
             must be None in 3D.
-        cache_dir: Folder for preprocessed cases (default ``<data_dir>/.selfreg_cache``, or
-            ``$XDG_CACHE_HOME/lightning_selfreg/<dataset>`` when ``data_dir`` is read-only).
+        cache_dir: Cache root for the preprocessed cases and the pre-flight's record (default
+            ``$XDG_CACHE_HOME/lightning_selfreg``, ``~/.cache/lightning_selfreg``); never inside the dataset.
+        unlabeled_test_cases: ``"error"``: an ``imagesTs`` case without its label in ``labelsTs`` is an error
+            (named); ``"predict_only"``: such cases are left out of testing (segment them with
+            ``experiments.predict``).
         seed: Seed of the training draws (default: Lightning's ``PL_GLOBAL_SEED``, else 0).
         progress: Show progress bars while preprocessing.
 
@@ -339,6 +347,7 @@ class NnUNetDataModule(SegDataModule):
         cache_dir: str | Path | None = None,
         seed: int | None = None,
         progress: bool = True,
+        unlabeled_test_cases: Literal["error", "predict_only"] = "error",
     ) -> None:
         if configuration not in CONFIGURATIONS:
             raise SettingError("configuration",
@@ -361,13 +370,17 @@ class NnUNetDataModule(SegDataModule):
         if target_spacing is not None and (len(target_spacing) != 3 or min(target_spacing) <= 0):
             raise SettingError("target_spacing",
                                f"`target_spacing` must be 3 positive numbers (z, y, x) mm, found {target_spacing}.")
+        if unlabeled_test_cases not in ("error", "predict_only"):
+            raise SettingError("unlabeled_test_cases", f"`unlabeled_test_cases` must be 'error' or 'predict_only', "
+                                                       f"found {unlabeled_test_cases!r}.")
         if batch_transform is not None and dims == 3:
             raise SettingError("batch_transform",
                                "`batch_transform` augments 2D batches; use configuration='2d' or None.")
         if data_dir is None:
             data_dir = SAMPLE_NNUNET_DIR
         super().__init__(data_dir, image_size=None, batch_size=batch_size, num_workers=num_workers, transform=None,
-                         batch_transform=batch_transform, cache=False, val_cases=val_cases)
+                         batch_transform=batch_transform, cache=False, val_cases=val_cases,
+                         cache_dir=cache_dir)
         self.configuration = configuration
         self._patch_arg = None if patch_size is None else tuple(int(p) for p in patch_size)
         self.samples_per_epoch = samples_per_epoch
@@ -377,7 +390,8 @@ class NnUNetDataModule(SegDataModule):
         self.target_override = None if target_spacing is None else tuple(float(s) for s in target_spacing)
         self.oversample_foreground = oversample_foreground
         self.intensity_shift = intensity_shift
-        self.cache_root = None if cache_dir is None else Path(cache_dir)
+        self.unlabeled_test_cases = unlabeled_test_cases
+        self.predict_only: list[str] = []  # imagesTs cases without a label (unlabeled_test_cases="predict_only")
         self.seed = seed
         self.progress = progress
         self.meta = read_dataset_json(self.data_dir)
@@ -421,8 +435,20 @@ class NnUNetDataModule(SegDataModule):
     def _all_cases(self) -> dict[str, list[CaseFiles]]:
         if self._cases is None:
             train = find_cases(self.data_dir, self.meta, "train")
-            test = [c for c in find_cases(self.data_dir, self.meta, "test") if c.label is not None]
-            self._cases = {"train": train, "test": test}
+            found = find_cases(self.data_dir, self.meta, "test")
+            unlabeled = [c.case for c in found if c.label is None]
+            if unlabeled and self.unlabeled_test_cases == "error":
+                labels = self.data_dir / "labelsTs"
+                shown = ", ".join(unlabeled[:5]) + (f" and {len(unlabeled) - 5} more" if len(unlabeled) > 5 else "")
+                raise DataError(f"{self.data_dir / 'imagesTs'}: {len(unlabeled)} test case(s) without a label in "
+                                f"labelsTs/{'' if labels.is_dir() else ' (no such folder)'}: {shown}; expected "
+                                "each test image's label, or unlabeled_test_cases='predict_only' to leave them out "
+                                "of testing.", parameter="unlabeled_test_cases")
+            if unlabeled:
+                warnings.warn(f"{self.data_dir / 'imagesTs'}: {len(unlabeled)} case(s) without a label are left out "
+                              f"of testing (unlabeled_test_cases='predict_only'): {unlabeled[:5]}", stacklevel=2)
+            self.predict_only = unlabeled
+            self._cases = {"train": train, "test": [c for c in found if c.label is not None]}
         return self._cases
 
     def _fold_cases(self) -> tuple[list[str], list[str]]:
@@ -531,13 +557,14 @@ class NnUNetDataModule(SegDataModule):
 
     @property
     def cache_dir(self) -> Path:
-        """Folder of this dataset's preprocessed cases for these settings."""
-        root = self.cache_root
-        if root is None:
-            root = self.data_dir / ".selfreg_cache"
-            if not os.access(self.data_dir, os.W_OK):
-                base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                root = base / "lightning_selfreg" / self.data_dir.resolve().name
+        """Folder of this dataset's preprocessed cases for these settings.
+
+        ``<cache_root>/nnunet/<dataset folder name>-<hash of its resolved path>/<hash of the settings, dataset.json
+        and every file's name, size and modification time>``: two datasets (even of the same name) never share a
+        folder, and a changed file starts a new one.
+        """
+        location = str(self.data_dir.resolve())
+        root = self.cache_root / "nnunet" / f"{self.data_dir.name}-{hashlib.sha256(location.encode()).hexdigest()[:8]}"
         if self._cache_dir is None:
             cases = self._all_cases()
             self._cache_dir = root / cache_key(self.meta, cases["train"] + cases["test"], self._settings())
@@ -551,17 +578,18 @@ class NnUNetDataModule(SegDataModule):
         """Preprocess every training and test case into :attr:`cache_dir` (once; resumes an interrupted run)."""
         from tqdm.auto import tqdm
 
-        from lightning_selfreg.utils.files import atomic_write_text
+        from lightning_selfreg.utils.files import atomic_write_text, remove_orphaned_temp_files
 
         cache = self.cache_dir
         if (cache / DONE).is_file():
             return
         cache.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_temp_files(cache)  # the temporary case folders of a killed preprocessing
         cases = self._all_cases()
         record = self.preprocessing()
         for case in tqdm(cases["train"] + cases["test"], desc="nnU-Net preprocessing", unit="case",
                          disable=not self.progress):
-            if not (cache / f"{case.case}.json").is_file():
+            if not is_preprocessed_case(cache, case.case):
                 preprocess_case(case, self.meta, record, cache)
         atomic_write_text(cache / DONE, json.dumps({
             "dataset": str(self.data_dir), "settings": self._settings(), "target_spacing": record.spacing,
@@ -599,12 +627,23 @@ class NnUNetDataModule(SegDataModule):
                              class_names=self.class_names, orientation=self.orientation, spacing=tuple(target))
 
     # ------------------------------------------------------------------ pre-flight
-    def validate(self) -> dict[str, int]:
-        """Pre-flight pass over every file before training.
+    def validate(self, workers: int | None = None) -> dict[str, int]:
+        """Pre-flight pass over every file, before the run folder, the preprocessing cache or the first step.
 
-        Checks the layout and dataset.json, every file's header (readable; the channels and the label of a case
-        agree in shape and spacing; the channel count matches ``channel_names``), the split, and, unless the
-        cache for these settings is complete (then they were checked when it was built), every label's values.
+        1. dataset.json, the layout, the splits (a fold of ``splits_final.json`` with a case in both train and
+           val, a case in both imagesTr and imagesTs, or a test image without its label are errors), at least one
+           training and one test case.
+        2. Every file's header: readable, a positive spacing in the header's own ``pixdim`` and sform / qform
+           (before nibabel's fixes), the channels and the label of a case agreeing in shape, spacing and affine
+           (orientation and origin), the channel count of ``channel_names``.
+        3. Every case read in full (:func:`~lightning_selfreg.data.nnunet.format.check_case`): complete files,
+           finite intensities, labels integral and within dataset.json's labels; recorded, so that a later
+           pre-flight reads only the cases whose files changed
+           (:class:`~lightning_selfreg.data.preflight_record.PreflightRecord`).
+        4. Labels whose majority is foreground (they look inverted) are reported, one warning line.
+
+        Args:
+            workers: Threads for step 3 (default: 2, or 1 on a one-core machine; the reads release the GIL).
 
         Returns:
             Number of cases per split.
@@ -615,19 +654,33 @@ class NnUNetDataModule(SegDataModule):
         splits = self.splits()
         if not splits["train"]:
             raise self._missing_error("has no training cases")
+        if not splits["test"]:
+            raise self._missing_error("has no test cases (imagesTs/ cases with their label in labelsTs/)")
+        check_disjoint({"train": splits["train"] + splits["val"], "test": splits["test"]}, self.data_dir)
         self._read_headers()
-        if not self.is_preprocessed():
-            import nibabel as nib
+        cases = self._all_cases()
+        jobs = [(Item(c.case, c.images[0], c.label, name=c.case), c) for c in cases["train"] + cases["test"]]
+        record = PreflightRecord(self.cache_root, self.data_dir,
+                                 f"{type(self).__name__}/{self.num_classes}/{len(self.meta.channel_names)}")
 
-            for case in self._all_cases()["train"] + self._all_cases()["test"]:
-                if self.meta.is_2d_format:
-                    from PIL import Image
+        def files(item: Item, case: CaseFiles) -> list[Item]:  # the other channels, recorded on their own
+            return [Item(case.case, path, None) for path in case.images[1:]]
 
-                    with Image.open(case.label) as img:
-                        label = np.asarray(img)
-                else:
-                    label = np.asanyarray(nib.load(str(case.label)).dataobj)
-                check_label_values(case.label, label, self.num_classes)
+        todo = [(item, case) for item, case in jobs
+                if not (record.passed(item, "case") and all(record.passed(i, "channel") for i in files(item, case)))]
+
+        def check(job: tuple[Item, CaseFiles]) -> None:
+            item, case = job
+            foreground = check_case(case, self.meta)
+            for extra in files(item, case):
+                record.add(extra, "channel", None)
+            record.add(item, "case", foreground)
+
+        try:  # NIfTI / PNG reads (zlib, NumPy) release the GIL: two threads overlap them
+            run_checks(check, todo, min(2, os.cpu_count() or 1) if workers is None else workers)
+        finally:
+            record.save()
+        report_inverted([(item, record.foreground(item)) for item, _ in jobs])
         return {name: len(items) for name, items in splits.items()}
 
     # ------------------------------------------------------------------ Lightning hooks

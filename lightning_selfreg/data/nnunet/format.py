@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ __all__ = [
     "CaseFiles",
     "CaseHeader",
     "DatasetJson",
+    "check_case",
     "check_label_values",
     "crossval_split",
     "find_cases",
@@ -117,9 +117,11 @@ def read_dataset_json(data_dir: str | Path) -> DatasetJson:
     if not path.is_file():
         raise DataError(f"{path} does not exist. Expected {NNUNET_LAYOUT}.")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta, problem = json.loads(path.read_text(encoding="utf-8")), None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _fail(path, f"cannot be read as JSON ({err}).") from err
+        meta, problem = None, f"cannot be read as JSON ({err})."
+    if problem is not None:  # raised outside the handler: the error (and its one line) is about this file
+        raise _fail(path, problem)
     if not isinstance(meta, dict):
         raise _fail(path, f"expected a JSON object, found {type(meta).__name__}.")
     channels = meta.get("channel_names", meta.get("modality"))
@@ -231,12 +233,58 @@ def _load_nifti(path: Path, header_only: bool) -> tuple[Any, np.ndarray | None]:
     return image, data
 
 
+def _check_nifti_spacing(path: Path, image: Any, ndim: int) -> None:
+    """The spacing in the file's own header, before nibabel's fixes: ``pixdim`` and every coded sform / qform.
+
+    nibabel replaces a zero ``pixdim`` by 1 and a negative one by its absolute value when it loads a header (with a
+    log line only), so a broken spacing would reach the run as 1 mm. The header is read again without those fixes.
+    """
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            raw = type(image.header).from_fileobj(f, check=False)
+    except Exception:  # noqa: BLE001 - the header was read once already; nothing more to learn here
+        return
+    pixdim = np.asarray(raw["pixdim"][1:1 + ndim], dtype=np.float64)
+    if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+        shown = tuple(float(f"{v:.6g}") for v in pixdim.tolist())  # the header's float32, as typed
+        raise _fail(path, f"expected a positive spacing, found pixdim[1:{ndim + 1}] = {shown} in "
+                          "the header (nibabel would read a 0 as 1 mm and a negative value as its absolute value).")
+    for name, code in (("sform", "sform_code"), ("qform", "qform_code")):
+        if int(raw[code]) <= 0:
+            continue
+        matrix = np.asarray(raw.get_sform() if name == "sform" else raw.get_qform(), dtype=np.float64)
+        lengths = np.linalg.norm(matrix[:3, :ndim], axis=0)
+        if not np.isfinite(matrix).all() or not (lengths > 0).all():
+            raise _fail(path, f"expected a positive spacing, found a {name} whose voxel axes have lengths "
+                              f"{tuple(np.round(lengths, 6).tolist())} (a zero or non-finite {name}).")
+
+
+def _affine_difference(affine: np.ndarray, reference: np.ndarray) -> str:
+    """How ``affine`` differs from ``reference``: flipped or permuted axes, the origin's shift."""
+    parts = []
+    a, b = affine[:3, :3], reference[:3, :3]
+    da, db = a / np.maximum(np.linalg.norm(a, axis=0), 1e-12), b / np.maximum(np.linalg.norm(b, axis=0), 1e-12)
+    for axis in range(3):
+        dot = float(da[:, axis] @ db[:, axis])
+        if dot < -0.999:
+            parts.append(f"voxel axis {axis} flipped")
+        elif dot < 0.999:
+            parts.append(f"voxel axis {axis} turned ({np.degrees(np.arccos(np.clip(dot, -1, 1))):.1f} deg)")
+    shift = affine[:3, 3] - reference[:3, 3]
+    if np.abs(shift).max() > 1e-3:
+        parts.append(f"origin moved by {tuple(np.round(shift, 3).tolist())} mm")
+    return ", ".join(parts) or "the matrices differ"
+
+
 def _nifti_geometry(path: Path, image: Any) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
     shape = tuple(int(s) for s in image.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) not in (2, 3):
         raise _fail(path, f"expected a 2D or 3D NIfTI image (one file per channel), found shape {shape}.")
+    _check_nifti_spacing(path, image, len(shape))
     zooms = np.asarray(image.header.get_zooms()[:len(shape)], dtype=np.float64)
     if len(shape) == 2:
         return (1, shape[1], shape[0]), np.array([SPACING_2D[0], zooms[1], zooms[0]]), np.asarray(image.affine)
@@ -280,9 +328,9 @@ def read_case_header(case: CaseFiles, meta: DatasetJson) -> CaseHeader:
     """Read the headers of a case's files (no voxel data) and check that they agree.
 
     Raises:
-        DataError: An unreadable file, a channel or label whose shape or spacing differs from the first channel's,
-            or a channel count different from ``channel_names``. Different affines (same spacing) only warn, as in
-            nnU-Net.
+        DataError: An unreadable file; a spacing that is zero, negative or not finite in the header's ``pixdim``
+            or in its sform / qform; a channel or label whose shape, spacing or affine (orientation, origin; within
+            1e-3) differs from the first channel's; a channel count different from ``channel_names``.
     """
     shapes, spacings, affines, channels = [], [], [], 0
     for path in (*case.images, *(() if case.label is None else (case.label,))):
@@ -308,9 +356,11 @@ def read_case_header(case: CaseFiles, meta: DatasetJson) -> CaseHeader:
         if not np.allclose(spacing, spacings[0], rtol=1e-4, atol=1e-5):
             raise _fail(path, f"{what} spacing (z, y, x) = {tuple(spacing)} differs from {first.name}'s "
                               f"{tuple(spacings[0])}.")
-        if affine is not None and not np.allclose(affine, affines[0], atol=1e-3):
-            warnings.warn(f"{path}: affine differs from {first.name}'s (same shape and spacing); the arrays are "
-                          "used as stored.", stacklevel=2)
+        if affine is not None and not np.allclose(affine, affines[0], rtol=1e-5, atol=1e-3):
+            # nnU-Net's verify_dataset_integrity compares the affines too; a label that is flipped or shifted
+            # against its image trains the network on wrong voxels
+            raise _fail(path, f"{what} geometry differs from {first.name}'s: {_affine_difference(affine, affines[0])} "
+                              f"(affine {np.round(affine, 3).tolist()} vs {np.round(affines[0], 3).tolist()}).")
     if channels != len(meta.channel_names):
         raise DataError(f"case {case.case!r}: its files hold {channels} channel(s), but {meta.path.name} names "
                         f"{len(meta.channel_names)}: {list(meta.channel_names)}.")
@@ -327,6 +377,41 @@ def check_label_values(path: Path, label: np.ndarray, num_classes: int) -> None:
     problem = label_problem(label, num_classes)
     if problem is not None:
         raise _fail(path, f"label: {problem} (the labels of dataset.json).")
+
+
+def check_case(case: CaseFiles, meta: DatasetJson) -> float | None:
+    """The pre-flight's full read of one case: what :func:`read_case` checks, without building its arrays.
+
+    Each file is read to its end in its stored dtype (no float32 copy): the headers agree
+    (:func:`read_case_header`), float intensities are finite, the label is integral and within dataset.json's
+    labels.
+
+    Returns:
+        The share of the label that is foreground (None without a label).
+
+    Raises:
+        DataError: The first problem, naming the file.
+    """
+    read_case_header(case, meta)
+    for path in case.images:
+        if meta.is_2d_format:
+            data = _load_2d(path, header_only=False)[2]
+        else:
+            data = _load_nifti(path, header_only=False)[1]
+        data = np.asarray(data)
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            raise _fail(path, "image contains NaN or infinite values.")
+    if case.label is None:
+        return None
+    if meta.is_2d_format:
+        _, n, label = _load_2d(case.label, header_only=False)
+        if n != 1:
+            raise _fail(case.label, f"label images must have one channel, found {n}.")
+    else:
+        label = _load_nifti(case.label, header_only=False)[1]
+    label = np.asarray(label)
+    check_label_values(case.label, label, meta.num_classes)
+    return float(np.count_nonzero(label)) / label.size if label.size else None
 
 
 def read_case(case: CaseFiles, meta: DatasetJson, with_label: bool = True) -> dict[str, Any]:
@@ -416,7 +501,8 @@ def read_splits(path: Path, cases: Sequence[str]) -> list[dict[str, list[str]]]:
     """Read and check a ``splits_final.json``: a list of ``{"train": [...], "val": [...]}`` over known cases.
 
     Raises:
-        DataError: Unreadable file, wrong structure, or case identifiers that are not training cases.
+        DataError: Unreadable file, wrong structure, case identifiers that are not training cases, or a fold whose
+            train and val share a case.
     """
     try:
         splits = json.loads(path.read_text(encoding="utf-8"))
@@ -431,4 +517,7 @@ def read_splits(path: Path, cases: Sequence[str]) -> list[dict[str, list[str]]]:
         unknown = sorted({str(c) for c in split["train"] + split["val"]} - known)
         if unknown:
             raise _fail(path, f"fold {k} names case(s) {unknown[:5]} that are not in imagesTr/.")
+        both = sorted({str(c) for c in split["train"]} & {str(c) for c in split["val"]})
+        if both:
+            raise _fail(path, f"fold {k} has case(s) {both[:5]} in both train and val; expected disjoint splits.")
     return [{"train": [str(c) for c in s["train"]], "val": [str(c) for c in s["val"]]} for s in splits]

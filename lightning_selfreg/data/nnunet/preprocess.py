@@ -56,7 +56,7 @@ from lightning_selfreg.data.preprocessing import (
     reorient,
     reorient_spacing,
 )
-from lightning_selfreg.utils.files import atomic_write, atomic_write_text
+from lightning_selfreg.utils.files import atomic_folder
 
 __all__ = [
     "ANISO_THRESHOLD",
@@ -66,6 +66,7 @@ __all__ = [
     "channel_norms",
     "class_locations",
     "compute_fingerprint",
+    "is_preprocessed_case",
     "load_preprocessed",
     "normalize",
     "preprocess_case",
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
-CACHE_VERSION = 2  # bump when the preprocessed format or algorithm changes
+CACHE_VERSION = 3  # bump when the preprocessed format or algorithm changes (3: one folder per case)
 FOREGROUND_SAMPLES = int(1e8)  # nnU-Net's budget of foreground intensity samples, split over the cases
 MAX_LOCATIONS = 10_000
 
@@ -309,15 +310,19 @@ def class_locations(label: np.ndarray, num_classes: int, seed: int = 1234) -> di
 
 
 def preprocess_case(case: CaseFiles, meta: DatasetJson, record: Preprocessing, out_dir: Path) -> dict[str, Any]:
-    """Read, reorient, normalise and resample one case and write it to ``out_dir`` (atomically, one file per array).
+    """Read, reorient, normalise and resample one case and write it to ``out_dir/<case>/``, atomically as a whole.
 
     The image goes through :meth:`Preprocessing.prepare <lightning_selfreg.data.preprocessing.Preprocessing.prepare>`
     (the function prediction uses); the label is reoriented alike and resampled with :func:`resample_label`.
 
-    Files: ``{case}_image.npy`` float32 (C, D', H', W'); with a label, ``{case}_label.npy`` int16 (D', H', W') at
-    the preprocessed grid, ``{case}_native.npy`` int16 (D, H, W) at the native grid (in the record's voxel order)
-    and ``{case}_locations.npz`` (class locations); ``{case}.json`` the properties (written last: its presence
-    marks a complete case).
+    The case's files are written into a temporary folder that is renamed to ``<case>/`` at the end
+    (:func:`~lightning_selfreg.utils.files.atomic_folder`), so a failed or killed preprocessing never leaves a
+    half-written case: the folder exists complete or not at all (a killed run leaves only ``.tmp<pid>.<case>/``,
+    which the next preprocessing removes).
+
+    Files: ``image.npy`` float32 (C, D', H', W'); with a label, ``label.npy`` int16 (D', H', W') at the
+    preprocessed grid, ``native.npy`` int16 (D, H, W) at the native grid (in the record's voxel order) and
+    ``locations.npz`` (class locations); ``props.json`` the properties.
 
     Args:
         case: The case's files.
@@ -334,7 +339,6 @@ def preprocess_case(case: CaseFiles, meta: DatasetJson, record: Preprocessing, o
     prepared = record.prepare(data["image"], data["spacing"], data["affine"], source=case.images[0])
     image = prepared.image
     target = record.target_spacing(prepared.spacing)
-    _save_npy(out_dir / f"{case.case}_image.npy", image)
     affine = data["affine"]
     props: dict[str, Any] = {
         "case": case.case, "split": case.split, "native_shape": list(prepared.shape),
@@ -343,25 +347,30 @@ def preprocess_case(case: CaseFiles, meta: DatasetJson, record: Preprocessing, o
         "spacing": list(prepared.spacing) if target is None else target.tolist(), "shape": list(image.shape[1:]),
         "has_label": data["label"] is not None, "classes": [],
     }
+    arrays = {"image": image}
+    locations = None
     if data["label"] is not None:
         native = reorient(data["label"], prepared.ornt)
         label = resample_label(native, prepared.spacing, props["spacing"], image.shape[1:])
         locations = class_locations(label, meta.num_classes)
-        _save_npy(out_dir / f"{case.case}_label.npy", label)
-        _save_npy(out_dir / f"{case.case}_native.npy", native.astype(np.int16))
-        atomic_write(out_dir / f"{case.case}_locations.npz",
-                     lambda tmp: np.savez(tmp, **{str(k): v for k, v in locations.items()}))
+        arrays.update(label=label, native=native.astype(np.int16))
         props["classes"] = sorted(int(k) for k in locations)
-    atomic_write_text(out_dir / f"{case.case}.json", json.dumps(props))
+
+    def write(folder: Path) -> None:
+        for name, array in arrays.items():
+            with open(folder / f"{name}.npy", "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array))
+        if locations is not None:
+            np.savez(folder / "locations.npz", **{str(k): v for k, v in locations.items()})
+        (folder / "props.json").write_text(json.dumps(props), encoding="utf-8")
+
+    atomic_folder(out_dir / case.case, write)
     return props
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array))
-
-    atomic_write(path, write)
+def is_preprocessed_case(cache: Path, case: str) -> bool:
+    """Whether ``cache`` holds the complete preprocessed ``case`` (its folder exists only when complete)."""
+    return (cache / case / "props.json").is_file()
 
 
 def load_preprocessed(cache: Path, case: str, mmap: bool = True) -> dict[str, Any]:
@@ -371,17 +380,18 @@ def load_preprocessed(cache: Path, case: str, mmap: bool = True) -> dict[str, An
         The properties of :func:`preprocess_case` plus ``image``, ``label``, ``native`` and ``locations``
         (``{class: (k, 3) int32}``).
     """
-    props = json.loads((cache / f"{case}.json").read_text(encoding="utf-8"))
+    folder = cache / case
+    props = json.loads((folder / "props.json").read_text(encoding="utf-8"))
     mode = "r" if mmap else None
 
     def load(name: str) -> np.ndarray | None:
-        path = cache / f"{case}_{name}.npy"
+        path = folder / f"{name}.npy"
         return np.load(path, mmap_mode=mode) if path.is_file() else None
 
     props["image"], props["label"], props["native"] = load("image"), load("label"), load("native")
     props["locations"] = {}
-    if (cache / f"{case}_locations.npz").is_file():
-        with np.load(cache / f"{case}_locations.npz") as z:
+    if (folder / "locations.npz").is_file():
+        with np.load(folder / "locations.npz") as z:
             props["locations"] = {int(k): z[k] for k in z.files}
     return props
 
