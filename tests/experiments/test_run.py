@@ -128,10 +128,13 @@ BAD = [  # (flags, the start of the one line after "error: "): the flag as typed
     (["--lambda-ifd=0.2", "--no-selfreg"], "--no-selfreg: conflicts with --lambda-ifd"),
     (["--selfreg", "null", "--selfreg.pairing", "ordered"], "--selfreg: null conflicts with --selfreg.pairing"),
     (["--config", "/nonexistent/run.yaml"], "--config: /nonexistent/run.yaml: file not found"),
+    # the UNet's depth given (4 levels below the input), so that the planner's own depth does not fit the patch
     (["--dataset", "nnunet", "--patch-size", "16", "16", "16", "--batch-size", "1", "--width", "4", "--data.fold",
-      "null"], "--patch-size: the network UNet cannot train on a batch of 1 of shape (1, 1, 16, 16, 16) (the "
-               "DataModule's size); the smallest size from [16, 16, 16] it takes is [32, 16, 16]"),
-    (["--dataset", "nnunet", "--patch-size", "8", "32", "32", "--width", "4", "--data.fold", "null"],
+      "null", "--model.net.init_args.depth", "4"],
+     "--patch-size: the network UNet cannot train on a batch of 1 of shape (1, 1, 16, 16, 16) (the DataModule's "
+     "size); the smallest size from [16, 16, 16] it takes is [32, 16, 16]"),
+    (["--dataset", "nnunet", "--patch-size", "8", "32", "32", "--width", "4", "--data.fold", "null",
+      "--model.net.init_args.depth", "4"],
      "--patch-size: the network UNet cannot take inputs of shape (1, 1, 8, 32, 32) (the DataModule's size); the "
      "smallest size from [8, 32, 32] it takes is [16, 32, 32]"),
 ]
