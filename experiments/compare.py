@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.cli import RUN_NAME_ENV, ConfigError, SelfRegCLI, expand_aliases, run_labels, without_selfreg_settings
+from experiments.cli import SelfRegCLI, run_labels
+from experiments.flags import RUN_NAME_ENV, ConfigError, expand_aliases, without_selfreg_settings
 from lightning_selfreg.callbacks.progress import format_duration
 from lightning_selfreg.utils.files import atomic_write_text
 

@@ -1,6 +1,6 @@
 """``python -m experiments.run --help``: the short flags grouped on one screen; ``--help-all``: every full key.
 
-The groups come from :data:`experiments.cli.ALIASES` (each short flag and the full key it stands for), so a new
+The groups come from :data:`experiments.flags.ALIASES` (each short flag and the full key it stands for), so a new
 alias appears here by itself; the few flags that are not plain aliases are described in :data:`SPECIAL`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from experiments.cli import ALIASES, BACKBONES, PRESETS
+from experiments.flags import ALIASES, BACKBONES, PRESETS
 
 __all__ = ["add_help_flags", "short_help"]
 

@@ -1,6 +1,6 @@
 """``--dataset nnunet``: plan the configuration from the dataset and the device before the run is built.
 
-:func:`plan_arguments` takes the command line in full keys (:func:`experiments.cli.expand_aliases`); when it
+:func:`plan_arguments` takes the command line in full keys (:func:`experiments.flags.expand_aliases`); when it
 starts with an nnU-Net preset, it reads the dataset's headers, plans the patch size, batch size, network depth
 (and on a CPU the width and the training length) with
 :func:`lightning_selfreg.data.nnunet.planner.plan_configuration`, and inserts the plan's settings right after the
@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from experiments.cli import CONFIG_DIR, SelfRegCLI
+from experiments.cli import SelfRegCLI
+from experiments.flags import CONFIG_DIR
 from lightning_selfreg.data.nnunet.planner import DeviceBudget, Plan, device_budget, plan_configuration
 
 NNUNET_PRESETS = {"2d": CONFIG_DIR / "nnunet_2d.yaml", "3d": CONFIG_DIR / "nnunet_3d.yaml"}

@@ -7,9 +7,9 @@ the test patient per organ (Dice, HD95) and prints the table.
 The command line is LightningCLI over the library's constructors (:mod:`experiments.cli`): ``--model.*``
 (:class:`~lightning_selfreg.SelfRegSegModule`, ``--model.net`` any network by class path), ``--data.*`` (a
 DataModule by class path), ``--selfreg.*`` (the SelfReg callback; ``--no-selfreg`` for the baseline),
-``--trainer.*``, ``--run.*`` (:class:`~experiments.cli.RunOptions`), ``--seed_everything``; ``--config FILE`` (YAML
+``--trainer.*``, ``--run.*`` (:class:`~experiments.flags.RunOptions`), ``--seed_everything``; ``--config FILE`` (YAML
 in the same keys; ``--print_config`` writes one that runs as is), and the short aliases of
-:data:`experiments.cli.ALIASES` (``--gpus 4``, ``--dataset``, ``--data-dir``, ``--lambda-scr``, ...). Later flags
+:data:`experiments.flags.ALIASES` (``--gpus 4``, ``--dataset``, ``--data-dir``, ``--lambda-scr``, ...). Later flags
 win over earlier ones and over the files.
 
 Every run writes ``<run.output_dir>/<run.name>/`` (:mod:`experiments.run_folder` lists its files and rules):
@@ -45,7 +45,8 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
-from experiments.cli import ConfigError, RunOptions, SelfRegCLI, expand_aliases, run_labels
+from experiments.cli import SelfRegCLI, run_labels
+from experiments.flags import ConfigError, RunOptions, expand_aliases
 from experiments.run_folder import RunFolder, checkpoint_step, plan_run_folder
 from lightning_selfreg.utils.files import atomic_write_text
 

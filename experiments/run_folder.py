@@ -50,7 +50,8 @@ from typing import Any
 
 import yaml
 
-from experiments.cli import ConfigError, RunOptions, run_labels, run_name
+from experiments.cli import run_labels, run_name
+from experiments.flags import ConfigError, RunOptions
 from lightning_selfreg.utils.checks import SettingError
 
 __all__ = ["RESUMABLE", "RunFolder", "check_output_dir", "config_changes", "plan_run_folder", "slurm_job"]

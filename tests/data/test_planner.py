@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments import cli, run
+from experiments import cli, flags, run
 from experiments.planning import NNUNET_PRESETS, plan_arguments, plan_record
 from lightning_selfreg.data.nnunet.planner import (
     CPU_FLOPS_PER_S,
@@ -123,15 +123,15 @@ def parse(args):
 
 
 def test_dataset_nnunet_alone_gets_the_plan_and_explicit_flags_win():
-    args, plan = plan_arguments(cli.expand_aliases(["--dataset", "nnunet", "--configuration", "2d", "--gpus", "0"]))
+    args, plan = plan_arguments(flags.expand_aliases(["--dataset", "nnunet", "--configuration", "2d", "--gpus", "0"]))
     assert args[:2] == ["--config", str(NNUNET_PRESETS["2d"])]  # the preset follows --configuration
     config = parse(args)
     assert list(config["data"]["init_args"]["patch_size"]) == list(plan.patch_size) == [112, 128]
     assert config["data"]["init_args"]["fold"] is None and config["model"]["net"]["init_args"]["depth"] == 4
     assert config["trainer"]["max_epochs"] == plan.max_epochs
-    flags = ["--dataset", "nnunet", "--gpus", "0", "--patch-size", "32", "48", "64", "--batch-size", "3", "--width",
-             "8"]
-    args, plan = plan_arguments(cli.expand_aliases(flags))
+    argv = ["--dataset", "nnunet", "--gpus", "0", "--patch-size", "32", "48", "64", "--batch-size", "3", "--width",
+            "8"]
+    args, plan = plan_arguments(flags.expand_aliases(argv))
     config = parse(args)
     assert args[1] == str(NNUNET_PRESETS["3d"]) and len(plan.patch_size) == 3
     assert list(config["data"]["init_args"]["patch_size"]) == [32, 48, 64]
@@ -140,7 +140,7 @@ def test_dataset_nnunet_alone_gets_the_plan_and_explicit_flags_win():
     assert record["overridden"] == {"data.patch_size": [32, 48, 64], "data.batch_size": 3,
                                     "model.net.init_args.base_channels": 8}
     # no nnU-Net preset: nothing planned (another dataset, or the user's own --config as the whole configuration)
-    assert plan_arguments(cli.expand_aliases(["--gpus", "0"]))[1] is None
+    assert plan_arguments(flags.expand_aliases(["--gpus", "0"]))[1] is None
     assert plan_arguments(["--config", str(NNUNET_PRESETS["3d"]).replace("nnunet_3d", "sample")])[1] is None
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from experiments import cli, compare, run
+from experiments import cli, compare, flags, run
 from lightning_selfreg import SelfRegSegModule
 from lightning_selfreg.models import list_models
 from tests.conftest import TINY_RUN
@@ -26,25 +26,25 @@ def read_metrics(out, name):
 
 
 def parse(argv, cuda=False):
-    return cli.SelfRegCLI(cli.expand_aliases(argv, cuda_available=cuda), instantiate=False).config
+    return cli.SelfRegCLI(flags.expand_aliases(argv, cuda_available=cuda), instantiate=False).config
 
 
 def test_aliases_are_the_full_keys_and_expand_the_same_in_every_ddp_rank():
     argv = ["--gpus", "4", "--dataset", "synapse", "--data-dir", "/d", "--lambda-scr", "0.1", "--lr", "0.5",
             "--seed", "3", "--val-cases", "case0001", "case0002", "--resume", "--run-name", "x"]
-    full = cli.expand_aliases(argv)
-    assert full == cli.expand_aliases(argv)  # Lightning re-launches every rank with the same argv
+    full = flags.expand_aliases(argv)
+    assert full == flags.expand_aliases(argv)  # Lightning re-launches every rank with the same argv
     assert full[:2] == ["--config", str(CONFIGS / "synapse_unet.yaml")]  # the preset first: flags win over it
     pairs = dict(zip(full[2::2], full[3::2], strict=True))
     assert pairs == {"--trainer.accelerator": "gpu", "--trainer.devices": "4", "--trainer.strategy": "ddp",
                      "--data.data_dir": "/d", "--selfreg.lambda_scr": "0.1", "--model.lr": "0.5",
                      "--seed_everything": "3", "--data.val_cases": "[case0001, case0002]", "--run.resume": "true",
                      "--run.name": "x"}
-    assert cli.expand_aliases(["--gpus", "0", "--no-selfreg"])[-2:] == ["--selfreg", "null"]
-    assert cli.expand_aliases(["--gpus", "0"])[:2] == ["--config", str(CONFIGS / "sample.yaml")]
-    assert cli.expand_aliases([], cuda_available=True)[1] == str(CONFIGS / "sample_gpu.yaml")
+    assert flags.expand_aliases(["--gpus", "0", "--no-selfreg"])[-2:] == ["--selfreg", "null"]
+    assert flags.expand_aliases(["--gpus", "0"])[:2] == ["--config", str(CONFIGS / "sample.yaml")]
+    assert flags.expand_aliases([], cuda_available=True)[1] == str(CONFIGS / "sample_gpu.yaml")
     # --config without --dataset: the file is the whole configuration, no preset under it
-    assert cli.expand_aliases(["--config", "my.yaml", "--gpus", "0"])[:2] == ["--config", "my.yaml"]
+    assert flags.expand_aliases(["--config", "my.yaml", "--gpus", "0"])[:2] == ["--config", "my.yaml"]
 
 
 def test_two_gpus_choose_ddp_and_one_gpu_does_not():
@@ -52,7 +52,7 @@ def test_two_gpus_choose_ddp_and_one_gpu_does_not():
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     def pairs(argv):
-        full = cli.expand_aliases(argv)[2:]
+        full = flags.expand_aliases(argv)[2:]
         return dict(zip(full[::2], full[1::2], strict=True))
 
     assert pairs(["--gpus", "2"]) == {"--trainer.accelerator": "gpu", "--trainer.devices": "2",
@@ -312,8 +312,8 @@ def test_every_shipped_config_parses_instantiates_and_runs(path, tmp_path):
 
 
 def test_the_backbone_names_are_the_registry_names_and_each_has_its_file():
-    assert cli.BACKBONES == tuple(list_models())  # one list: --backbone takes what create_model takes
-    assert sorted(p.stem.replace("_", "-") for p in (CONFIGS / "backbones").glob("*.yaml")) == list(cli.BACKBONES)
+    assert flags.BACKBONES == tuple(list_models())  # one list: --backbone takes what create_model takes
+    assert sorted(p.stem.replace("_", "-") for p in (CONFIGS / "backbones").glob("*.yaml")) == list(flags.BACKBONES)
 
 
 @pytest.mark.parametrize("name", [p.stem for p in sorted((CONFIGS / "backbones").glob("*.yaml"))])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import cli, run
+from experiments import flags, run
 from lightning_selfreg import SelfReg
 from lightning_selfreg.callbacks.progress import EpochLines, RunProgressBar, format_duration, run_eta
 from tests.tracking.test_tracking import make, trainer
@@ -24,7 +24,7 @@ def test_help_fits_a_screen_and_names_every_short_flag(capsys):
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert len(lines) <= 80 and max(map(len, lines)) <= 120
-    for flag in [*cli.ALIASES, "--gpus", "--dataset", "--backbone", "--no-selfreg", "--compare", "--seeds",
+    for flag in [*flags.ALIASES, "--gpus", "--dataset", "--backbone", "--no-selfreg", "--compare", "--seeds",
                  "--help-all", "--print_config", "--model.net.help"]:
         assert flag in text, flag
     assert [line.rstrip(":") for line in lines if line.endswith(":")] == ["data", "model", "SelfReg", "training",

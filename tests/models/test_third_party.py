@@ -181,7 +181,9 @@ def test_backbone_files_resolve_to_the_python_spec_and_every_tap_fires(name):
     spec SelfReg resolves for it is the Python one, and every tapped path is a module whose output is captured."""
     import yaml
 
-    from experiments.cli import LINKS, _import, backbone_file
+    from experiments.cli_errors import LINKS
+    from experiments.cli_errors import import_class as _import
+    from experiments.flags import backbone_file
 
     pytest.importorskip("monai" if name.startswith("monai") else "torch")
     if name == "smp-unet":
