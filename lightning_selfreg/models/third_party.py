@@ -26,7 +26,6 @@ torchvision.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,9 +33,9 @@ from torch import nn
 
 from lightning_selfreg.selfreg.taps import TapSpec
 from lightning_selfreg.utils.checks import SettingError, check_spatial_dims
+from lightning_selfreg.utils.imports import MONAI_INSTALL_HINT, require
 
 __all__ = [
-    "MONAI_INSTALL_HINT",
     "READY_TAP_SPECS",
     "monai_basic_unet",
     "monai_basic_unet_tap_spec",
@@ -49,17 +48,8 @@ __all__ = [
     "smp_unet_tap_spec",
 ]
 
-MONAI_INSTALL_HINT = "pip install 'lightning_selfreg[monai]'  (or: pip install 'monai>=1.4' einops)"
 SMP_INSTALL_HINT = "pip install segmentation-models-pytorch  (it needs timm and a torchvision matching your torch)"
 
-
-def _require(module: str, backbone: str, hint: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except (ImportError, RuntimeError) as err:  # RuntimeError: e.g. a torchvision built for another torch
-        raise ImportError(
-            f"The {backbone} backbone needs `{module}`, which cannot be imported ({err}). {hint}"
-        ) from err
 
 
 def monai_basic_unet_tap_spec() -> TapSpec:
@@ -97,7 +87,7 @@ def monai_basic_unet(
         ValueError: If ``spatial_dims`` is not 2 or 3.
     """
     check_spatial_dims(spatial_dims)
-    nets = _require("monai.networks.nets", "monai-basicunet", MONAI_INSTALL_HINT)
+    nets = require("monai.networks.nets", "monai-basicunet backbone", MONAI_INSTALL_HINT)
     net = nets.BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
                          features=features, **kwargs)
     net.tap_spec = ready_tap_spec(net)
@@ -164,7 +154,7 @@ def monai_dynunet(
             "deep_supervision", "`deep_supervision=True` is not supported: SelfRegSegModule trains on one logits map, "
             "and DynUNet's deep-supervision output stacks the heads."
         )
-    nets = _require("monai.networks.nets", "monai-dynunet", MONAI_INSTALL_HINT)
+    nets = require("monai.networks.nets", "monai-dynunet backbone", MONAI_INSTALL_HINT)
     strides = list(strides)
     kernel_size = [3] * len(strides) if kernel_size is None else list(kernel_size)
     upsample_kernel_size = strides[1:] if upsample_kernel_size is None else list(upsample_kernel_size)
@@ -230,8 +220,8 @@ def monai_swin_unetr(
         ValueError: If ``spatial_dims`` is not 2 or 3.
     """
     check_spatial_dims(spatial_dims)
-    nets = _require("monai.networks.nets", "monai-swinunetr", MONAI_INSTALL_HINT)
-    _require("einops", "monai-swinunetr", MONAI_INSTALL_HINT)
+    nets = require("monai.networks.nets", "monai-swinunetr backbone", MONAI_INSTALL_HINT)
+    require("einops", "monai-swinunetr backbone", MONAI_INSTALL_HINT)
     net = nets.SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          feature_size=feature_size, depths=tuple(depths), **kwargs)
     net.tap_spec = ready_tap_spec(net)
@@ -291,7 +281,7 @@ def smp_unet(
         ValueError: For an encoder without a ready spec.
     """
     smp_unet_tap_spec(encoder_name, encoder_depth)  # an encoder without a ready spec fails before the build
-    smp = _require("segmentation_models_pytorch", "smp-unet", SMP_INSTALL_HINT)
+    smp = require("segmentation_models_pytorch", "smp-unet backbone", SMP_INSTALL_HINT)
     net = smp.Unet(encoder_name=encoder_name, encoder_depth=encoder_depth, encoder_weights=encoder_weights,
                    in_channels=in_channels, classes=num_classes, **kwargs)
     net.tap_spec = ready_tap_spec(net)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lightning_selfreg.data.preprocessing import Preprocessing, restore
 from lightning_selfreg.data.transforms import resize_image, resize_label
-from lightning_selfreg.models.third_party import MONAI_INSTALL_HINT, _require
+from lightning_selfreg.utils.imports import MONAI_INSTALL_HINT, require
 
 __all__ = [
     "PredictionError",
@@ -271,7 +271,7 @@ def sliding_window(module: nn.Module, volume: Tensor, mirror: bool = False,
     if volume.ndim != 4:
         raise ValueError(f"A 3D case `image` must be (C, D, H, W), found {tuple(volume.shape)}; batch cases with "
                          "`batch_size=None` (one case per batch).")
-    inferers = _require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
+    inferers = require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
     hp = module.hparams
     logits = inferers.sliding_window_inference(
         volume[None].to(module.device, torch.float32), roi_tuple(hp.roi_size), hp.sw_batch_size,

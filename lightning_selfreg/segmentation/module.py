@@ -22,11 +22,11 @@ from lightning_selfreg.data.preprocessing import Preprocessing
 from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.data.transforms import resize_label
 from lightning_selfreg.metrics import PROTOCOLS, PerCaseMetrics, Protocol, case_metrics
-from lightning_selfreg.models.third_party import MONAI_INSTALL_HINT, _require
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.segmentation.inference import linear_resize_argmax, nearest_resize, segment, sliding_window
 from lightning_selfreg.segmentation.loss import DiceCELoss
 from lightning_selfreg.utils.checks import SettingError, check_spatial_dims, label_problem
+from lightning_selfreg.utils.imports import MONAI_INSTALL_HINT, require
 
 __all__ = ["SelfRegSegModule"]
 
@@ -56,7 +56,7 @@ def _check_3d_options(spatial_dims: int, roi_size: int | Sequence[int] | None, i
         raise SettingError(
             "roi_size", f"spatial_dims=3 needs `roi_size`, the sliding window (D, H, W) or one int, found {roi_size!r}."
         )
-    _require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
+    require("monai.inferers", "3D (sliding-window) inference", MONAI_INSTALL_HINT)
 
 
 def _check_optimizer_options(lr: Any, momentum: Any, weight_decay: Any, poly_power: Any) -> None:
