@@ -1,7 +1,7 @@
 """Train and test a segmentation network with (or without) SelfReg: ``python -m experiments.run [flags]``.
 
 With no flags it trains the paper's UNet + SelfReg on the CT sample bundled with the package (the preset
-``experiments/configs/sample.yaml`` on a CPU, about 1.5 minutes on 2 cores; ``sample_gpu.yaml`` on a GPU), evaluates
+``experiments/configs/sample.yaml`` on a CPU, about a minute on 2 quiet cores; ``sample_gpu.yaml`` on a GPU), evaluates
 the test patient per organ (Dice, HD95) and prints the table.
 
 The command line is LightningCLI over the library's constructors (:mod:`experiments.cli`): ``--model.*``
