@@ -367,10 +367,9 @@ def test_compare_logs_the_summary_to_an_offline_wandb_run(tmp_path, monkeypatch,
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert summary["difference"]["liver"]["dice"]["mean"] == pytest.approx(0.02)
     (offline,) = (tmp_path / "cmp").rglob("offline-run-*")  # the summary goes to an offline W&B run
-    from tests.tracking.test_tracking import parse_run, read_wandb_records
+    from tests.tracking.test_tracking import finished_records, parse_run
 
-    (record,) = [r.run for r in read_wandb_records(next(offline.glob("run-*.wandb")))
-                 if r.WhichOneof("record_type") == "run"]
+    (record,) = [r.run for r in finished_records(offline) if r.WhichOneof("record_type") == "run"]
     assert (record.run_group, record.job_type) == ("cmp", "compare")  # beside the runs it summarises
     history, _, _ = parse_run(offline)
     assert {"compare/table", "compare/plot", "compare/summary"} <= set().union(*history)

@@ -78,11 +78,25 @@ def _set(target, keys, value):
     target[keys[-1]] = value
 
 
+def finished_records(run_dir, timeout=60.0):
+    """The records of an offline run once its log ends with the ``exit`` record.
+
+    wandb-core may still be flushing the log when ``finish()`` returns (a small run can sit wholly in its write
+    buffer), so the log is re-read until it is complete.
+    """
+    (wandb_file,) = Path(run_dir).glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(wandb_file)
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def parse_run(run_dir):
     """History rows, summary and config of an offline run, with values decoded from JSON."""
-    (wandb_file,) = run_dir.glob("run-*.wandb")
     history, summary, config = [], {}, {}
-    for record in read_wandb_records(wandb_file):
+    for record in finished_records(run_dir):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {}
@@ -122,10 +136,6 @@ def wandb_run(tmp_path_factory):
         log_run_environment(logger)
         run_dir = Path(logger.experiment.dir).parent  # wandb's settings may be cached from an earlier run
         wandb.finish()
-    (wandb_file,) = run_dir.glob("run-*.wandb")
-    deadline = time.monotonic() + 60  # wandb-core may still be flushing the log when finish() returns
-    while read_wandb_records(wandb_file)[-1].WhichOneof("record_type") != "exit" and time.monotonic() < deadline:
-        time.sleep(0.5)
     history, summary, config = parse_run(run_dir)
     return {"dir": run_dir, "history": history, "summary": summary, "config": config,
             "metrics": dict(t.callback_metrics), "results": module.test_results}
