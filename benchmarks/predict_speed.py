@@ -67,7 +67,7 @@ def build(config: str, checkpoint: Path | None = None, random_head: bool = False
     from lightning_selfreg.models import UNet
 
     if checkpoint is not None:  # a trained model: realistic class borders for the native-grid argmax
-        from lightning_selfreg.segmentation.inference import load_module
+        from lightning_selfreg.segmentation.predictor import load_module
 
         return load_module(checkpoint, "cpu")
     torch.manual_seed(0)
@@ -88,9 +88,10 @@ def build(config: str, checkpoint: Path | None = None, random_head: bool = False
 
 
 def measure(config: str, path: Path, out: Path, checkpoint: Path | None = None, random_head: bool = False) -> dict:
-    from lightning_selfreg.segmentation.inference import Predictor, segment
+    from lightning_selfreg.segmentation.inference import segment
     from lightning_selfreg.segmentation.inputs import find_cases, read_case, write_prediction
     from lightning_selfreg.segmentation.predict_files import predict_files
+    from lightning_selfreg.segmentation.predictor import Predictor
 
     module, record = build(config, checkpoint, random_head)
     predictor = Predictor(module.eval(), record)

@@ -10,7 +10,7 @@ Examples::
 The input is preprocessed exactly as the model's training data (the checkpoint's record: orientation, spacing,
 intensity normalisation with the training statistics), segmented (2D slice by slice, 3D with a Gaussian-blended
 sliding window) and written on the input's own grid, with its affine and header (a thin layer over
-:class:`lightning_selfreg.segmentation.inference.Predictor` and
+:class:`lightning_selfreg.segmentation.predictor.Predictor` and
 :func:`lightning_selfreg.segmentation.predict_files.predict_files`; what inputs are accepted:
 :mod:`lightning_selfreg.segmentation.inputs`).
 
@@ -113,8 +113,8 @@ def predict(args: argparse.Namespace) -> str:
         PredictError, PredictionError: For any bad argument or input, before an output is written.
     """
     _check_arguments(args)
-    from lightning_selfreg.segmentation.inference import Predictor
     from lightning_selfreg.segmentation.predict_files import predict_files
+    from lightning_selfreg.segmentation.predictor import Predictor
 
     record = None if args.data_config is None else record_from_config(args.data_config)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, preprocessing=record,

@@ -17,7 +17,7 @@ _FACES: dict[str, str] = {
     "AuxiliaryLoss": "lightning_selfreg.segmentation.auxiliary_loss",
     "DiceCELoss": "lightning_selfreg.segmentation.loss",
     "FeatureTaps": "lightning_selfreg.selfreg.taps",
-    "Predictor": "lightning_selfreg.segmentation.inference",
+    "Predictor": "lightning_selfreg.segmentation.predictor",
     "SelfReg": "lightning_selfreg.selfreg.callback",
     "SelfRegLoss": "lightning_selfreg.selfreg.losses",
     "SelfRegSegModule": "lightning_selfreg.segmentation.module",
@@ -45,9 +45,9 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
     from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
-    from lightning_selfreg.segmentation.inference import Predictor
     from lightning_selfreg.segmentation.loss import DiceCELoss
     from lightning_selfreg.segmentation.module import SelfRegSegModule
+    from lightning_selfreg.segmentation.predictor import Predictor
     from lightning_selfreg.selfreg.callback import SelfReg
     from lightning_selfreg.selfreg.losses import SelfRegLoss, ifd_loss, scr_loss
     from lightning_selfreg.selfreg.taps import FeatureTaps, TapSpec, list_tap_candidates, resolve_tap_spec

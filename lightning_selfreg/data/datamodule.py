@@ -205,7 +205,7 @@ class SegDataModule(pl.LightningDataModule):
         """The record of what this DataModule does to a raw image before the network sees it.
 
         :class:`~lightning_selfreg.SelfRegSegModule` stores it in its checkpoints; prediction applies it to new
-        images (:class:`~lightning_selfreg.segmentation.inference.Predictor`). The default: the class's
+        images (:class:`~lightning_selfreg.segmentation.predictor.Predictor`). The default: the class's
         :attr:`channel_names` and :attr:`intensity`, :attr:`orientation`, no resampling (slices are resized to
         :attr:`input_size` by the module). A layout whose files store arrays that are already normalised (the
         TransUNet / MT-UNet copies) reads them as they are; :attr:`intensity` says what a raw image needs.

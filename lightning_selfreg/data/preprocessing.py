@@ -5,7 +5,7 @@ A DataModule describes what it does to a raw image before the network sees it wi
 target spacing, the intensity normalisation of each channel with its fitted numbers, the channel and class names
 and the network's dimensionality. :class:`~lightning_selfreg.SelfRegSegModule` keeps the record of the DataModule it
 is trained and tested with and writes it into every checkpoint; prediction on new images
-(:class:`~lightning_selfreg.segmentation.inference.Predictor`) applies the same record with the same functions
+(:class:`~lightning_selfreg.segmentation.predictor.Predictor`) applies the same record with the same functions
 (:meth:`Preprocessing.prepare`, :func:`restore`) that the DataModules use, so a prediction equals what
 ``trainer.test`` computed for the same file.
 
@@ -29,6 +29,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from lightning_selfreg.data.contract import DataError
+from lightning_selfreg.data.resampling import resample_image
 from lightning_selfreg.utils.checks import SettingError
 
 __all__ = [
@@ -417,7 +418,5 @@ class Preprocessing:
             if native_spacing is None:
                 raise DataError(f"{source}: the model resamples to {self.spacing} mm (z, y, x), but the image "
                                 "carries no spacing.")
-            from lightning_selfreg.data.nnunet.preprocess import resample_image
-
             image = resample_image(image, native_spacing, self.target_spacing(native_spacing))
         return Prepared(image=image, shape=native_shape, spacing=native_spacing, ornt=ornt)

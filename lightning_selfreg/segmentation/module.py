@@ -119,7 +119,7 @@ class SelfRegSegModule(pl.LightningModule):
     **Preprocessing record.** At :meth:`setup` the module takes the DataModule's
     :class:`~lightning_selfreg.data.preprocessing.Preprocessing` (what it does to raw images: orientation, spacing,
     intensity normalisation with its fitted numbers) as :attr:`preprocessing` and writes it into every checkpoint;
-    :class:`~lightning_selfreg.segmentation.inference.Predictor` applies it to new images and calls the same
+    :class:`~lightning_selfreg.segmentation.predictor.Predictor` applies it to new images and calls the same
     inference (:func:`~lightning_selfreg.segmentation.inference.segment`) as :meth:`test_step`.
 
     **Native grid.** Evaluation cases may come at a preprocessed grid (resampled images) with labels at the
@@ -238,7 +238,7 @@ class SelfRegSegModule(pl.LightningModule):
         A DataModule with a ``preprocessing()`` method (every :class:`~lightning_selfreg.data.SegDataModule`) gives
         the record of what it does to raw images (:class:`~lightning_selfreg.data.preprocessing.Preprocessing`);
         the module keeps it as :attr:`preprocessing` and writes it into every checkpoint, so that
-        :class:`~lightning_selfreg.segmentation.inference.Predictor` preprocesses new images as the training and
+        :class:`~lightning_selfreg.segmentation.predictor.Predictor` preprocesses new images as the training and
         test data were. Also re-arms :meth:`_check_first_batch` for the stage.
 
         Raises:

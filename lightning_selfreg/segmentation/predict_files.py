@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_selfreg.data.contract import DataError
-from lightning_selfreg.segmentation.inference import PredictionError, Predictor
+from lightning_selfreg.segmentation.inference import PredictionError
 from lightning_selfreg.segmentation.inputs import (
     CaseSource,
     find_cases,
@@ -26,6 +26,7 @@ from lightning_selfreg.segmentation.inputs import (
     write_prediction,
     write_probabilities,
 )
+from lightning_selfreg.segmentation.predictor import Predictor
 from lightning_selfreg.segmentation.scoring import find_label, score_cases, write_scores
 
 __all__ = ["FilesResult", "Job", "check_outputs", "plan", "predict_files"]
@@ -181,7 +182,7 @@ def predict_files(predictor: Predictor, input: str | os.PathLike, output: str | 
     """Segment every case of ``input`` into ``output`` (see the module docstring).
 
     Args:
-        predictor: The :class:`~lightning_selfreg.segmentation.inference.Predictor`.
+        predictor: The :class:`~lightning_selfreg.segmentation.predictor.Predictor`.
         input: A file or a folder (see :mod:`~lightning_selfreg.segmentation.inputs`).
         output: A file for a single case, else a folder.
         overwrite: Replace existing outputs.

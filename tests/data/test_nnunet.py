@@ -12,7 +12,8 @@ import torch
 from lightning_selfreg.data import DataError, SampleKey
 from lightning_selfreg.data.nnunet import NnUNetDataModule, crop_or_pad
 from lightning_selfreg.data.nnunet.format import crossval_split, read_dataset_json
-from lightning_selfreg.data.nnunet.preprocess import normalize, resample_image, resample_label
+from lightning_selfreg.data.nnunet.preprocess import normalize
+from lightning_selfreg.data.resampling import resample_image, resample_label
 from lightning_selfreg.data.transforms import derive_seed
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}

@@ -297,7 +297,7 @@ def test_predict_writes_the_models_own_prediction(ckpt, tmp_path):
                          str(tmp_path / "seg.nii.gz"), "--device", "cpu", "--quiet"]) == 0
     import nibabel as nib
 
-    from lightning_selfreg.segmentation.inference import load_module
+    from lightning_selfreg.segmentation.predictor import load_module
 
     module, _ = load_module(ckpt, "cpu")
     lps = np.ascontiguousarray(hu[::-1, ::-1].transpose(2, 1, 0))  # (D, H, W) of the LPS voxel order

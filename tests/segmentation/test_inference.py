@@ -27,8 +27,9 @@ from lightning_selfreg.data.preprocessing import (
 )
 from lightning_selfreg.metrics import case_metrics
 from lightning_selfreg.models import UNet
-from lightning_selfreg.segmentation.inference import Predictor, mirror_axes, segment
+from lightning_selfreg.segmentation.inference import mirror_axes, segment
 from lightning_selfreg.segmentation.predict_files import predict_files
+from lightning_selfreg.segmentation.predictor import Predictor
 from tests.conftest import write_synapse_layout
 from tests.data.test_nnunet import write_nnunet
 

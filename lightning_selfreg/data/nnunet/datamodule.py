@@ -56,7 +56,6 @@ from lightning_selfreg.data.nnunet.preprocess import (
     compute_fingerprint,
     is_preprocessed_case,
     load_preprocessed,
-    new_shape,
     preprocess_case,
     target_spacing,
 )
@@ -69,6 +68,7 @@ from lightning_selfreg.data.preprocessing import (
     orientation_transform,
     reorient_spacing,
 )
+from lightning_selfreg.data.resampling import new_shape
 from lightning_selfreg.data.sampling import PADDING, PaddingKey, UnpaddedDistributedSampler
 from lightning_selfreg.data.transforms import RandomAffine, default_seed, derive_seed
 from lightning_selfreg.utils.checks import SettingError

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from lightning_selfreg.data.contract import DataError
 from lightning_selfreg.data.nnunet.format import CaseFiles, DatasetJson, read_case
@@ -56,10 +55,10 @@ from lightning_selfreg.data.preprocessing import (
     reorient,
     reorient_spacing,
 )
+from lightning_selfreg.data.resampling import ANISO_THRESHOLD, resample_label
 from lightning_selfreg.utils.files import atomic_folder
 
 __all__ = [
-    "ANISO_THRESHOLD",
     "CACHE_VERSION",
     "Fingerprint",
     "cache_key",
@@ -70,12 +69,9 @@ __all__ = [
     "load_preprocessed",
     "normalize",
     "preprocess_case",
-    "resample_image",
-    "resample_label",
     "target_spacing",
 ]
 
-ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 CACHE_VERSION = 3  # bump when the preprocessed format or algorithm changes (3: one folder per case)
 FOREGROUND_SAMPLES = int(1e8)  # nnU-Net's budget of foreground intensity samples, split over the cases
 MAX_LOCATIONS = 10_000
@@ -205,92 +201,6 @@ def normalize(image: np.ndarray, channel_names: Sequence[str], intensity: Sequen
     out = np.empty(image.shape, dtype=np.float32)
     for c, norm in enumerate(channel_norms(channel_names, intensity)):
         out[c] = norm.apply(image[c], source)
-    return out
-
-
-def _separate_axis(spacing: Sequence[float], target: Sequence[float]) -> int | None:
-    """nnU-Net's "separate z" decision: the low-resolution axis when a spacing is anisotropic, else None."""
-    for sp in (np.asarray(spacing, dtype=np.float64), np.asarray(target, dtype=np.float64)):
-        if sp.max() / sp.min() > ANISO_THRESHOLD:
-            axes = np.flatnonzero(sp.max() / sp == 1)
-            return int(axes[0]) if len(axes) == 1 else None
-    return None
-
-
-def _resize_axes(x: np.ndarray, shape: Sequence[int], order: int, axes: Sequence[int]) -> np.ndarray:
-    """Resize the ``axes`` of a 3D array to ``shape`` (other axes must keep their size), centre-aligned.
-
-    When exactly one axis keeps its size, each slice across it is resampled on its own (2D splines, as nnU-Net's
-    "separate z" resampling does slice by slice): a spline along an axis that keeps its size only reproduces its
-    samples, and the 2D splines need 16 taps per voxel instead of 64 and no prefilter along that axis.
-    """
-    moving = [a for a in axes if x.shape[a] != shape[a]]
-    if not moving:
-        return x
-    fixed = [a for a in range(x.ndim) if a not in moving]
-    if order > 0 and x.ndim == 3 and len(fixed) == 1:
-        a = fixed[0]
-        inner = [b for b in range(3) if b != a]
-        slices = [_resize_axes(part, [shape[b] for b in inner], order, (0, 1)) for part in np.moveaxis(x, a, 0)]
-        return np.moveaxis(np.stack(slices), 0, a)
-    axes = moving
-    scale = np.array([x.shape[a] / shape[a] if a in axes else 1.0 for a in range(x.ndim)])
-    out_shape = tuple(int(shape[a]) if a in axes else x.shape[a] for a in range(x.ndim))
-    return ndimage.affine_transform(x, scale, offset=0.5 * scale - 0.5, output_shape=out_shape, order=order,
-                                    mode="nearest", prefilter=order > 1)
-
-
-def new_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """``round(spacing / target * shape)`` per axis (at least 1)."""
-    return tuple(max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target, strict=True))
-
-
-def resample_image(image: np.ndarray, spacing: Sequence[float], target: Sequence[float],
-                   shape: Sequence[int] | None = None, order: int = 3) -> np.ndarray:
-    """Resample a ``(C, D, H, W)`` image to ``target`` spacing (or to ``shape``), as nnU-Net does for data.
-
-    Order-3 splines; with an anisotropic spacing the coarse axis is resampled separately with nearest neighbour.
-
-    Returns:
-        float32 ``(C, *shape)``.
-    """
-    shape = new_shape(image.shape[1:], spacing, target) if shape is None else tuple(shape)
-    axis = _separate_axis(spacing, target)
-    out = []
-    for channel in image.astype(np.float32):
-        if axis is None:
-            out.append(_resize_axes(channel, shape, order, (0, 1, 2)))
-        else:
-            inplane = _resize_axes(channel, shape, order, [a for a in range(3) if a != axis])
-            out.append(_resize_axes(inplane, shape, 0, (axis,)))
-    return np.stack(out).astype(np.float32, copy=False)
-
-
-def resample_label(label: np.ndarray, spacing: Sequence[float], target: Sequence[float],
-                   shape: Sequence[int] | None = None) -> np.ndarray:
-    """Resample a ``(D, H, W)`` label map as nnU-Net's ``resize_segmentation`` (per class, linear, >= 0.5).
-
-    Each foreground class is resized as a binary mask with linear interpolation and set where the result is
-    >= 0.5, in increasing label order (higher labels overwrite lower ones); with an anisotropic spacing the coarse
-    axis then takes the nearest slice.
-
-    Returns:
-        int16 ``shape``.
-    """
-    shape = new_shape(label.shape, spacing, target) if shape is None else tuple(shape)
-    if tuple(label.shape) == shape:
-        return label.astype(np.int16)
-    axis = _separate_axis(spacing, target)
-    inplane_axes = (0, 1, 2) if axis is None else [a for a in range(3) if a != axis]
-    mid_shape = shape if axis is None else tuple(label.shape[a] if a == axis else shape[a] for a in range(3))
-    out = np.zeros(mid_shape, dtype=np.int16)
-    for value in np.unique(label):
-        if value == 0:
-            continue
-        mask = _resize_axes((label == value).astype(np.float32), mid_shape, 1, inplane_axes)
-        out[mask >= 0.5] = value
-    if axis is not None:
-        out = _resize_axes(out, shape, 0, (axis,))
     return out
 
 
