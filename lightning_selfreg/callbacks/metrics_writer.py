@@ -14,6 +14,7 @@ import numpy as np
 from lightning_selfreg.callbacks.overlay_writer import OverlayWriter
 from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.metrics.overlap import class_dice
+from lightning_selfreg.segmentation.inference import step_prediction
 from lightning_selfreg.tracking.report import format_run_markdown, hd95_units
 from lightning_selfreg.tracking.wandb_logging import image_and_label
 from lightning_selfreg.utils.distributed import gather_lists
@@ -74,7 +75,7 @@ class MetricsWriter(pl.Callback):
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         """Record the case's Dice per class (from the step's ``outputs["prediction"]``) and whether it has a spacing."""
-        prediction = outputs.get("prediction") if isinstance(outputs, Mapping) else None
+        prediction = step_prediction(outputs)
         pair = image_and_label(batch)
         if prediction is None or pair is None or is_padding(batch):
             return

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.metrics.overlap import class_dice
+from lightning_selfreg.segmentation.inference import step_prediction
 from lightning_selfreg.tracking.figures import save_figure
 from lightning_selfreg.tracking.overlays import plot_case, radiological, to_label_grid
 from lightning_selfreg.tracking.wandb_logging import image_and_label
@@ -91,7 +92,7 @@ class OverlayWriter(pl.Callback):
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score the case (Dice per class) and draw its picture."""
-        prediction = outputs.get("prediction") if isinstance(outputs, Mapping) else None
+        prediction = step_prediction(outputs)
         pair = image_and_label(batch)
         if prediction is None or pair is None or is_padding(batch):
             return

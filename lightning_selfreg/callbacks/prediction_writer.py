@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_selfreg.data.image_io import save_prediction
 from lightning_selfreg.data.preprocessing import restore, restore_spacing
 from lightning_selfreg.data.sampling import is_padding
+from lightning_selfreg.segmentation.inference import step_prediction
 
 __all__ = ["TestPredictionWriter"]
 
@@ -91,7 +92,7 @@ class TestPredictionWriter(BasePredictionWriter):
         """Write the ``outputs["prediction"]`` of the test step (nothing for a padding item)."""
         if is_padding(batch):
             return
-        prediction = outputs.get("prediction") if isinstance(outputs, Mapping) else None
+        prediction = step_prediction(outputs)
         if prediction is None:
             raise ValueError("TestPredictionWriter: the test step returned no `prediction`; it needs a test_step that "
                              "returns {'prediction': (D, H, W)} (SelfRegSegModule does).")

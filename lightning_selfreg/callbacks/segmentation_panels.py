@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_selfreg.data.sampling import is_padding
 from lightning_selfreg.data.transforms import resize_image
+from lightning_selfreg.segmentation.inference import step_prediction
 from lightning_selfreg.tracking.wandb_logging import image_and_label, log_to_wandb, wandb_loggers
 from lightning_selfreg.utils.checks import check_int
 
@@ -215,7 +216,7 @@ class SegmentationPanels(pl.Callback):
         shown = image[rows]
         if tuple(shown.shape[-2:]) != tuple(label.shape[-2:]):
             shown = resize_image(shown.float(), tuple(label.shape[-2:]))
-        prediction = outputs.get("prediction") if isinstance(outputs, Mapping) else None
+        prediction = step_prediction(outputs)
         if prediction is not None:
             pred = prediction.reshape(label.shape)[slices]
         elif tuple(image.shape[-2:]) == tuple(label.shape[-2:]) and image.shape[0] == depth:

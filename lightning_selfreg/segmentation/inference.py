@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "mirror_axes",
     "resize_argmax",
     "segment",
+    "step_prediction",
 ]
 
 
@@ -341,3 +342,16 @@ def segment(module: nn.Module, volume: Tensor, shape: Sequence[int] | None = Non
         labels, resampled = linear_resize_argmax(torch.cat(full), target, chunk, probabilities)
         return Segmentation(labels, torch.cat(small), resampled)
     return Segmentation(torch.cat(full), torch.cat(small), torch.cat(probs).transpose(0, 1) if probabilities else None)
+
+
+def step_prediction(outputs: Any) -> Tensor | None:
+    """The native-grid label map a test step returned in ``outputs`` (``{"prediction": (D, H, W)}``), or None.
+
+    :meth:`SelfRegSegModule.test_step <lightning_selfreg.SelfRegSegModule.test_step>` returns it; the callbacks that
+    write, score or draw the test cases read it here, so the contract is written once.
+
+    Example:
+        >>> step_prediction({"prediction": torch.zeros(1, 2, 2)}).shape, step_prediction(None)
+        (torch.Size([1, 2, 2]), None)
+    """
+    return outputs.get("prediction") if isinstance(outputs, Mapping) else None
