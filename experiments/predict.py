@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,21 @@ def record_from_config(path: Path) -> Any:
                            f"({str(err).strip().splitlines()[0]})") from err
 
 
+def case_lines() -> Callable[[int, int, Path], None]:
+    """``on_case`` for a log: ``case k/N: <output> (elapsed, ETA of the folder)`` on stderr, one line per case."""
+    from lightning_selfreg.callbacks.progress import format_duration, run_eta
+
+    start = time.monotonic()
+
+    def line(k: int, n: int, output: Path) -> None:
+        elapsed = time.monotonic() - start
+        eta = run_eta(elapsed, k / n)
+        print(f"case {k}/{n}: {output} (elapsed {format_duration(elapsed)}"
+              + (f", ETA {format_duration(eta)})" if k < n and eta is not None else ")"), file=sys.stderr, flush=True)
+
+    return line
+
+
 def predict(args: argparse.Namespace) -> str:
     """Segment ``args.input`` into ``args.output``; returns the summary.
 
@@ -119,8 +136,10 @@ def predict(args: argparse.Namespace) -> str:
     record = None if args.data_config is None else record_from_config(args.data_config)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, preprocessing=record,
                                           mirror=args.tta, sw_batch_size=args.sw_batch_size, window=args.window)
+    bars = not args.quiet and sys.stderr.isatty()  # in a log file, one line per case instead of tqdm's updates
     result = predict_files(predictor, args.input, args.output, overwrite=args.overwrite, resume=args.resume,
-                           probabilities=args.save_probabilities, labels=args.labels, progress=not args.quiet)
+                           probabilities=args.save_probabilities, labels=args.labels, progress=bars,
+                           on_case=None if args.quiet or bars else case_lines())
     lines = [f"wrote {len(result.written)} prediction(s) to {args.output}"
              + (f" (skipped {len(result.skipped)} already written)" if result.skipped else "")
              + f"; preprocessing: {predictor.preprocessing.describe()}"]

@@ -12,7 +12,7 @@ existing output is complete). With ``labels`` the written predictions are scored
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,8 @@ def _bar(**kwargs: Any) -> Any:
 
 def predict_files(predictor: Predictor, input: str | os.PathLike, output: str | os.PathLike,
                   overwrite: bool = False, resume: bool = False, probabilities: bool = False,
-                  labels: str | os.PathLike | None = None, progress: bool = True) -> FilesResult:
+                  labels: str | os.PathLike | None = None, progress: bool = True,
+                  on_case: Callable[[int, int, Path], None] | None = None) -> FilesResult:
     """Segment every case of ``input`` into ``output`` (see the module docstring).
 
     Args:
@@ -189,7 +190,9 @@ def predict_files(predictor: Predictor, input: str | os.PathLike, output: str | 
         resume: Skip cases whose outputs exist (``--continue``).
         probabilities: Also write ``<case>.npz`` with the float16 class probabilities.
         labels: A folder of reference labels (or one label file): score the predictions.
-        progress: Progress bars on stderr.
+        progress: Progress bars on stderr (for a terminal; a log file wants ``on_case`` instead).
+        on_case: Called as ``on_case(k, n, output)`` after the k-th of the n cases to segment is written, e.g. to
+            print one line per case with an ETA where progress bars would fill a log with carriage returns.
 
     Raises:
         PredictionError: Any bad input or output, before anything is written (one line naming it).
@@ -215,7 +218,7 @@ def predict_files(predictor: Predictor, input: str | os.PathLike, output: str | 
     result = FilesResult(skipped=[job.output for job in jobs if job not in todo])
     outer = _bar(total=len(todo), desc="cases", unit="case") if progress and len(todo) > 1 else None
     unit = "window" if predictor.module.hparams.spatial_dims == 3 else "slice"
-    for job in todo:
+    for k, job in enumerate(todo, 1):
         case = cases.pop(job, None) or read_case(job.source, record)
         inner = _bar(desc=job.source.name, unit=unit, leave=outer is None) if progress else None
 
@@ -234,6 +237,8 @@ def predict_files(predictor: Predictor, input: str | os.PathLike, output: str | 
         result.written.append(job.output)
         if outer is not None:
             outer.update(1)
+        if on_case is not None:
+            on_case(k, len(todo), job.output)
     if outer is not None:
         outer.close()
     if labels is not None:

@@ -300,7 +300,7 @@ def test_a_dicom_series_folder_is_read_with_its_geometry(synapse_model, tmp_path
     assert len(np.unique(voxels(tmp_path / "nifti.nii.gz"))) >= 3
 
 
-def test_a_folder_of_nifti_files_is_mirrored_and_resumed(synapse_model, tmp_path):
+def test_a_folder_of_nifti_files_is_mirrored_and_resumed(synapse_model, tmp_path, capsys):
     _, _, ckpt = synapse_model
     (tmp_path / "scans").mkdir()
     rng = np.random.default_rng(2)
@@ -313,7 +313,14 @@ def test_a_folder_of_nifti_files_is_mirrored_and_resumed(synapse_model, tmp_path
     nib.save(predictor.predict(tmp_path / "scans" / "a.nii.gz"), out / "a.nii.gz")
     before = (out / "a.nii.gz").stat().st_mtime_ns
     assert cli("--checkpoint", ckpt, "--input", tmp_path / "scans", "--output", out) == 2  # exists
-    assert cli("--checkpoint", ckpt, "--input", tmp_path / "scans", "--output", out, "--continue") == 0
+    capsys.readouterr()
+    assert predict.main([str(a) for a in ("--checkpoint", ckpt, "--input", tmp_path / "scans", "--output", out,
+                                          "--continue", "--device", "cpu")]) == 0
+    err = capsys.readouterr().err  # not a terminal: a line per case, no progress-bar updates
+    assert "\r" not in err
+    assert [line.split(" (")[0] for line in err.splitlines()] == [f"case 1/2: {out / 'b.nii.gz'}",
+                                                                   f"case 2/2: {out / 'c.nii.gz'}"], err
+    assert "ETA" in err.splitlines()[0]
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
     assert (out / "a.nii.gz").stat().st_mtime_ns == before  # skipped, not rewritten
     for name in ("b", "c"):
