@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_selfreg.utils.files import WriteError, atomic_write_text, write_error
+from lightning_selfreg.utils.files import atomic_write_text, named_write_errors
 
 __all__ = ["MetricsCSVLogger"]
 
@@ -128,7 +128,7 @@ class MetricsCSVLogger(Logger):
         if not row:
             return
         columns = self._read_columns()
-        try:
+        with named_write_errors(self.path):
             if set(row) - set(columns):
                 self._widen(_order(set(columns) | set(row)), row)
             else:
@@ -136,10 +136,6 @@ class MetricsCSVLogger(Logger):
                 csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n").writerow(row)
                 with self.path.open("a", encoding="utf-8", newline="") as f:
                     f.write(buffer.getvalue())
-        except WriteError:
-            raise
-        except OSError as err:
-            raise write_error(self.path, err) from err
 
     def _widen(self, columns: list[str], row: dict[str, Any]) -> None:
         """Rewrite the file atomically with the header ``columns``: the existing rows, then ``row``."""

@@ -12,11 +12,12 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["WriteError", "atomic_folder", "atomic_write", "atomic_write_text", "remove_orphaned_temp_files",
-           "write_error"]
+__all__ = ["WriteError", "atomic_folder", "atomic_write", "atomic_write_text", "named_write_errors",
+           "remove_orphaned_temp_files", "write_error"]
 
 log = logging.getLogger(__name__)
 TEMP_NAME = re.compile(r"\.tmp(?P<pid>\d+)\.(?P<name>.+)")  # the temporary names of atomic_write: .tmp<pid>.<name>
@@ -81,6 +82,26 @@ def write_error(path: str | os.PathLike, err: BaseException) -> WriteError:
     return WriteError(f"cannot write {path}: {cause}", code)
 
 
+@contextmanager
+def named_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into the one-line :class:`WriteError` naming it.
+
+    A :class:`WriteError` (already named) passes through unchanged; other exceptions are not touched.
+
+    Example:
+        >>> with named_write_errors("/no/such/folder/x.csv"):
+        ...     open("/no/such/folder/x.csv", "w")
+        Traceback (most recent call last):
+        lightning_selfreg.utils.files.WriteError: cannot write /no/such/folder/x.csv: ...
+    """
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as err:
+        raise write_error(Path(path), err) from err
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Run ``write(tmp)`` on a temporary path next to ``path``, then rename it into place.
 
@@ -95,13 +116,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     path = Path(path)
     tmp = _temp_path(path, os.getpid())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except WriteError:
-        raise
-    except OSError as err:
-        raise write_error(path, err) from err
+        with named_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         try:
             tmp.unlink(missing_ok=True)
@@ -122,18 +140,15 @@ def atomic_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> N
     path = Path(path)
     tmp = _temp_path(path, os.getpid())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        write(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except WriteError:
-        raise
-    except OSError as err:
-        raise write_error(path, err) from err
+        with named_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            write(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
