@@ -31,7 +31,9 @@ The rules (:func:`plan_run_folder`, before any data is read or anything is writt
   devices) from that step on; ``max_epochs`` with the ``poly`` schedule changes the remaining learning rates.
 * **A SLURM requeue** of the same job (``SLURM_RESTART_COUNT`` > 0 and the job id recorded at the start) resumes
   the run without ``--resume``: the requeued job runs the unchanged batch script. Without ``--run-name`` a run
-  under SLURM is named after its job id (not the time), so that the requeued job finds its folder.
+  under SLURM is named after its job id (not the time), so that the requeued job finds its folder. When the run
+  finishes, the requeues' ``hpc_ckpt_<n>.ckpt`` files (a full checkpoint each) that ``checkpoints/last.ckpt``
+  supersedes are removed, and ``history.jsonl`` names them.
 """
 
 from __future__ import annotations
@@ -254,8 +256,18 @@ class RunFolder:
                         environment=dict(environment))
 
     def finish(self) -> None:
-        """Record the end; delete the folder a ``--overwrite`` moved aside, now that the new run has finished."""
-        self.record("finished")
+        """Record the end; delete what the finished run supersedes.
+
+        That is the folder a ``--overwrite`` moved aside, and the ``hpc_ckpt_<n>.ckpt`` files of SLURM requeues
+        (one full checkpoint per requeue, Lightning's naming) at or before the step of the final
+        ``checkpoints/last.ckpt``: the run can continue from that one alone.
+        """
+        last = checkpoint_step(self.checkpoint) if self.checkpoint.is_file() else None
+        steps = {p: checkpoint_step(p) for p in sorted(self.path.glob("hpc_ckpt_*.ckpt"))}
+        superseded = [p for p, step in steps.items() if None not in (step, last) and step <= last]
+        for path in superseded:
+            path.unlink()
+        self.record("finished", removed=[p.name for p in superseded])
         if self.replaced is not None and self.replaced.exists():
             shutil.rmtree(self.replaced)
 

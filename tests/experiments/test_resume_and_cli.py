@@ -366,7 +366,10 @@ def test_under_slurm_the_requeue_signal_saves_and_requeues_and_the_requeued_job_
     assert run.main(argv) == 0  # the same command: resumed from the newest checkpoint, not refused
     assert f"SLURM requeue: resuming {folder} from {folder / 'checkpoints' / 'last.ckpt'} (step 3)" in \
         capsys.readouterr().err
-    events = [json.loads(line)["event"] for line in (folder / "history.jsonl").read_text().splitlines()]
-    assert events == ["start", "interrupted", "resume", "finished"] and (folder / "metrics.json").is_file()
+    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in history] == ["start", "interrupted", "resume", "finished"]
+    assert (folder / "metrics.json").is_file()
+    # the finished run's last.ckpt supersedes the requeue's checkpoint: it is removed, and the history says so
+    assert not (folder / "hpc_ckpt_1.ckpt").exists() and history[-1]["removed"] == ["hpc_ckpt_1.ckpt"]
     monkeypatch.setenv("SLURM_JOB_ID", "4343")  # another job with that folder's name: an error, not a resume
     assert run.main([*argv, "--run-name", folder.name]) == 2
