@@ -323,6 +323,18 @@ def test_normalization_per_channel_type(dataset, tmp_path):
     assert out[1].mean() == pytest.approx(0, abs=1e-6) and out[1].std() == pytest.approx(1, rel=1e-5)
 
 
+def test_the_default_cache_is_under_xdg_and_nothing_is_written_into_the_dataset(tmp_path, monkeypatch):
+    """The dataset may be read-only or inside the installed package (the bundled sample): the cache never goes there."""
+    root = write_nnunet(tmp_path / "Dataset006_ReadOnly")
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    dm = NnUNetDataModule(root, configuration="2d", progress=False)  # no cache_dir: the default
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.is_preprocessed() and dm.cache_dir.is_relative_to(tmp_path / "xdg" / "lightning_selfreg")
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # no file added, removed or touched
+
+
 def test_cache_is_reused_and_follows_the_files(tmp_path, monkeypatch):
     root = write_nnunet(tmp_path / "Dataset005_Cache")
     dm = _dm(root, tmp_path, configuration="2d")
