@@ -64,7 +64,8 @@ class CurvesWriter(pl.Callback):
         if source is None or not source.is_file():
             return None
         self._last_drawn = time.monotonic()
-        return save_figure(plot_curves(read_metrics_csv(source), self.title), self.path)
+        names = getattr(trainer.lightning_module, "class_names", None)
+        return save_figure(plot_curves(read_metrics_csv(source), self.title, names), self.path)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start the clock: the first picture comes after ``every_n_seconds`` of training."""

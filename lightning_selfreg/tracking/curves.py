@@ -81,17 +81,29 @@ def epoch_means(rows: Sequence[Mapping[str, float]], key: str) -> tuple[list[int
     return [e + 1 for e in epochs], [math.fsum(sums[e]) / len(sums[e]) for e in epochs]
 
 
-def _class_names(rows: Sequence[Mapping[str, float]]) -> list[str]:
+def _classes(rows: Sequence[Mapping[str, float]], class_names: Sequence[str] | None) -> list[tuple[int, str]]:
+    """``(label, name)`` of each class with a validation Dice column, in label order.
+
+    The label is the class's 1-based place in ``class_names``, so that it has its colour of the overlays; without
+    them (or for a column they do not name), the columns' order.
+    """
     prefix = VAL_DICE + "/"
-    return list(dict.fromkeys(k[len(prefix):] for row in rows for k in row if k.startswith(prefix)))
+    logged = list(dict.fromkeys(k[len(prefix):] for row in rows for k in row if k.startswith(prefix)))
+    known = list(class_names or [])
+    if not all(name in known for name in logged):
+        return list(enumerate(logged, start=1))
+    return sorted((known.index(name) + 1, name) for name in logged)
 
 
-def plot_curves(rows: Sequence[Mapping[str, float]], title: str = "") -> Figure:
+def plot_curves(rows: Sequence[Mapping[str, float]], title: str = "",
+                class_names: Sequence[str] | None = None) -> Figure:
     """Draw the training loss terms and the validation Dice per class over epochs (see the module docstring).
 
     Args:
         rows: :func:`read_metrics_csv` of a run's ``metrics.csv``.
         title: Figure title (e.g. the run's settings).
+        class_names: The foreground classes in label order (the module's ``class_names``): each class is drawn in
+            its colour of the overlays and panels, in label order (``metrics.csv`` sorts its columns by name).
 
     Returns:
         A ``matplotlib.figure.Figure`` of :data:`FIGURE_SIZE` inches, not attached to pyplot.
@@ -115,8 +127,8 @@ def plot_curves(rows: Sequence[Mapping[str, float]], title: str = "") -> Figure:
         loss_ax.legend(fontsize=8)
     else:
         loss_ax.text(0.5, 0.5, "no training loss logged yet", ha="center", va="center", transform=loss_ax.transAxes)
-    names = _class_names(rows)
-    for i, name in enumerate(names, start=1):
+    classes = _classes(rows, class_names)
+    for i, name in classes:
         epochs, values = epoch_means(rows, f"{VAL_DICE}/{name}")
         if epochs:
             dice_ax.plot(epochs, [100 * v for v in values], color=class_colour(i), linewidth=1.2, label=name,
@@ -125,7 +137,7 @@ def plot_curves(rows: Sequence[Mapping[str, float]], title: str = "") -> Figure:
     if epochs:
         dice_ax.plot(epochs, [100 * v for v in values], color="black", linewidth=2.4, label="mean")
         dice_ax.set_ylim(0, 100)
-        dice_ax.legend(fontsize=7, ncol=2 if len(names) > 8 else 1)
+        dice_ax.legend(fontsize=7, ncol=2 if len(classes) > 8 else 1)
     else:
         dice_ax.text(0.5, 0.5, "no validation split: no validation Dice\n(the test results are in metrics.md)",
                      ha="center", va="center", transform=dice_ax.transAxes)

@@ -19,7 +19,7 @@ from lightning_selfreg.callbacks import CurvesWriter, MetricsWriter, OverlayWrit
 from lightning_selfreg.metrics import dice
 from lightning_selfreg.metrics.overlap import class_dice
 from lightning_selfreg.tracking.curves import FIGURE_SIZE, epoch_means, plot_curves, read_metrics_csv
-from lightning_selfreg.tracking.figures import save_figure
+from lightning_selfreg.tracking.figures import class_colour, save_figure
 from lightning_selfreg.tracking.overlays import figure_inches, is_thin_slab, organ_box, plot_case, slab_slices
 from lightning_selfreg.tracking.report import format_organ_table, settings_line
 from tests.tracking.test_tracking import make, threshold_net, trainer
@@ -63,6 +63,10 @@ def test_curves_are_the_per_epoch_means_of_the_csv(tmp_path):
                                                                   "SelfReg (weighted)"]
     assert [line.get_label() for line in dice_ax.get_lines()] == ["liver", "spleen", "mean"]
     assert list(dice_ax.get_lines()[2].get_ydata()) == [50.0, 60.0]  # percent
+    # metrics.csv sorts its columns by name; with the module's class names each class keeps its overlay colour
+    ordered = plot_curves(read, class_names=["spleen", "liver"]).axes[1].get_lines()
+    assert [(line.get_label(), line.get_color()) for line in ordered[:2]] == [("spleen", class_colour(1)),
+                                                                           ("liver", class_colour(2))]
     path = save_figure(fig, tmp_path / "curves.png")
     assert png_size(path) == (int(FIGURE_SIZE[0] * 100), int(FIGURE_SIZE[1] * 100))
     assert not list(tmp_path.glob(".tmp*"))
