@@ -156,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lightning_selfreg.data.contract import DataError
     from lightning_selfreg.segmentation.inference import PredictionError
+    from lightning_selfreg.utils.files import WriteError
 
     try:
         print(predict(args))
-    except (PredictError, PredictionError, DataError) as err:
+    except (PredictError, PredictionError, DataError, WriteError) as err:  # WriteError: a full disk, mid-folder
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -165,6 +165,17 @@ def _dicom_series(folder: Path) -> list[CaseSource]:
     return [CaseSource(f"{folder.name}_{uid}", (folder,), "dicom", uid) for uid in sorted(ids)]
 
 
+def _file_channels(path: Path) -> int | None:
+    """The channels a NIfTI file holds (its 4th axis, from the header alone), or None when it cannot be read."""
+    try:
+        import nibabel as nib
+
+        shape = nib.load(str(path)).shape
+    except Exception:  # noqa: BLE001 - read_case names an unreadable file
+        return None
+    return int(shape[3]) if len(shape) == 4 else 1
+
+
 def _group_channels(files: list[Path], record: Preprocessing, folder: Path) -> list[CaseSource]:
     """NIfTI files as cases: nnU-Net's ``{case}_{XXXX}`` channel files grouped, else one case per file."""
     channels = record.in_channels
@@ -174,7 +185,7 @@ def _group_channels(files: list[Path], record: Preprocessing, folder: Path) -> l
     for path in files:
         match = _CHANNEL.fullmatch(_stem(path))
         if match is None:
-            if channels > 1:
+            if channels > 1 and _file_channels(path) not in (None, channels):  # not a 4D file of the channels
                 raise _fail(path, f"the model takes {channels} channels ({names}); expected nnU-Net's channel files "
                                   f"{{case}}_0000{_ending(path)} ... {{case}}_{channels - 1:04d}{_ending(path)}, found "
                                   f"a file without a channel suffix")
@@ -183,12 +194,8 @@ def _group_channels(files: list[Path], record: Preprocessing, folder: Path) -> l
         groups.setdefault(match["case"], {})[int(match["channel"])] = path
     cases = list(singles)
     for case, found in sorted(groups.items()):
-        if channels == 1 and set(found) != {0}:  # a name that merely ends in 4 digits (ct_2023.nii.gz)
-            if len(found) > 1:
-                raise _fail(folder, f"case {case!r} has channel files {sorted(found)}, but the model takes one "
-                                    f"channel ({names})")
-            path = next(iter(found.values()))
-            cases.append(CaseSource(_stem(path), (path,), "nifti"))
+        if channels == 1 and set(found) != {0}:  # not nnU-Net's one-channel naming: numbered scans, each a case
+            cases.extend(CaseSource(_stem(path), (path,), "nifti") for _, path in sorted(found.items()))
             continue
         if set(found) != set(range(channels)):
             raise _fail(folder, f"case {case!r} has channel files {sorted(found)}, expected "
@@ -404,6 +411,13 @@ def _check_against(case: Case, record: Preprocessing) -> Case:
     if record.spatial_dims == 3 and case.image.shape[1] == 1:
         raise _fail(case.display, f"the 3D model needs a volume, found a single slice (shape "
                                   f"{case.image.shape[1:]} (D, H, W))")
+    if case.kind == "layout" and record.spacing is not None:
+        raise _fail(case.display, f"expected a NIfTI or DICOM image for a model trained on raw images "
+                                  f"({record.describe()}), found a layout file, whose arrays the Synapse / ACDC "
+                                  "layouts store already normalised")
+    if record.spacing is not None and case.spacing is None:
+        raise _fail(case.display, f"the model resamples to {record.spacing} mm (z, y, x); expected an image with a "
+                                  "voxel spacing, found none")
     if case.image.shape[0] != record.in_channels:
         what = {"image": "the image's channels", "nifti": "the files' channels"}.get(case.kind, "channels")
         raise _fail(case.display, f"the model takes {record.in_channels}-channel images "

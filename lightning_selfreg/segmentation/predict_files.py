@@ -27,7 +27,8 @@ from lightning_selfreg.segmentation.inputs import (
     write_probabilities,
 )
 from lightning_selfreg.segmentation.predictor import Predictor
-from lightning_selfreg.segmentation.scoring import find_label, score_cases, write_scores
+from lightning_selfreg.segmentation.scoring import check_label, find_label, score_cases, write_scores
+from lightning_selfreg.utils.files import remove_orphaned_temp_files
 
 __all__ = ["FilesResult", "Job", "check_outputs", "plan", "predict_files"]
 
@@ -111,13 +112,16 @@ def plan(input: Path, output: Path, sources: Sequence[CaseSource], probabilities
     return jobs, single
 
 
-def _inputs_of(jobs: Sequence[Job]) -> set[Path]:
-    files = set()
+def _inputs_of(jobs: Sequence[Job]) -> dict[Path, str]:
+    """Every file the run reads (images, DICOM series files, reference labels), resolved, with what it is."""
+    files = {}
     for job in jobs:
         for path in job.source.paths:
-            files.add(path.resolve())
+            files[path.resolve()] = "input file"
             if path.is_dir():  # a DICOM series folder: every file in it
-                files.update(p.resolve() for p in path.iterdir())
+                files.update((p.resolve(), "input file") for p in path.iterdir())
+        if job.label is not None:
+            files[job.label.resolve()] = "reference label"
     return files
 
 
@@ -157,7 +161,7 @@ def check_outputs(jobs: Sequence[Job], input: Path, output: Path, single: bool, 
     for path in [p for job in jobs for p in job.outputs] + list(extra):
         if path.resolve() in inputs:
             raise PredictionError(f"--output {path}: expected a path that is not an input, found that it resolves to "
-                                  f"the input file {path.resolve()}; choose another --output")
+                                  f"the {inputs[path.resolve()]} {path.resolve()}; choose another --output")
     _writable_folder(folder, output)
     done = [job for job in jobs if all(p.exists() for p in job.outputs)]
     existing = [p for job in jobs for p in job.outputs if p.exists()] + [p for p in extra if p.exists()]
@@ -208,13 +212,19 @@ def predict_files(predictor: Predictor, input: str | os.PathLike, output: str | 
         score_files = (folder / f"{prefix}scores.csv", folder / f"{prefix}scores.json") if labels else ()
         todo = check_outputs(jobs, input, output, single, overwrite, resume, score_files)
         cases = {}
-        if len(todo) == 1:
-            cases[todo[0]] = read_case(todo[0].source, record)
-        else:  # every case is read and checked before the first forward pass (then read again when its turn comes)
-            for job in (_bar(iterable=todo, desc="checking inputs", unit="case", leave=False) if progress else todo):
-                read_case(job.source, record)
+        # every case (and its label) is read and checked before the first output is written; a folder's cases are
+        # read again when their turn comes, so that only one is held in memory
+        checked = jobs if labels is not None else todo  # the scores cover the skipped cases too
+        for job in (_bar(iterable=checked, desc="checking inputs", unit="case", leave=False)
+                    if progress and len(checked) > 1 else checked):
+            case = read_case(job.source, record)
+            if job.label is not None:
+                check_label(job.label, case, len(predictor.module.class_names) + 1)
+            if len(todo) == 1 and job in todo:
+                cases[job] = case
     except DataError as err:
         raise PredictionError(str(err)) from err
+    remove_orphaned_temp_files(folder, include_own=False)  # of a predict killed mid-write
     result = FilesResult(skipped=[job.output for job in jobs if job not in todo])
     outer = _bar(total=len(todo), desc="cases", unit="case") if progress and len(todo) > 1 else None
     unit = "window" if predictor.module.hparams.spatial_dims == 3 else "slice"

@@ -20,9 +20,11 @@ import numpy as np
 
 from lightning_selfreg.metrics import PROTOCOLS, case_metrics, summarize
 from lightning_selfreg.segmentation.inference import PredictionError
+from lightning_selfreg.segmentation.inputs import Case
+from lightning_selfreg.utils.checks import label_problem
 from lightning_selfreg.utils.files import atomic_write_text
 
-__all__ = ["find_label", "read_labels", "score_cases", "write_scores"]
+__all__ = ["check_label", "find_label", "read_labels", "score_cases", "write_scores"]
 
 
 def read_labels(path: Path, num_classes: int, what: str = "--labels") -> tuple[np.ndarray, tuple[float, ...] | None]:
@@ -52,13 +54,31 @@ def read_labels(path: Path, num_classes: int, what: str = "--labels") -> tuple[n
             spacing = None
     except Exception as err:  # nibabel and Pillow raise many types for bad files
         raise PredictionError(f"{what} {path}: cannot be read ({type(err).__name__}: {err})") from err
-    if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
-        raise PredictionError(f"{what} {path}: expected integer labels, found non-integer values")
-    values = np.unique(data)
-    bad = values[(values < 0) | (values >= num_classes)]
-    if bad.size:
-        raise PredictionError(f"{what} {path}: expected labels in 0..{num_classes - 1}, found {bad[:5].tolist()}")
+    problem = label_problem(data, num_classes)
+    if problem is not None:
+        raise PredictionError(f"{what} {path}: {problem}")
     return data.astype(np.int64), spacing
+
+
+def check_label(label: Path, case: Case, num_classes: int) -> None:
+    """Check a reference label before any prediction is written: readable, class indices, the input's grid.
+
+    The grid is checked where the input's stored shape is known (NIfTI files, 2D images); the scoring checks the
+    others against the written prediction.
+
+    Raises:
+        PredictionError: One line naming the label file.
+    """
+    data, _ = read_labels(label, num_classes)
+    if case.reference is not None:
+        expected = tuple(int(n) for n in case.reference.shape[:3])
+    elif case.kind == "image":
+        expected = tuple(int(n) for n in case.image.shape[2:])
+    else:
+        return
+    if tuple(data.shape) != expected:
+        raise PredictionError(f"--labels {label}: expected the grid of {case.display} {expected}, found "
+                              f"{tuple(data.shape)}")
 
 
 def find_label(labels: Path, case: str, suffix: str) -> Path | None:

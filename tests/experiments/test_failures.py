@@ -67,6 +67,9 @@ RECORDS = {  # the preprocessing records of the tiny checkpoints: a Synapse-styl
                            {"scheme": "zscore"}]),
     "3d": dict(spatial_dims=3, image_dims=3, channel_names=["CT"], orientation=["R", "A", "S"],
                intensity=[{"scheme": "window", "low": -125.0, "high": 275.0}]),
+    "resampling": dict(spatial_dims=2, image_dims=3, channel_names=["CT"], orientation=["R", "A", "S"],
+                       spacing=[None, 0.8, 0.8],
+                       intensity=[{"scheme": "ct", "low": -200.0, "high": 300.0, "mean": 50.0, "std": 80.0}]),
 }
 
 
@@ -334,6 +337,10 @@ def test_predict_writes_the_models_own_prediction(ckpt, tmp_path):
         ("output_not_writable", "expected a writable folder"),
         ("output_wrong_ending", "expected a .nii.gz (or .nii) file"),
         ("labels_missing", "expected a label for every case"),
+        ("labels_are_the_output", "resolves to the reference label"),
+        ("label_of_another_grid", "expected the grid of"),
+        ("label_out_of_range", "expected class indices in [0, 9), found values in [0, 12]"),
+        ("layout_for_a_resampling_model", "expected a NIfTI or DICOM image for a model trained on raw images"),
         ("cuda", "--device cuda: expected a CUDA GPU, found none"),
         ("bad_device", "--device gpu0: expected cpu, cuda or cuda:N, found an unknown device name"),
         ("empty_ckpt", "expected a PyTorch checkpoint (the zip archive torch.save writes), found an empty file"),
@@ -441,6 +448,31 @@ def test_bad_predict_inputs_exit_2_with_one_line(ckpt, tmp_path, capsys, monkeyp
     elif case == "labels_missing":
         (tmp_path / "labels").mkdir()
         extra, named = ["--labels", str(tmp_path / "labels")], tmp_path / "labels"
+    elif case == "labels_are_the_output":  # --overwrite must not make the references the predictions
+        (tmp_path / "labels").mkdir()
+        nifti(tmp_path / "labels" / "ct.nii.gz", np.zeros((20, 16, 3), np.uint8))
+        output = tmp_path / "labels"
+        extra, named = ["--labels", str(tmp_path / "labels"), "--overwrite"], tmp_path / "labels" / "ct.nii.gz"
+    elif case in ("label_of_another_grid", "label_out_of_range"):  # named before any prediction is written
+        (tmp_path / "labels").mkdir()
+        label = np.zeros((20, 16, 3) if case == "label_out_of_range" else (20, 16, 4), np.uint8)
+        label[0, 0, 0] = 12 if case == "label_out_of_range" else 1
+        nifti(tmp_path / "labels" / "ct.nii.gz", label)
+        nifti(inputs / "ct2.nii.gz", volume)  # a folder: the first case would be written before the second's turn
+        image, output = inputs, tmp_path / "out"
+        extra = ["--labels", str(tmp_path / "labels")]
+        nifti(tmp_path / "labels" / "ct2.nii.gz", np.zeros((20, 16, 3), np.uint8))
+        image.joinpath("ct.nii.gz").rename(inputs / "zz.nii.gz")  # the bad label's case comes last
+        (tmp_path / "labels" / "ct.nii.gz").rename(tmp_path / "labels" / "zz.nii.gz")
+        named = tmp_path / "labels" / "zz.nii.gz"
+    elif case == "layout_for_a_resampling_model":  # TransUNet's arrays are normalised already: wrong for this model
+        import h5py
+
+        tiny_checkpoint(ckpt, record="resampling")
+        image = named = inputs / "case0001.npy.h5"
+        with h5py.File(image, "w") as f:
+            f["image"], f["label"] = np.zeros((3, 16, 20), np.float32), np.zeros((3, 16, 20), np.uint8)
+            f.attrs["spacing"] = (2.5, 0.8, 0.8)
     elif case == "cuda":
         extra = ["--device", "cuda"]
     elif case == "bad_device":
@@ -465,6 +497,54 @@ def test_bad_predict_inputs_exit_2_with_one_line(ckpt, tmp_path, capsys, monkeyp
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
     if case == "output_exists":
         assert output.read_bytes() == b"earlier result"
+
+
+def test_predict_takes_numbered_scans_as_cases_and_a_4d_file_as_the_channels(ckpt, tmp_path):
+    """A one-channel model: scan_0001, scan_0002 are two scans (not channels of one case). A two-channel model: one
+    4D file holding both channels is one case."""
+    import nibabel as nib
+
+    (tmp_path / "series").mkdir()
+    for n in (1, 2):
+        nifti(tmp_path / "series" / f"scan_{n:04d}.nii.gz", np.zeros((20, 16, 3), np.float32))
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "series"), "--output",
+                         str(tmp_path / "out"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan_0001.nii.gz", "scan_0002.nii.gz"]
+    tiny_checkpoint(ckpt, record="two")
+    mr = nifti(tmp_path / "mr.nii.gz", np.random.default_rng(0).normal(size=(20, 16, 3, 2)).astype(np.float32))
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(mr), "--output", str(tmp_path / "mr_seg.nii.gz"),
+                         "--quiet"]) == 0
+    assert nib.load(tmp_path / "mr_seg.nii.gz").shape == (20, 16, 3)
+
+
+def test_a_full_disk_mid_folder_ends_with_one_line_and_the_orphans_of_a_killed_run_go(ckpt, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import errno
+
+    import nibabel as nib
+
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        nifti(tmp_path / "in" / f"{name}.nii.gz", np.zeros((20, 16, 3), np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    orphan = out / ".tmp999999999.a.nii.gz"  # what a predict killed mid-write leaves (its pid no longer runs)
+    orphan.write_bytes(b"half a file")
+    save, calls = nib.save, []
+
+    def full_disk(image, path):
+        calls.append(path)
+        if len(calls) == 2:  # the second case: the disk is full
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(image, path)
+
+    monkeypatch.setattr(nib, "save", full_disk)
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--output", str(out),
+                         "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot write {out / 'b.nii.gz'}: no space left on the device" in line
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]  # the orphan and the partial write are gone
 
 
 # ---------------------------------------------------------------- Python API: bad batches and tap specs
