@@ -125,7 +125,7 @@ def _ifd_loss_reference(feature: Tensor, detach_shallow: bool = False) -> Tensor
     with torch.no_grad():  # fp32 accumulation without an fp32 copy of the map
         norm = torch.linalg.vector_norm(feature.flatten(2), dim=2, dtype=torch.float32).clamp_min(1e-12)  # (B, C)
         score = (feature.flatten(2).sum(dim=2, dtype=torch.float32) / norm).mean(0)  # (C,); 1/|spatial| is a constant
-        order = torch.argsort(score, descending=True)
+        order = torch.argsort(score, descending=True, stable=True)  # ties in channel order, as the fused path
         half = c // 2
         pairs = torch.cat([order[:half], order[(c + 1) // 2 :]])  # top half, then the bottom half (median left out)
     # one gather in the map's own dtype, then fp32 on the gathered channels only

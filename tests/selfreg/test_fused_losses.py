@@ -134,7 +134,11 @@ def test_public_functions_are_fused_and_equal_the_reference(cpu_path):
 def test_tied_ranking_scores_pair_as_the_reference(channels_last, cpu_path):
     """Channels with equal scores (repeated channels) are ranked in channel order, as the reference's stable sort."""
     maps = _maps(2, channels_last)
-    for name, repeat in (("e1", [0, 1, 1, 0, 2, 2, 2, 3, 0]), ("e2", [0] * 8 + [1] * 8)):
+    # e3: 64 channels, dead ones among them (all zero, as after a ReLU), where an unstable sort reorders ties
+    zero = torch.zeros_like(maps["e3"][:, :1])
+    maps["e3"] = torch.cat([maps["e3"].detach(), zero], 1)
+    for name, repeat in (("e1", [0, 1, 1, 0, 2, 2, 2, 3, 0]), ("e2", [0] * 8 + [1] * 8),
+                         ("e3", [6, 0, 6, 1, 6, 2, 6, 3, 6, 4, 6, 5] * 5 + [6] * 4)):
         x = maps[name].detach()[:, repeat]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         maps[name] = (x + 0.0).contiguous(memory_format=fmt).requires_grad_()
