@@ -1,8 +1,9 @@
 """lightning_selfreg: SelfReg-UNet (Zhu et al., MICCAI 2024) as a plug-and-play PyTorch Lightning library.
 
 The public faces are imported lazily (PEP 562), so ``from lightning_selfreg import SelfRegLoss, FeatureTaps`` loads
-the loss and the taps without Lightning; ``SelfReg``, ``AuxiliaryLoss`` and ``SelfRegSegModule`` load Lightning when
-first used. How the package is laid out: README's "How the code is laid out"; the method: ``docs/method.md``.
+the loss and the taps without Lightning; the faces of ``segmentation`` (``SelfRegSegModule``, ``DiceCELoss``,
+``AuxiliaryLoss``, ``Predictor``) and ``SelfReg`` load Lightning when first used. How the package is laid out:
+README's "How the code is laid out"; the method: ``docs/method.md``.
 """
 
 from __future__ import annotations
@@ -63,4 +64,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_FACES])
+    return sorted({*globals(), *_FACES})

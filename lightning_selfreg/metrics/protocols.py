@@ -82,8 +82,7 @@ def case_metrics(
 
     Raises:
         ValueError: On an unknown ``protocol`` / ``hd95_mode``, ``num_classes < 2``, shape mismatch, malformed
-            ``spacing``, or labels outside ``[0, num_classes)``.
-        TypeError: If a label array is neither integer, boolean nor floating point.
+            ``spacing``, or labels that are not class indices in ``[0, num_classes)`` (non-numeric dtypes included).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {PROTOCOLS}, found {protocol!r}.")

@@ -71,9 +71,11 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 @contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed the Python, NumPy (``seed % 2**32``) and torch CPU generators from ``seed``; restore them on exit.
+    """Seed the Python, NumPy (``seed % 2**32``) and torch CPU generators from ``seed``; restore them after the block.
 
-    The CUDA generators are left alone (this runs in DataLoader workers, where CUDA must not be initialised).
+    Lightning's ``isolate_rng`` restores them when the block ends normally; an exception inside it is not caught
+    (it ends the data loading, so the generators' state no longer matters). The CUDA generators are left alone
+    (this runs in DataLoader workers, where CUDA must not be initialised).
 
     Args:
         seed: A non-negative integer.
