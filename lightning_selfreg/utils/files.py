@@ -131,7 +131,8 @@ def atomic_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> N
     """Run ``write(tmp)`` on an empty temporary folder next to ``path``, then rename the folder into place.
 
     A folder of files appears complete or not at all (e.g. one preprocessed case): the rename of a folder is
-    atomic. An existing ``path`` is replaced (it is removed just before the rename). A failed write removes the
+    atomic. An existing ``path`` is replaced: renamed aside, the new folder renamed in, the old one deleted (a
+    failed rename puts it back). A failed write removes the
     temporary folder; a killed one leaves ``.tmp<pid>.<name>/``, which :func:`remove_orphaned_temp_files` removes.
 
     Raises:
@@ -146,9 +147,18 @@ def atomic_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> N
                 shutil.rmtree(tmp)
             tmp.mkdir()
             write(tmp)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            if not path.exists():
+                os.replace(tmp, path)
+                return
+            old = path.with_name(f".tmp{os.getpid()}.old.{path.name}")  # an orphan's name, if killed right here
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)  # aside, so that the old folder stays whole until the new one is in place
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
