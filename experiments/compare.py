@@ -12,7 +12,10 @@ single run and both arms see the same batches (the data draws derive from the se
   ``--run-name <folder>`` again keeps the finished runs (those with a ``metrics.json``), continues an interrupted
   one from its ``last.ckpt`` (``--resume``), moves a run folder that died before its first checkpoint aside
   (``<arm>-seed<seed>.incomplete-<k>``, never deleted) and starts the rest. Other flags are refused (exit 2);
-  more seeds are welcome (``--seeds 0 1 2 3 4``: the power analysis may ask for them).
+  more seeds are welcome (``--seeds 0 1 2 3 4``: the power analysis may ask for them). ``--overwrite`` is
+  refused (a comparison keeps its finished runs), as is a ``--run-name`` folder that holds no comparison.
+- Interrupt: Ctrl+C or SIGTERM reaches the running child once (it has its own process group, see
+  :func:`run_child`), which saves a checkpoint at its step; the driver exits with the child's 130 / 143.
 - W&B: every run of one comparison is in the W&B group ``<folder>`` with its arm as job type and tags
   ``<arm>``, ``seed<seed>`` (``WANDB_RUN_GROUP``, ``WANDB_JOB_TYPE``, ``WANDB_TAGS`` of the child runs), so W&B's
   grouping shows the two arms side by side; a run of job type ``compare`` in the same group gets the summary
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +39,7 @@ from typing import Any
 
 from experiments.cli import SelfRegCLI, run_labels
 from experiments.flags import RUN_NAME_ENV, ConfigError, expand_aliases, without_selfreg_settings
+from experiments.settings import SEED_RANGE
 from lightning_selfreg.callbacks.progress import format_duration
 from lightning_selfreg.utils.files import atomic_write_text
 
@@ -46,7 +51,8 @@ def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
     """``(seeds, the other flags)``; ``--seeds`` defaults to 0 1 2.
 
     Raises:
-        ConfigError: For a seed that is not an integer, or ``--seeds`` without a value.
+        ConfigError: For a seed that is not an integer in the seed range, a repeated seed, or ``--seeds`` without a
+            value.
     """
     if "--seeds" not in argv:
         return [0, 1, 2], list(argv)
@@ -60,12 +66,21 @@ def split_seeds(argv: list[str]) -> tuple[list[int], list[str]]:
         raise ConfigError("seeds", f"expected integers, found {' '.join(argv[i + 1:j])}") from None
     if not seeds:
         raise ConfigError("seeds", "expected one or more integers, found none")
+    low, high = SEED_RANGE
+    if any(not low <= seed <= high for seed in seeds):
+        raise ConfigError("seeds", f"expected integers in [{low}, {high}], found {' '.join(map(str, seeds))}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("seeds", f"expected distinct seeds (the pairs are per seed), found "
+                                   f"{' '.join(map(str, seeds))}")
     return seeds, argv[:i] + argv[j:]
 
 
 def _check_state(out_dir: Path, flags: list[str]) -> None:
     """Record the comparison's flags in ``out_dir``, or check them against those of the run being resumed."""
     state = out_dir / STATE_FILE
+    if out_dir.exists() and not state.is_file():
+        raise ConfigError("run.name", f"{out_dir} exists and holds no comparison ({STATE_FILE}); expected a new "
+                                      "--run-name or the name of a comparison to resume")
     if state.is_file():
         before = json.loads(state.read_text()).get("flags")
         if before != flags:
@@ -93,6 +108,26 @@ def _prepare_run(run_dir: Path) -> tuple[str, list[str]]:
         os.replace(run_dir, aside)
         print(f"[compare] {run_dir.name} died before its first checkpoint: moved aside to {aside.name}", flush=True)
     return "start", []
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """Run one arm's ``experiments.run`` and return its exit status.
+
+    The child has its own process group, so a Ctrl+C at the terminal reaches this process alone, and this process
+    passes every SIGINT and SIGTERM on to the child, once, and waits for it: the child saves a resumable checkpoint
+    at its current step and exits with 130 / 143 (a second Ctrl+C stops it at once, as in a single run).
+    """
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+
+    def forward(signum: int, frame: Any) -> None:
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _log_to_wandb(config: Any, base: str, out_dir: Path, mode: str, seeds: list[int], flags: list[str],
@@ -141,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("selfreg", "--compare needs a SelfReg configuration (found `selfreg: null`)")
         if config["run"]["resume"]:
             raise ConfigError("resume", "a comparison resumes by itself; run it again with the same --run-name")
+        if config["run"]["overwrite"]:
+            raise ConfigError("overwrite", "a comparison keeps its finished runs; expected a new --run-name (or "
+                                           "delete the comparison folder yourself), found --overwrite")
         labels = run_labels(config)
         base = config["run"]["name"] or f"compare-{labels['dataset']}-{labels['backbone']}-" \
                                         f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -177,11 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         env = {key: value for key, value in os.environ.items() if key != RUN_NAME_ENV}
         env.update({"WANDB_RUN_GROUP": base, "WANDB_JOB_TYPE": arm, "WANDB_TAGS": f"{arm},seed{seed}"})
         began = time.monotonic()
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0:
-            print(f"error: run {k}/{len(plan)} ({name}) failed with status {proc.returncode}; the comparison "
+        status = run_child(cmd, env)
+        if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            print(f"[compare] interrupted in run {k}/{len(plan)} ({name}); the comparison resumes from there with "
+                  f"the same command and --run-name {base}", file=sys.stderr)
+            return status
+        if status != 0:
+            print(f"error: run {k}/{len(plan)} ({name}) failed with status {status}; the comparison "
                   f"resumes from there with the same command and --run-name {base}", file=sys.stderr)
-            return proc.returncode
+            return status
         durations.append(time.monotonic() - began)
     summary = summarize_comparison(load_results(runs))
     paths = write_comparison(summary, out_dir)

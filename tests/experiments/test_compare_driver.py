@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,18 +20,18 @@ def last(cmd, flag):
 
 
 class FakeRuns:
-    """Stands in for subprocess.run: writes the child's metrics.json (with per-case Dice), records its call."""
+    """Stands in for compare.run_child: writes the child's metrics.json (with per-case Dice), records its call."""
 
     def __init__(self, fail_at=None):
         self.calls, self.fail_at = [], fail_at
 
-    def __call__(self, cmd, env=None):
+    def __call__(self, cmd, env):
         out = Path(last(cmd, "--output-dir")) / last(cmd, "--run-name")
         self.calls.append({"name": out.name, "resume": "--resume" in cmd, "env": env})
         if len(self.calls) == self.fail_at:  # killed after its first checkpoint
             (out / "checkpoints").mkdir(parents=True)
             (out / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
-            return subprocess.CompletedProcess(cmd, 1)
+            return 1
         out.mkdir(parents=True, exist_ok=True)
         seed, selfreg = int(last(cmd, "--seed")), "--no-selfreg" not in cmd
         dice = 0.8 + 0.01 * seed + (0.02 if selfreg else 0.0)
@@ -36,7 +39,7 @@ class FakeRuns:
                    "test": {"dice_mean": dice, "hd95_mean": 5.0, "per_class": {"liver": {"dice": dice, "hd95": 5.0}}},
                    "cases": [{"case": "c0", "mean_dice": dice, "dice": {"liver": dice}}]}
         (out / "metrics.json").write_text(json.dumps(metrics))
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
 
 FLAGS = ["--gpus", "0", "--wandb", "disabled", "--run-name", "cmp"]
@@ -44,7 +47,7 @@ FLAGS = ["--gpus", "0", "--wandb", "disabled", "--run-name", "cmp"]
 
 def test_an_interrupted_comparison_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     first = FakeRuns(fail_at=3)
-    monkeypatch.setattr(compare.subprocess, "run", first)
+    monkeypatch.setattr(compare, "run_child", first)
     assert compare.main([*FLAGS, "--output-dir", str(tmp_path), "--seeds", "0", "1"]) == 1
     err = capsys.readouterr().err
     assert "run 3/4 (baseline-seed1) failed" in err and "--run-name cmp" in err
@@ -52,7 +55,7 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(tmp_path, monkeypatc
     (tmp_path / "cmp" / "selfreg-seed1" / "config.yaml").write_text("x")
 
     again = FakeRuns()
-    monkeypatch.setattr(compare.subprocess, "run", again)
+    monkeypatch.setattr(compare, "run_child", again)
     assert compare.main([*FLAGS, "--output-dir", str(tmp_path), "--seeds", "0", "1"]) == 0
     assert [(c["name"], c["resume"]) for c in again.calls] == [("baseline-seed1", True), ("selfreg-seed1", False)]
     assert (tmp_path / "cmp" / "selfreg-seed1.incomplete-1" / "config.yaml").read_text() == "x"  # kept aside
@@ -73,11 +76,57 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(tmp_path, monkeypatc
 
     # more seeds: only the new ones run; other flags: refused before anything runs
     more = FakeRuns()
-    monkeypatch.setattr(compare.subprocess, "run", more)
+    monkeypatch.setattr(compare, "run_child", more)
     assert compare.main([*FLAGS, "--output-dir", str(tmp_path), "--seeds", "0", "1", "2"]) == 0
     assert [c["name"] for c in more.calls] == ["baseline-seed2", "selfreg-seed2"]
     assert compare.main([*FLAGS, "--output-dir", str(tmp_path), "--lr", "0.1"]) == 2
     assert "was started with the flags" in capsys.readouterr().err and len(more.calls) == 2
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seeds", "0", "-1"], "--seeds: expected integers in [0, 4294967295], found 0 -1"),
+    (["--seeds", "0", "0"], "--seeds: expected distinct seeds (the pairs are per seed), found 0 0"),
+    (["--overwrite"], "--overwrite: a comparison keeps its finished runs"),
+    (["--run-name", "single"], "holds no comparison (compare.json)"),
+])
+def test_a_bad_comparison_is_refused_before_any_run(tmp_path, monkeypatch, capsys, flags, message):
+    runs = FakeRuns()
+    monkeypatch.setattr(compare, "run_child", runs)
+    (tmp_path / "single").mkdir()  # an ordinary run folder of that name
+    (tmp_path / "single" / "metrics.json").write_text("{}")
+    assert compare.main([*FLAGS, "--output-dir", str(tmp_path), *flags]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert runs.calls == [] and sorted(p.name for p in (tmp_path / "single").iterdir()) == ["metrics.json"]
+
+
+CHILD = """
+import pathlib, signal, sys, time
+def stop(signum, frame):
+    time.sleep(1.0)  # a checkpoint takes a moment
+    pathlib.Path(sys.argv[1]).write_text(f"saved on {signum}")
+    sys.exit(128 + signum)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path(sys.argv[2]).write_text("ready")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_comparison_reaches_the_running_child_and_waits_for_its_checkpoint(tmp_path, sig):
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+
+    def send():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)  # Ctrl+C at the terminal, or the scheduler's SIGTERM, to the driver
+
+    threading.Thread(target=send, daemon=True).start()
+    status = compare.run_child([sys.executable, "-c", CHILD, str(saved), str(ready)], dict(os.environ))
+    assert status == 128 + sig and saved.read_text() == f"saved on {int(sig)}"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the driver's handlers are put back
 
 
 def test_the_child_runs_are_grouped_in_wandb(tmp_path):

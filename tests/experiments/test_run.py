@@ -345,7 +345,7 @@ def test_default_run_learns_the_liver(tmp_path):
 def test_compare_logs_the_summary_to_an_offline_wandb_run(tmp_path, monkeypatch, capsys):
     """The driver only: each child run is faked by writing its metrics.json."""
 
-    def fake_run(cmd, env=None):
+    def fake_run(cmd, env):
         # the last occurrence wins, as in the CLI: the run's own flags come after the shared ones
         def last(flag):
             return cmd[len(cmd) - 1 - cmd[::-1].index(flag) + 1]
@@ -357,9 +357,9 @@ def test_compare_logs_the_summary_to_an_offline_wandb_run(tmp_path, monkeypatch,
         metrics = {"dataset": "sample", "backbone": "unet", "selfreg": selfreg, "seed": seed,
                    "test": {"dice_mean": dice, "hd95_mean": 5.0, "per_class": {"liver": {"dice": dice, "hd95": 5.0}}}}
         (out / "metrics.json").write_text(json.dumps(metrics))
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare, "run_child", fake_run)
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert run.main(["--gpus", "0", "--compare", "--seeds", "0", "1", "--seed", "7", "--output-dir", str(tmp_path),
