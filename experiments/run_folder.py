@@ -258,7 +258,8 @@ class RunFolder:
     def finish(self) -> None:
         """Record the end; delete what the finished run supersedes.
 
-        That is the folder a ``--overwrite`` moved aside, and the ``hpc_ckpt_<n>.ckpt`` files of SLURM requeues
+        That is the folder a ``--overwrite`` moved aside (also when the run was interrupted and resumed since), and
+        the ``hpc_ckpt_<n>.ckpt`` files of SLURM requeues
         (one full checkpoint per requeue, Lightning's naming) at or before the step of the final
         ``checkpoints/last.ckpt``: the run can continue from that one alone.
         """
@@ -268,8 +269,17 @@ class RunFolder:
         for path in superseded:
             path.unlink()
         self.record("finished", removed=[p.name for p in superseded])
-        if self.replaced is not None and self.replaced.exists():
-            shutil.rmtree(self.replaced)
+        replaced = self.replaced or self._replaced_at_start()  # a resumed run: the start recorded it
+        if replaced is not None and replaced.exists():
+            shutil.rmtree(replaced)
+
+    def _replaced_at_start(self) -> Path | None:
+        """The folder the ``--overwrite`` that started this run moved aside (from ``history.jsonl``), or None."""
+        starts = [e for e in _read_history(self.path) if e.get("event") == "start"]
+        aside = starts[-1].get("replaced") if starts else None
+        if not aside or not Path(aside).name.startswith(f"{self.name}.replaced-"):
+            return None
+        return Path(aside)
 
 
 def _saved_config(run_dir: Path, checkpoint: Path) -> tuple[dict[str, Any] | None, str]:

@@ -15,7 +15,7 @@ import yaml
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from experiments import run
-from experiments.run_folder import RESUMABLE, config_changes
+from experiments.run_folder import RESUMABLE, RunFolder, config_changes
 from lightning_selfreg.tracking.csv_logger import MetricsCSVLogger
 from lightning_selfreg.utils.files import WriteError, atomic_write_text
 
@@ -148,6 +148,23 @@ def test_overwrite_moves_the_old_run_aside_until_the_new_one_has_finished(copy, 
     assert not list(folder.parent.glob("r.replaced-*"))  # deleted once the new run had finished
     events = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "finished"] and events[0]["replaced"].startswith(str(folder))
+
+
+def test_a_resumed_overwrite_deletes_the_old_run_when_it_finishes_and_nothing_else(tmp_path):
+    """The folder an --overwrite moved aside is named in history.jsonl: the resumed run (a new RunFolder, after an
+    interruption) deletes it at its end; a recorded path that is not this run's aside folder is left alone."""
+    for recorded, deleted in (("r.replaced-20261206-101010", True), ("someone-elses-folder", False)):
+        aside = tmp_path / recorded
+        (aside / "checkpoints").mkdir(parents=True)
+        started = RunFolder(tmp_path / "r", "r", [])
+        started.path.mkdir(exist_ok=True)
+        started.record("start", replaced=str(aside))
+        started.record("interrupted")
+        resumed = RunFolder(tmp_path / "r", "r", [], resume_from=tmp_path / "r" / "checkpoints" / "last.ckpt")
+        resumed.record("resume")
+        resumed.finish()
+        assert aside.exists() is not deleted, recorded
+        (tmp_path / "r" / "history.jsonl").unlink()
 
 
 # ---------------------------------------------------------------- metrics.csv
