@@ -51,10 +51,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                                                                            storage_options))
         except WriteError:
             raise
-        except RuntimeError as err:  # torch's stream writer reports a failed write (e.g. ENOSPC) as RuntimeError
-            if "write" not in str(err).lower():
-                raise
-            raise write_error(path, err) from err
+        except RuntimeError as err:  # torch's stream writer reports a failed write (e.g. ENOSPC) as RuntimeError;
+            raise write_error(path, err) from err  # the message keeps its cause, without reading its text
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
