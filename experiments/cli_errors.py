@@ -78,22 +78,42 @@ def import_class(class_path: str) -> Any:
 
 
 def _parameters(cls: Any) -> dict[str, inspect.Parameter] | None:
-    """The constructor parameters of ``cls`` (None when it takes ``**kwargs`` or has no readable signature)."""
+    """The constructor parameters of ``cls``, following ``**kwargs`` to the base classes' ``__init__``.
+
+    As jsonargparse does; None when that does not end in a signature without ``**kwargs``, or none is readable.
+    """
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     try:
-        parameters = dict(inspect.signature(cls).parameters)
+        signatures = [inspect.signature(cls).parameters]
+        if inspect.isclass(cls):
+            signatures += [inspect.signature(base.__init__).parameters for base in cls.__mro__[1:]
+                           if base is not object and "__init__" in vars(base)]
     except (TypeError, ValueError):
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return parameters
+    parameters: dict[str, inspect.Parameter] = {}
+    for found in signatures:
+        parameters.update((k, p) for k, p in found.items() if k != "self" and p.kind not in variadic
+                          and k not in parameters)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in found.values()):
+            return parameters
+    return None
 
 
 def _hints(cls: Any) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls if inspect.isfunction(cls) or hasattr(cls, "__dataclass_fields__")
-                                     else cls.__init__)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: no type to show, the message says so
-        return {}
+    """The constructor's type hints, those of the base classes that its ``**kwargs`` reach included."""
+    if inspect.isfunction(cls) or hasattr(cls, "__dataclass_fields__") or not inspect.isclass(cls):
+        targets = [cls]
+    else:
+        targets = [base.__init__ for base in cls.__mro__ if base is not object and "__init__" in vars(base)]
+    hints: dict[str, Any] = {}
+    for target in targets:
+        try:
+            found = typing.get_type_hints(target)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: no type to show, the message says so
+            continue
+        for name, hint in found.items():
+            hints.setdefault(name, hint)
+    return hints
 
 
 def readable(hint: Any) -> str:

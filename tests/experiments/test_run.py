@@ -98,6 +98,8 @@ BAD = [  # (flags, the start of the one line after "error: "): the flag as typed
     (["--colour", "red"], "--colour: expected a setting listed by --help"),
     (["--model.colour", "red"], "--model.colour: expected a parameter of SelfRegSegModule, found 'colour'"),
     (["--model.net.init_args.foo", "3"], "--model.net.init_args.foo: expected a parameter of UNet, found 'foo'"),
+    (["--dataset", "synapse", "--data-dir", ".", "--data.image_sise", "3"],  # **kwargs reach SegDataModule's
+     "--data.image_sise: expected a parameter of SynapseDataModule such as 'image_size', found 'image_sise'"),
     (["--model.optimizer", "rmsprop"], "--model.optimizer: expected one of 'sgd', 'adam', 'adamw', found 'rmsprop'"),
     (["--run.wandb", "sometimes"], "--run.wandb: expected one of 'auto', 'offline'"),
     (["--wandb", "sometimes"], "--wandb: expected one of 'auto', 'offline'"),
