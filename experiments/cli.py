@@ -54,7 +54,7 @@ from experiments.cli_errors import (
     tagger,
     trainer_error,
 )
-from experiments.flags import ALIASES, BACKBONES, PRESETS, RUN_NAME_ENV, ConfigError, RunOptions
+from experiments.flags import RUN_NAME_ENV, ConfigError, RunOptions
 from experiments.settings import (
     SettingsError,
     check_config_files,
@@ -98,16 +98,6 @@ def run_name(config: Any, ddp: bool) -> str:
     if ddp:
         os.environ[RUN_NAME_ENV] = name  # the DDP workers Lightning launches re-run this script: same folder
     return name
-
-
-def _aliases_help() -> str:
-    """The short flags, for ``--help``."""
-    pairs = [f"{flag} = --{key}" + (f" {kind}" if kind in ("true", "false") else "") for flag, (key, kind) in
-             ALIASES.items()]
-    return ("Short flags (aliases of the full keys): --gpus N = --trainer.accelerator gpu --trainer.devices N "
-            "(+ --trainer.strategy ddp if N > 1; 0 = CPU); --dataset NAME = the preset configs/<preset of NAME>.yaml "
-            f"({', '.join(PRESETS)}); --backbone NAME = configs/backbones/NAME.yaml ({', '.join(BACKBONES)}); "
-            "--no-selfreg = --selfreg null; --augment none = --data.transform null; " + "; ".join(pairs) + ".")
 
 
 @contextmanager
@@ -156,8 +146,8 @@ class SelfRegCLI(LightningCLI):
                 SelfRegSegModule, SegDataModule, subclass_mode_data=True, run=False, args=args,
                 save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=0,
                 trainer_defaults={"log_every_n_steps": 5, "enable_model_summary": False}, parser_kwargs={
-                    "exit_on_error": False, "prog": "python -m experiments.run", "epilog": _aliases_help(),
-                    "add_help": False},  # -h/--help: experiments/help.py
+                    "exit_on_error": False, "prog": "python -m experiments.run", "add_help": False,  # help.py
+                    "epilog": "The short flags (--gpus, --dataset, --lr, ...) and presets: --help."},
             )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
