@@ -81,7 +81,9 @@ class SelfRegSegModule(pl.LightningModule):
 
     Override points for your own backbone: pass any ``nn.Module`` that maps ``(B, C, H, W)`` to logits as ``net``
     (give it a ``tap_spec`` or pass ``taps`` to ``SelfReg``); override :meth:`segmentation_loss` for another
-    loss, :meth:`configure_optimizers` for another optimizer, :meth:`predict_volume` for another inference.
+    loss, :meth:`configure_optimizers` for another optimizer, :meth:`forward` for what the network computes.
+    Inference itself is one function, :func:`~lightning_selfreg.segmentation.inference.segment`, which the test,
+    validation and predict steps and the ``Predictor`` call alike (so they cannot disagree).
 
     Args:
         net: The network; ``forward(x) -> logits``. Given by class path (LightningCLI), its ``class_path`` /
@@ -406,7 +408,7 @@ class SelfRegSegModule(pl.LightningModule):
         Returns:
             ``(D, H, W)`` int64 label volume.
         """
-        return segment(self, volume, shape).labels
+        return segment(self, volume, shape).labels  # a convenience: the steps call segment() as it does
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
         """Per-case metrics of one case under both protocols.

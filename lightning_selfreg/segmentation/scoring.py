@@ -4,7 +4,9 @@ Every case is scored with the project's metrics under both protocols (:func:`~li
 per-class Dice, IoU and HD95; ``strict`` in mm from the label file's voxel size, ``transunet`` in voxels) and
 aggregated as ``trainer.test`` aggregates them (:func:`~lightning_selfreg.metrics.summarize`: mean over cases per
 class, then over classes). Written: ``scores.csv`` (one row per case, protocol and class) and ``scores.json`` (the
-summary per protocol).
+summary per protocol). ``strict`` scores the written prediction as ``trainer.test`` scores the same label map;
+``transunet`` applies that protocol's rules to the written (native-grid) prediction, whereas ``trainer.test``
+applies them to the network-grid prediction resized by nearest neighbour, so the two can differ slightly.
 """
 
 from __future__ import annotations
