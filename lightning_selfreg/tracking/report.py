@@ -268,7 +268,8 @@ def format_comparison_markdown(summary: Mapping[str, Any]) -> str:
         "",
         "Mean ± sample standard deviation over seeds. Δ = SelfReg − baseline, paired by seed, with a 95 % "
         "Student-t confidence interval; n = seeds with a value (a class absent from a run's test cases is "
-        "skipped for that seed). Lower HD95 is better (mm under the strict protocol, voxels under transunet).",
+        "skipped for that seed). Lower HD95 is better (mm under the strict protocol when the data carry a voxel "
+        "spacing, else voxels; voxels under transunet).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -353,7 +354,10 @@ def format_comparison_report(summary: Mapping[str, Any], plot: str | None = None
     bootstrap = {k: v for k, v in (summary.get("bootstrap") or {}).items() if v is not None}
     if bootstrap:
         first = next(iter(bootstrap.values()))
-        lines += ["## Bootstrap over seeds and test cases", "",
+        protocol = summary.get("eval_protocol") or "strict"
+        lines += ["## Bootstrap over seeds and test cases (per-case Dice, strict protocol)", "",
+                  *([f"The tables above follow the runs' `{protocol}` protocol; the per-case Dice of `metrics.json` "
+                     "is scored under `strict`, so the two can differ.", ""] if protocol != "strict" else []),
                   "| class | Δ Dice (pp) | 95 % bootstrap interval (pp) | seeds | case pairs |",
                   "|---|---:|---:|---:|---:|"]
         for name, b in bootstrap.items():
