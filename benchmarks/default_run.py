@@ -5,11 +5,15 @@ per seed, each as its own subprocess with ``--seed S --wandb disabled`` into ``-
 temporary folder), one after the other, and reads each run's ``metrics.json``. Prints (and with ``--out`` writes,
 atomically) a Markdown report: the machine (CPU model, cores, load average before and after, torch / Lightning /
 Python versions, git commit, UTC date), one row per seed (Dice per organ under the reported protocol, mean Dice,
-wall time of the whole run) and the range over seeds, which is how the README quotes the default run.
+the last epoch's channel redundancy, wall time of the whole run) and the range over seeds, which is how the README
+quotes the default run.
 
     python benchmarks/default_run.py                        # seeds 0 1 2
     python benchmarks/default_run.py --seeds 0 1 2 3 4 --out benchmarks/default_run.md
     python benchmarks/default_run.py --seeds 0 -- --max-epochs 1   # after --: extra flags for every run
+    python benchmarks/default_run.py --out benchmarks/results/default_run_baseline.md -- --no-selfreg
+    python benchmarks/default_run.py --seeds 0 --out benchmarks/results/nnunet_cpu_3d.md -- --dataset nnunet \
+        --configuration 3d
 
 What varies: between seeds, the initial weights, the batch order and augmentation draws and SelfReg's pairing
 (all derived from the seed); between machines with the same seed, the scores only where the CPU kernels add in
@@ -70,7 +74,18 @@ def run_seed(seed: int, out_dir: Path, extra: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"error: seed {seed} failed with status {proc.returncode}:\n{proc.stderr[-2000:]}")
     metrics = json.loads((out_dir / name / "metrics.json").read_text())
-    return {**metrics, "wall_s": wall, "load_before": load_before, "load_after": os.getloadavg()[0]}
+    return {**metrics, "wall_s": wall, "load_before": load_before, "load_after": os.getloadavg()[0],
+            "redundancy": last_redundancy(out_dir / name / "metrics.csv")}
+
+
+def last_redundancy(csv_path: Path) -> float | None:
+    """The last ``redundancy/mean`` of a run's ``metrics.csv`` (the RedundancyMonitor's), or None."""
+    from lightning_selfreg.tracking.curves import read_metrics_csv
+
+    if not csv_path.is_file():
+        return None
+    values = [row["redundancy/mean"] for row in read_metrics_csv(csv_path) if "redundancy/mean" in row]
+    return values[-1] if values else None
 
 
 def _pct(value: float | None) -> str:
@@ -87,11 +102,12 @@ def report(runs: list[dict], facts: dict[str, str], extra: list[str]) -> str:
              "training, test).", "",
              f"Machine: {facts['cpu']}, {facts['cores']} cores, GPU {facts['gpu']}; torch {facts['torch']}, "
              f"Lightning {facts['lightning']}, Python {facts['python']}; commit {facts['commit']}; {facts['date']}.",
-             "", "| seed | " + " | ".join(organs) + " | mean Dice | wall time | load avg (before / after) |",
-             "|---:|" + "---:|" * (len(organs) + 3)]
+             "", "| seed | " + " | ".join(organs) + " | mean Dice | redundancy (last epoch) | wall time | load avg "
+             "(before / after) |", "|---:|" + "---:|" * (len(organs) + 4)]
     for r in runs:
         cells = [_pct(r["test"]["per_class"][o]["dice"]) for o in organs]
-        lines.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {_pct(r['test']['dice_mean'])} | "
+        redundancy = "n/a" if r.get("redundancy") is None else f"{r['redundancy']:.3f}"
+        lines.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {_pct(r['test']['dice_mean'])} | {redundancy} | "
                      f"{r['wall_s']:.0f} s | {r['load_before']:.1f} / {r['load_after']:.1f} |")
     if len(runs) > 1:
         def span(values: list[float | None], scale: float = 100.0, unit: str = "") -> str:
@@ -101,9 +117,13 @@ def report(runs: list[dict], facts: dict[str, str], extra: list[str]) -> str:
             return f"{min(present) * scale:.1f}–{max(present) * scale:.1f}{unit}"
 
         cells = [span([r["test"]["per_class"][o]["dice"] for r in runs]) for o in organs]
+        redundancy = [r.get("redundancy") for r in runs]
+        redundancy_span = "n/a" if None in redundancy else f"{min(redundancy):.3f}–{max(redundancy):.3f}"
         lines.append("| **range** | " + " | ".join(cells) + f" | {span([r['test']['dice_mean'] for r in runs])} | "
-                     f"{span([r['wall_s'] for r in runs], 1.0, ' s')} | |")
-    lines += ["", "n/a: the organ is in neither the test patient's ground truth nor the prediction."]
+                     f"{redundancy_span} | {span([r['wall_s'] for r in runs], 1.0, ' s')} | |")
+    lines += ["", "n/a: the organ is in neither the test patient's ground truth nor the prediction. Redundancy: "
+              "`redundancy/mean` of the run's `metrics.csv` at its last epoch (the RedundancyMonitor's mean "
+              "off-diagonal |channel correlation| of the tapped blocks; n/a without the monitor)."]
     return "\n".join(lines) + "\n"
 
 

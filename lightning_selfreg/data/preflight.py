@@ -1,8 +1,9 @@
-"""Cheap pre-flight reads of dataset files: array headers and image headers without decoding the data.
+"""The pre-flight's pieces: header reads that name a broken file at once, full reads, splits and inverted masks.
 
-:meth:`~lightning_selfreg.data.datamodule.SegDataModule.validate` runs these over every file a run will use before the
-first training step, so that a missing key, a wrong dtype or shape, or a truncated archive is reported at once,
-with the file named, instead of hours into training:
+:meth:`~lightning_selfreg.data.datamodule.SegDataModule.validate` reads every file a run will use in full before the
+first training step (recording what passed, :mod:`~lightning_selfreg.data.preflight_record`, so that a later run
+re-reads only what changed). The header reads come first, so that a missing key, a wrong dtype or shape, or a
+truncated archive is named before any data is decoded:
 
 * ``.npz``: the zip directory, then the ``.npy`` header of every member. ``np.savez_compressed`` deflates its
   members, so only the first bytes of each member stream are inflated (about 4 kB per member);
@@ -11,9 +12,10 @@ with the file named, instead of hours into training:
 * images: size and mode from the header (PIL opens lazily); ``verify()`` checks the PNG chunk checksums
   without decoding the pixels.
 
-Evaluation volumes are then read in full, a block of slices at a time (:func:`check_h5_volume`), for label range,
-finite values and shape agreement. Every problem is a one-line :class:`~lightning_selfreg.data.contract.DataError`
-that names the file, what was expected and what was found.
+Then every file is read in full (volumes a block of slices at a time, :func:`check_h5_volume`) for label range,
+finite values and shape agreement; :func:`check_disjoint` checks that the splits share no case and
+:func:`report_inverted` reports masks that look inverted. Every problem is a one-line
+:class:`~lightning_selfreg.data.contract.DataError` that names the file, what was expected and what was found.
 """
 
 from __future__ import annotations
