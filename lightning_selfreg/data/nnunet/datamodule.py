@@ -290,7 +290,9 @@ class NnUNetDataModule(SegDataModule):
         configuration: ``"3d"`` (patches, sliding-window evaluation) or ``"2d"`` (slices).
         patch_size: Training patch ``(D, H, W)`` in 3D or ``(H, W)`` in 2D (an int: the same on every axis).
             Default: the median preprocessed shape per axis, at most 128 (3D) / 256 (2D), rounded up to a multiple
-            of 16.
+            of 16, whatever the network and the device. ``experiments.run --dataset nnunet`` passes the patch of
+            :func:`~lightning_selfreg.data.nnunet.planner.plan_configuration` instead, which also fits it to the
+            network's depth and the device's memory (call it for the same plan in Python).
         batch_size: Patches per training batch (nnU-Net: 2 in 3D, 12 in 2D for its default sizes).
         samples_per_epoch: Training patches per epoch (default: ``250 * batch_size``, nnU-Net's 250 iterations).
         num_workers: DataLoader workers.
