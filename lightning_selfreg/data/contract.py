@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_selfreg.utils.checks import SettingError, check_int, label_problem
+from lightning_selfreg.utils.checks import SettingError, check_int, check_num_classes, label_problem
 
 __all__ = [
     "DataError",
@@ -73,13 +73,6 @@ class Item:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
-    """``num_classes`` as an int >= 2 (background + at least one class); SettingError naming ``name`` otherwise."""
-    if not _is_int(num_classes) or num_classes < 2:
-        raise SettingError(name, f"`{name}` must be an int >= 2 (background included), found {num_classes!r}.")
-    return int(num_classes)
 
 
 def check_image_size(image_size: Any) -> int | tuple[int, int]:

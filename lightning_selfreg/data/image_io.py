@@ -15,7 +15,6 @@ __all__ = [
     "HU_WINDOW",
     "label_image",
     "load_image_2d",
-    "load_nifti",
     "save_image",
     "save_nifti",
     "save_png",
@@ -114,29 +113,6 @@ def save_png(mask: np.ndarray, path: str | Path, num_classes: int) -> None:
     if num_classes == 2:
         mask = mask * np.uint8(255)
     atomic_write(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
-
-
-def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI volume as ``(D, H, W)`` axial slices (D along the file's third axis).
-
-    Returns:
-        ``(volume float32 (D, H, W), affine (4, 4), spacing (z, y, x))``; the inverse of :func:`save_nifti`'s
-        layout, so a prediction written with the same affine overlays the input.
-
-    Raises:
-        ValueError: If the file is not a 3D NIfTI volume (the message names it and the shape found).
-    """
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as err:  # nibabel raises several types for bad files
-        raise ValueError(f"{path}: cannot be read as NIfTI ({err}).") from err
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, found shape {data.shape}.")
-    x, y, z = (float(v) for v in image.header.get_zooms()[:3])
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine, (z, y, x)
 
 
 def load_image_2d(path: str | Path) -> np.ndarray:

@@ -11,6 +11,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from lightning_selfreg.utils.checks import check_num_classes
+
 __all__ = ["PerCaseMetrics", "summarize"]
 
 
@@ -104,8 +106,7 @@ class PerCaseMetrics(Metric):
 
     def __init__(self, num_classes: int, class_names: Sequence[str], **kwargs) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an integer >= 2 (background + 1 class), found {num_classes!r}.")
+        check_num_classes(num_classes)
         names = [str(n) for n in class_names]
         if len(names) != num_classes - 1:
             raise ValueError(

@@ -25,7 +25,7 @@ from lightning_selfreg.metrics.distance import (
     worst_case_distance,
 )
 from lightning_selfreg.metrics.overlap import dice
-from lightning_selfreg.utils.checks import label_problem
+from lightning_selfreg.utils.checks import check_num_classes, label_problem
 
 __all__ = ["PROTOCOLS", "Protocol", "case_metrics"]
 
@@ -94,8 +94,7 @@ def case_metrics(
                 f"medpy's pooled hd95), found {hd95_mode!r}; use protocol='strict' for other modes."
             )
     mode = hd95_mode or "pooled"
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 2:
-        raise ValueError(f"`num_classes` must be an integer >= 2 (background + 1 class), found {num_classes!r}.")
+    check_num_classes(num_classes)
     p_lab = _label_volume(pred, "pred", num_classes)
     g_lab = _label_volume(gt, "gt", num_classes)
     if p_lab.shape != g_lab.shape:

@@ -25,7 +25,7 @@ from lightning_selfreg.metrics import PROTOCOLS, PerCaseMetrics, Protocol, case_
 from lightning_selfreg.segmentation.auxiliary_loss import AuxiliaryLoss
 from lightning_selfreg.segmentation.inference import linear_resize_argmax, nearest_resize, segment, sliding_window
 from lightning_selfreg.segmentation.loss import DiceCELoss
-from lightning_selfreg.utils.checks import SettingError, check_spatial_dims, label_problem
+from lightning_selfreg.utils.checks import SettingError, check_int, check_spatial_dims, label_problem
 from lightning_selfreg.utils.imports import MONAI_INSTALL_HINT, require
 
 __all__ = ["SelfRegSegModule"]
@@ -39,8 +39,7 @@ SCHEDULES: tuple[str, ...] = get_args(Schedule)
 def _check_3d_options(spatial_dims: int, roi_size: int | Sequence[int] | None, input_size: Any, sw_batch_size: int,
                       sw_overlap: float) -> None:
     check_spatial_dims(spatial_dims)
-    if not isinstance(sw_batch_size, int) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
-        raise SettingError("sw_batch_size", f"`sw_batch_size` must be an integer >= 1, found {sw_batch_size!r}.")
+    check_int(sw_batch_size, "sw_batch_size", 1)
     if not isinstance(sw_overlap, int | float) or not 0 <= sw_overlap < 1:
         raise SettingError("sw_overlap", f"`sw_overlap` must be in [0, 1), found {sw_overlap!r}.")
     if spatial_dims == 2:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SettingError", "check_int", "check_spatial_dims", "check_weight", "label_problem"]
+__all__ = ["SettingError", "check_int", "check_num_classes", "check_spatial_dims", "check_weight", "label_problem"]
 
 
 class SettingError(ValueError):
@@ -43,6 +43,13 @@ def check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise SettingError(name, f"`{name}` must be an int >= {minimum}, found {value!r}.")
     return int(value)
+
+
+def check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
+    """``num_classes`` as an int >= 2 (background + at least one class); a :class:`SettingError` naming ``name``."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 2:
+        raise SettingError(name, f"`{name}` must be an int >= 2 (background included), found {num_classes!r}.")
+    return int(num_classes)
 
 
 def check_weight(name: str, value: Any) -> None:

@@ -12,7 +12,6 @@ import torch
 from lightning_selfreg.data import DataError, SampleKey
 from lightning_selfreg.data.nnunet import NnUNetDataModule, crop_or_pad
 from lightning_selfreg.data.nnunet.format import crossval_split, read_dataset_json
-from lightning_selfreg.data.nnunet.preprocess import normalize
 from lightning_selfreg.data.resampling import resample_image, resample_label
 from lightning_selfreg.data.transforms import derive_seed
 
@@ -318,7 +317,7 @@ def test_normalization_per_channel_type(dataset, tmp_path):
     assert stats[0]["percentile_00_5"] == pytest.approx(low) and stats[0]["percentile_99_5"] == pytest.approx(high)
     raw = np.stack([np.full((2, 2, 2), v) for v in (high + 100, 700.0)])
     raw[1, 0] = 300.0
-    out = normalize(raw, ("CT", "T2"), stats)
+    out = dm.preprocessing().normalize(raw)  # the record's normalisation: what training and predict apply
     assert out[0].max() == pytest.approx((high - fg.mean()) / fg.std(), rel=1e-5)  # clipped, then z-scored
     assert out[1].mean() == pytest.approx(0, abs=1e-6) and out[1].std() == pytest.approx(1, rel=1e-5)
 

@@ -67,7 +67,6 @@ __all__ = [
     "compute_fingerprint",
     "is_preprocessed_case",
     "load_preprocessed",
-    "normalize",
     "preprocess_case",
     "target_spacing",
 ]
@@ -189,19 +188,6 @@ def channel_norms(channel_names: Sequence[str], intensity: Sequence[dict[str, fl
         else:
             norms.append(ChannelNorm("none" if scheme == "nonorm" else scheme))
     return tuple(norms)
-
-
-def normalize(image: np.ndarray, channel_names: Sequence[str], intensity: Sequence[dict[str, float] | None],
-              source: Any = "") -> np.ndarray:
-    """nnU-Net's per-channel intensity normalisation of one case's ``(C, D, H, W)`` image (float32).
-
-    Raises:
-        DataError: ``rgb_to_0_1`` on values outside 0..255 (naming ``source``).
-    """
-    out = np.empty(image.shape, dtype=np.float32)
-    for c, norm in enumerate(channel_norms(channel_names, intensity)):
-        out[c] = norm.apply(image[c], source)
-    return out
 
 
 def class_locations(label: np.ndarray, num_classes: int, seed: int = 1234) -> dict[int, np.ndarray]:
