@@ -59,7 +59,9 @@ from lightning_selfreg.utils.checks import SettingError
 __all__ = ["RESUMABLE", "RunFolder", "check_output_dir", "config_changes", "plan_run_folder", "slurm_job"]
 
 # Settings that may differ on --resume (a key or a key prefix of the configuration): they do not change the trained
-# model. Every other difference between the checkpoint's configuration and the new one refuses the resume.
+# weights. Every other difference between the checkpoint's configuration and the new one refuses the resume. The
+# validation settings among them (how often and on how much data, the sliding-window overlap) can change which
+# `best-*.ckpt` is kept and tested: the change is recorded in history.jsonl.
 RESUMABLE: tuple[str, ...] = (
     "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.min_epochs", "trainer.min_steps",
     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
